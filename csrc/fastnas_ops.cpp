@@ -1,0 +1,65 @@
+// The compiled extension fastnas._C: the schemas of the native mixed-sum kernels (declared once,
+// here) and the contract checks every backend shares. Each backend registers its kernels with its
+// own TORCH_LIBRARY_IMPL in its own file: csrc/cpu/mixed_sum_cpu.cpp, csrc/cuda/mixed_sum_cuda.cu.
+#include <Python.h>
+#include <torch/library.h>
+
+#include "mixed_sum.h"
+
+extern "C" {
+// Importing fastnas._C runs the static registrations below; the module itself holds nothing.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+namespace fastnas {
+
+namespace {
+
+bool is_non_overlapping_and_dense(const at::Tensor& t) { return t.is_non_overlapping_and_dense(); }
+
+bool same_layout(const at::Tensor& a, const at::Tensor& b) {
+  if (a.sizes() != b.sizes()) return false;
+  for (int64_t d = 0; d < a.dim(); ++d) {
+    if (a.size(d) != 1 && a.stride(d) != b.stride(d)) return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+int64_t check_native_inputs(const at::Tensor& grad, at::TensorList outputs, const at::Tensor& weights,
+                            c10::DeviceType device_type, const char* op_name) {
+  TORCH_CHECK(weights.dim() == 1 && weights.is_contiguous(), op_name, ": weights must be 1-D and contiguous");
+  const int64_t K = weights.size(0);
+  TORCH_CHECK_VALUE(K >= 1, op_name, ": weights must hold K >= 1 values");
+  const at::Tensor& like = grad.defined() ? grad : outputs[0];
+  const auto dtype = like.scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
+                   op_name, ": unsupported dtype ", dtype);
+  TORCH_CHECK_TYPE(weights.scalar_type() == accumulation_type(dtype), op_name, ": weights must be ",
+                   accumulation_type(dtype), " for ", dtype, " inputs, got ", weights.scalar_type());
+  TORCH_CHECK(like.device().type() == device_type && weights.device() == like.device(), op_name,
+              ": tensors must all be on one ", c10::DeviceTypeName(device_type), " device");
+  TORCH_CHECK(is_non_overlapping_and_dense(like), op_name, ": inputs must be non-overlapping and dense");
+  TORCH_CHECK_VALUE(outputs.empty() || static_cast<int64_t>(outputs.size()) == K, op_name, ": got ",
+                    outputs.size(), " outputs for ", K, " weights");
+  for (size_t k = 0; k < outputs.size(); ++k) {
+    const at::Tensor& o = outputs[k];
+    TORCH_CHECK(o.scalar_type() == dtype && o.device() == like.device() && same_layout(o, like), op_name,
+                ": outputs[", k, "] must share the dtype, device, shape and strides of ",
+                grad.defined() ? "grad" : "outputs[0]");
+  }
+  return K;
+}
+
+TORCH_LIBRARY_FRAGMENT(fastnas, m) {
+  m.def("_mixed_sum_forward(Tensor[] outputs, Tensor weights) -> Tensor");
+  m.def(
+      "_mixed_sum_backward(Tensor grad, Tensor[] outputs, Tensor weights, bool compute_outputs_grad)"
+      " -> (Tensor[], Tensor)");
+}
+
+}  // namespace fastnas

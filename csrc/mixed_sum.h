@@ -1,0 +1,29 @@
+// The native contract shared by the CPU and CUDA kernels of the mixed sum (see fastnas/ops/mixed_sum.py).
+//
+//   _mixed_sum_forward(Tensor[] outputs, Tensor weights) -> Tensor
+//       y = sum_k weights[k] * outputs[k]
+//   _mixed_sum_backward(Tensor grad, Tensor[] outputs, Tensor weights, bool compute_outputs_grad)
+//       -> (Tensor[] outputs_grad, Tensor weights_grad)
+//       outputs_grad[k] = weights[k] * grad            (none unless compute_outputs_grad)
+//       weights_grad[k] = sum(grad * outputs[k])        (empty when outputs is empty)
+//
+// Inputs: K >= 1 tensors of one dtype (float16, bfloat16, float32, float64), shape and strides,
+// non-overlapping and dense, so each is a flat array of numel elements in memory order; grad has
+// those strides too. weights: 1-D, contiguous, length K, in the accumulation dtype (float64 for
+// float64 inputs, float32 otherwise). Results are laid out like the inputs. The Python layer
+// brings inputs to this form; the kernels check it again and raise rather than read out of bounds.
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace fastnas {
+
+// Checks the contract above for the forward (grad undefined) or backward; returns K.
+int64_t check_native_inputs(const at::Tensor& grad, at::TensorList outputs, const at::Tensor& weights,
+                            c10::DeviceType device_type, const char* op_name);
+
+inline at::ScalarType accumulation_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+}  // namespace fastnas

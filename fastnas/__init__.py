@@ -1,0 +1,8 @@
+"""fastnas: fused kernels, a slim supernet and the GAEA optimizer for weight-sharing NAS."""
+
+from fastnas.backend import available_backends, get_backend, set_backend
+from fastnas.ops import mixed_sum
+
+__version__ = "0.1.0"
+
+__all__ = ["mixed_sum", "set_backend", "get_backend", "available_backends", "__version__"]

@@ -1,0 +1,168 @@
+"""The one place that decides which backend computes the mixed sum.
+
+Backends:
+
+* ``cuda``      CUDA C++ kernels of the compiled extension (``csrc/cuda``), CUDA tensors.
+* ``triton``    Triton kernels (``kernels/``), CUDA tensors; CPU tensors too under ``TRITON_INTERPRET=1``.
+* ``cpu``       vectorised C++ kernels of the compiled extension (``csrc/cpu``), CPU tensors.
+* ``reference`` plain PyTorch (``fastnas/ops/reference.py``), any device.
+
+``auto`` (the default) picks, per device, the fastest one available: ``cuda`` then ``triton`` then
+``reference`` on CUDA tensors, ``cpu`` then ``reference`` on CPU tensors. The environment variable
+``FASTNAS_BACKEND`` and :func:`set_backend` override it; :func:`get_backend` tells what is in use.
+A missing compiled extension falls back to the reference with one warning.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import warnings
+from typing import Callable
+
+import torch
+
+BACKENDS = ("auto", "cuda", "triton", "cpu", "reference")
+_AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
+
+_selected: str | None = None  # set_backend's choice; None means "read FASTNAS_BACKEND"
+
+
+def _check_name(name: str, where: str) -> str:
+    if not isinstance(name, str) or name.lower() not in BACKENDS:
+        raise ValueError(f"{where} must be one of {', '.join(BACKENDS)}; got {name!r}")
+    return name.lower()
+
+
+def set_backend(name: str | None) -> None:
+    """Force a backend for every later call (``None`` or ``"auto"`` restores automatic choice).
+
+    Raises ValueError for an unknown name and RuntimeError if that backend cannot run here.
+    """
+    global _selected
+    if name is None:
+        _selected = None
+        return
+    name = _check_name(name, "set_backend(name)")
+    if name != "auto":
+        reason = unavailable_reason(name)
+        if reason is not None:
+            raise RuntimeError(f"fastnas backend {name!r} is not available: {reason}")
+    _selected = name
+
+
+def requested_backend() -> str:
+    """What was asked for: set_backend's choice, else FASTNAS_BACKEND, else ``auto``."""
+    if _selected is not None:
+        return _selected
+    return _check_name(os.environ.get("FASTNAS_BACKEND", "auto") or "auto", "FASTNAS_BACKEND")
+
+
+@functools.lru_cache(maxsize=None)
+def _extension():
+    """The compiled extension module, or the reason it is missing."""
+    try:
+        module = importlib.import_module("fastnas._C")
+    except ImportError as exc:  # not built, or built against another torch
+        return None, f"the compiled extension fastnas._C could not be loaded ({exc})"
+    from fastnas.ops.mixed_sum import register_native_fakes
+
+    register_native_fakes()
+    return module, None
+
+
+def extension_has_cuda() -> bool:
+    ext, _ = _extension()
+    return ext is not None and torch.ops.fastnas._mixed_sum_forward.default.has_kernel_for_dispatch_key(
+        torch._C.DispatchKey.CUDA
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_reason() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        return f"triton is not installed ({exc})"
+    return None
+
+
+def triton_interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def unavailable_reason(name: str, device_type: str | None = None) -> str | None:
+    """None if backend ``name`` can run on ``device_type`` (any device when None), else why not."""
+    if name == "reference":
+        return None
+    if name == "cpu":
+        if device_type not in (None, "cpu"):
+            return f"it runs CPU tensors only, not {device_type} tensors"
+        return _extension()[1]
+    if name == "cuda":
+        if device_type not in (None, "cuda"):
+            return f"it runs CUDA tensors only, not {device_type} tensors"
+        reason = _extension()[1]
+        if reason is None and not extension_has_cuda():
+            reason = "fastnas._C was built without CUDA kernels (see README: building with CUDA)"
+        return reason
+    if name == "triton":
+        reason = _triton_reason()
+        if reason is None and device_type == "cpu" and not triton_interpreter_on():
+            reason = "Triton runs CPU tensors only under the interpreter (TRITON_INTERPRET=1)"
+        if reason is None and device_type not in (None, "cpu", "cuda"):
+            reason = f"it runs CUDA tensors only, not {device_type} tensors"
+        return reason
+    raise ValueError(f"unknown fastnas backend {name!r}")
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def get_backend(device: torch.device | str = "cpu") -> str:
+    """The backend that computes the mixed sum of tensors on ``device``.
+
+    ``auto`` resolves to the first available of the device's order; an explicit choice that
+    cannot run on this device raises RuntimeError naming the backend and the reason.
+    """
+    device_type = torch.device(device).type
+    requested = requested_backend()
+    if requested != "auto":
+        reason = unavailable_reason(requested, device_type)
+        if reason is not None:
+            raise RuntimeError(f"fastnas backend {requested!r} cannot run {device_type} tensors: {reason}")
+        return requested
+    for name in _AUTO_ORDER.get(device_type, ("reference",)):
+        reason = unavailable_reason(name, device_type)
+        if reason is None:
+            return name
+        if name in ("cpu", "cuda") and device_type == name:
+            _warn_once(f"fastnas: backend {name!r} unavailable, falling back ({reason})")
+    return "reference"
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    """Every backend that can run tensors on ``device`` here."""
+    device_type = torch.device(device).type
+    return [n for n in BACKENDS[1:] if unavailable_reason(n, device_type) is None]
+
+
+def kernels_for(name: str) -> tuple[Callable, Callable]:
+    """The (forward, backward) callables of backend ``name``, all with the native ops' contract."""
+    if name in ("cpu", "cuda"):
+        _extension()
+        return torch.ops.fastnas._mixed_sum_forward, torch.ops.fastnas._mixed_sum_backward
+    if name == "triton":
+        from fastnas.kernels import mixed_sum as triton_mixed_sum
+
+        return triton_mixed_sum.mixed_sum_forward, triton_mixed_sum.mixed_sum_backward
+    from fastnas.ops import reference
+
+    return reference.mixed_sum_forward_reference, reference.mixed_sum_backward_reference

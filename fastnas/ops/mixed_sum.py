@@ -1,0 +1,230 @@
+"""``fastnas.mixed_sum``: the fused weighted sum of a supernet edge, its registration and autograd.
+
+Two public operators live in the ``fastnas`` namespace of ``torch.library``:
+
+* ``torch.ops.fastnas.mixed_sum(Tensor[] outputs, Tensor weights) -> Tensor``
+* ``torch.ops.fastnas.mixed_sum_backward(Tensor grad, Tensor[] outputs, Tensor weights,
+  bool compute_outputs_grad) -> (Tensor[], Tensor)``
+
+Both are opaque to ``torch.compile`` (fake kernels give it shapes), so a compiled graph calls the
+fused kernels instead of decomposing them. Their implementations validate the inputs, bring the
+K inputs to one shared dense layout (without copying when they already share one) and hand them
+to the backend chosen by :mod:`fastnas.backend`. Every backend has the same contract, the one of
+the compiled ``fastnas::_mixed_sum_forward`` / ``_mixed_sum_backward`` kernels:
+
+* inputs: K >= 1 tensors of one dtype, shape and strides, non-overlapping and dense; ``grad``
+  with those strides too; weights 1-D, contiguous, in the accumulation dtype (float64 for
+  float64 inputs, float32 otherwise);
+* forward returns a new tensor laid out like ``outputs[0]``;
+* backward returns ``(outputs_grad, weights_grad)``: K new tensors laid out like ``grad`` (none
+  when ``compute_outputs_grad`` is False) and the K inner products in the accumulation dtype
+  (an empty tensor when ``outputs`` is empty).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+import torch
+from torch import Tensor
+
+from fastnas import backend
+from fastnas.ops.reference import accumulation_dtype
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_WEIGHT_DTYPES = SUPPORTED_DTYPES
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_tensor(t: object, name: str) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
+    return t
+
+
+def _validate(outputs: Sequence[Tensor], weights: Tensor) -> None:
+    """Raise a TypeError/ValueError naming the argument for every input the kernels do not take."""
+    if not isinstance(outputs, (list, tuple)):
+        raise TypeError(f"outputs must be a list or tuple of tensors, got {type(outputs).__name__}")
+    if len(outputs) == 0:
+        raise ValueError("outputs must hold at least one tensor (K >= 1), got an empty sequence")
+    first = _check_tensor(outputs[0], "outputs[0]")
+    if first.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"outputs[0] has dtype {first.dtype}; fastnas.mixed_sum supports float16, bfloat16, "
+            "float32 and float64"
+        )
+    for k in range(1, len(outputs)):
+        o = _check_tensor(outputs[k], f"outputs[{k}]")
+        if o.dtype != first.dtype:
+            raise TypeError(f"outputs[{k}] has dtype {o.dtype} but outputs[0] has {first.dtype}")
+        if o.shape != first.shape:
+            raise ValueError(f"outputs[{k}] has shape {tuple(o.shape)} but outputs[0] has {tuple(first.shape)}")
+        if o.device != first.device:
+            raise ValueError(f"outputs[{k}] is on {o.device} but outputs[0] is on {first.device}")
+    _check_tensor(weights, "weights")
+    if weights.dtype not in _WEIGHT_DTYPES:
+        raise TypeError(f"weights must be a real floating-point tensor, got dtype {weights.dtype}")
+    if weights.dim() != 1:
+        raise ValueError(f"weights must be 1-D of length K={len(outputs)}, got shape {tuple(weights.shape)}")
+    if weights.shape[0] != len(outputs):
+        raise ValueError(f"weights has length {weights.shape[0]} but there are K={len(outputs)} outputs")
+    if weights.device != first.device:
+        raise ValueError(f"weights is on {weights.device} but outputs are on {first.device}")
+
+
+# --------------------------------------------------------------------------- layout
+
+
+def _layout_key(t: Tensor) -> tuple[tuple[int, int], ...]:
+    """Strides that matter (size-1 dimensions ignored), to compare layouts."""
+    return tuple((size, stride) for size, stride in zip(t.shape, t.stride()) if size != 1)
+
+
+def is_dense(t: Tensor) -> bool:
+    """Non-overlapping and dense: the elements fill ``numel`` consecutive slots in some order."""
+    expected = 1
+    for stride, size in sorted((s, n) for n, s in zip(t.shape, t.stride()) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _to_layout_of(t: Tensor, like: Tensor) -> Tensor:
+    if _layout_key(t) == _layout_key(like):
+        return t
+    out = torch.empty_like(like)
+    out.copy_(t)
+    return out
+
+
+def shared_dense_layout(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """The tensors in one shared dense layout: as they are if they already share one, else copied
+    into the first one's layout (or contiguous when the first is not dense)."""
+    first = tensors[0]
+    like = first if is_dense(first) else first.contiguous()
+    return [_to_layout_of(t, like) for t in tensors]
+
+
+# --------------------------------------------------------------------------- operators
+
+
+@torch.library.custom_op("fastnas::mixed_sum", mutates_args=())
+def _mixed_sum_op(outputs: list[Tensor], weights: Tensor) -> Tensor:
+    _validate(outputs, weights)
+    outputs = shared_dense_layout(outputs)
+    if outputs[0].numel() == 0:
+        return torch.empty_like(outputs[0])
+    forward, _ = backend.kernels_for(backend.get_backend(outputs[0].device))
+    return forward(outputs, weights.to(accumulation_dtype(outputs[0].dtype)).contiguous())
+
+
+@_mixed_sum_op.register_fake
+def _(outputs: list[Tensor], weights: Tensor) -> Tensor:
+    _validate(outputs, weights)
+    like = outputs[0] if is_dense(outputs[0]) else outputs[0].contiguous()
+    return torch.empty_like(like)
+
+
+@torch.library.custom_op("fastnas::mixed_sum_backward", mutates_args=())
+def _mixed_sum_backward_op(
+    grad: Tensor, outputs: list[Tensor], weights: Tensor, compute_outputs_grad: bool
+) -> tuple[list[Tensor], Tensor]:
+    _check_tensor(grad, "grad")
+    if len(outputs) > 0:
+        _validate(outputs, weights)
+        if grad.shape != outputs[0].shape or grad.dtype != outputs[0].dtype:
+            raise ValueError("grad must have the shape and dtype of the outputs")
+        grad, *outputs = shared_dense_layout([grad if is_dense(grad) else grad.contiguous(), *outputs])
+    else:
+        grad = grad if is_dense(grad) else grad.contiguous()
+    acc = accumulation_dtype(grad.dtype)
+    if grad.numel() == 0:
+        outputs_grad = [torch.empty_like(grad) for _ in range(weights.numel())] if compute_outputs_grad else []
+        weights_grad = torch.zeros_like(weights) if outputs else weights.new_empty(0)
+        return outputs_grad, weights_grad
+    _, backward = backend.kernels_for(backend.get_backend(grad.device))
+    outputs_grad, weights_grad = backward(grad, outputs, weights.to(acc).contiguous(), compute_outputs_grad)
+    return list(outputs_grad), weights_grad.to(weights.dtype)
+
+
+@_mixed_sum_backward_op.register_fake
+def _(grad: Tensor, outputs: list[Tensor], weights: Tensor, compute_outputs_grad: bool):
+    like = grad if is_dense(grad) else grad.contiguous()
+    outputs_grad = [torch.empty_like(like) for _ in range(weights.shape[0])] if compute_outputs_grad else []
+    weights_grad = weights.new_empty(weights.shape if len(outputs) > 0 else (0,))
+    return outputs_grad, weights_grad
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    outputs, weights = inputs
+    ctx.num_outputs = len(outputs)
+    ctx.needs_weights_grad = ctx.needs_input_grad[1]
+    # the K inputs are needed only for dL/dw: not kept alive when the weights are frozen
+    ctx.save_for_backward(weights, *(outputs if ctx.needs_weights_grad else ()))
+
+
+def _backward(ctx, grad: Tensor):
+    weights, *outputs = ctx.saved_tensors
+    compute_outputs_grad = any(ctx.needs_input_grad[0])  # one flag per output
+    outputs_grad, weights_grad = torch.ops.fastnas.mixed_sum_backward(grad, outputs, weights, compute_outputs_grad)
+    return (outputs_grad if compute_outputs_grad else None), (weights_grad if ctx.needs_weights_grad else None)
+
+
+_mixed_sum_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def register_native_fakes() -> None:
+    """Fake kernels of the compiled ops (called once the extension is loaded)."""
+
+    @torch.library.register_fake("fastnas::_mixed_sum_forward")
+    def _(outputs: list[Tensor], weights: Tensor) -> Tensor:
+        return torch.empty_like(outputs[0])
+
+    @torch.library.register_fake("fastnas::_mixed_sum_backward")
+    def _(grad: Tensor, outputs: list[Tensor], weights: Tensor, compute_outputs_grad: bool):
+        outputs_grad = [torch.empty_like(grad) for _ in range(weights.shape[0])] if compute_outputs_grad else []
+        return outputs_grad, weights.new_empty(weights.shape if len(outputs) > 0 else (0,))
+
+
+# --------------------------------------------------------------------------- public API
+
+OutputsLike = Union[Sequence[Tensor], Tensor]
+
+
+def mixed_sum(outputs: OutputsLike, weights: Tensor) -> Tensor:
+    """Fused weighted sum of K candidate-op outputs: ``y = sum_k weights[k] * outputs[k]``.
+
+    Args:
+        outputs: K >= 1 tensors of one shape, dtype (float16, bfloat16, float32 or float64) and
+            device, as a list or tuple (read where they lie, never stacked), or one tensor whose
+            leading dimension is K.
+        weights: 1-D tensor of length K, any real values (softmax weights, simplex weights, ...),
+            on the outputs' device; float32 master weights are fine with 16-bit outputs.
+
+    Returns:
+        A new tensor with the outputs' shape, dtype and memory format (contiguous, channels_last
+        or any dense layout the K inputs share). 16-bit inputs accumulate in float32.
+
+    Differentiable with respect to every output and the weights: ``dL/do_k = w_k * g`` and
+    ``dL/dw_k = sum(g * o_k)`` (accumulated in float32 or float64, returned in the weights' dtype),
+    each computed in one pass over memory by the backend that :func:`fastnas.get_backend` names.
+    """
+    if isinstance(outputs, Tensor):
+        _check_tensor(outputs, "outputs")
+        if outputs.dim() < 1 or outputs.shape[0] == 0:
+            raise ValueError(
+                f"outputs given as one tensor must have a leading dimension K >= 1, got shape {tuple(outputs.shape)}"
+            )
+        outputs = list(outputs.unbind(0))
+    elif isinstance(outputs, (list, tuple)):
+        outputs = list(outputs)
+    else:
+        raise TypeError(f"outputs must be a list or tuple of tensors or one tensor, got {type(outputs).__name__}")
+    _validate(outputs, weights)
+    return torch.ops.fastnas.mixed_sum(outputs, weights)
