@@ -1,0 +1,541 @@
+"""The DARTS search space (Liu et al., ICLR 2019) as a slim supernet.
+
+Mathematics, parameters and state_dict keys are those of DARTS's search code (``cnn/model_search.py``,
+``cnn/operations.py`` and ``cnn/genotypes.py`` of quark0/darts), and of PC-DARTS (Xu et al., ICLR 2020)
+for partial channels. What differs is the execution:
+
+* a node is ONE :func:`fastnas.mixed_sum` over all its incoming (edge, op) pairs (two with partial
+  channels: the ops' part and the bypassed channels' part, then one concatenation and one shuffle
+  per node instead of one per edge);
+* ``none`` is never computed: its output is zero, so it adds nothing and its weight's gradient is 0;
+* ``skip_connect`` at stride 1 hands its input itself to the mixed sum;
+* one ReLU per state is shared by every op that starts with it, on every edge leaving that state;
+  the parameterless pools (and their ``affine=False`` BatchNorm, with batch statistics) are computed
+  once per (state, stride) and shared by the edges leaving that state;
+* ``affine=False`` BatchNorms keep only their output for the backward (see :mod:`fastnas.spaces.ops`).
+
+Weighting modes (``Network(arch=..., sampler=...)``): softmax of logits (DARTS), weights used as given
+(GAEA, ``arch="simplex"``), GDAS hard Gumbel samples with a straight-through gradient where only the
+sampled op of each edge is computed (``sampler="gdas"``), uniformly sampled ops (``sampler="uniform"``),
+and PC-DARTS partial channels (``partial_channels=4``).
+"""
+
+from __future__ import annotations
+
+import ast
+from collections import namedtuple
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import fastnas
+from fastnas.spaces import _arch
+from fastnas.spaces.ops import (
+    Identity,
+    Zero,
+    avg_pool_3x3,
+    batch_norm,
+    batch_norm_stats,
+    lean_bn_eligible,
+    run_tail,
+    update_running_stats,
+)
+
+__all__ = [
+    "PRIMITIVES",
+    "Genotype",
+    "OPS",
+    "ReLUConvBN",
+    "DilConv",
+    "SepConv",
+    "FactorizedReduce",
+    "MixedOp",
+    "Cell",
+    "Network",
+    "parse_genotype",
+    "channel_shuffle",
+]
+
+Genotype = namedtuple("Genotype", "normal normal_concat reduce reduce_concat")
+
+PRIMITIVES: list[str] = [
+    "none",
+    "max_pool_3x3",
+    "avg_pool_3x3",
+    "skip_connect",
+    "sep_conv_3x3",
+    "sep_conv_5x5",
+    "dil_conv_3x3",
+    "dil_conv_5x5",
+]
+
+
+# --------------------------------------------------------------------------- candidate ops (reference layout)
+
+
+class ReLUConvBN(nn.Module):
+    """ReLU -> Conv2d(no bias) -> BatchNorm2d, as ``op`` (keys ``op.1.weight``, ``op.2.*``)."""
+
+    def __init__(self, C_in: int, C_out: int, kernel_size: int, stride: int, padding: int, affine: bool = True):
+        super().__init__()
+        self.op = nn.Sequential(
+            nn.ReLU(inplace=False),
+            nn.Conv2d(C_in, C_out, kernel_size, stride=stride, padding=padding, bias=False),
+            nn.BatchNorm2d(C_out, affine=affine),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return run_tail(self.op, torch.relu(x), start=1)
+
+
+class DilConv(nn.Module):
+    """ReLU -> dilated depthwise conv -> pointwise conv -> BatchNorm2d, as ``op``."""
+
+    def __init__(
+        self, C_in: int, C_out: int, kernel_size: int, stride: int, padding: int, dilation: int, affine: bool = True
+    ):
+        super().__init__()
+        self.op = nn.Sequential(
+            nn.ReLU(inplace=False),
+            nn.Conv2d(C_in, C_in, kernel_size, stride, padding, dilation=dilation, groups=C_in, bias=False),
+            nn.Conv2d(C_in, C_out, kernel_size=1, padding=0, bias=False),
+            nn.BatchNorm2d(C_out, affine=affine),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return run_tail(self.op, torch.relu(x), start=1)
+
+
+class SepConv(nn.Module):
+    """Two stacked (ReLU -> depthwise conv -> pointwise conv -> BatchNorm2d), as ``op`` (indices 0-7)."""
+
+    def __init__(self, C_in: int, C_out: int, kernel_size: int, stride: int, padding: int, affine: bool = True):
+        super().__init__()
+        self.op = nn.Sequential(
+            nn.ReLU(inplace=False),
+            nn.Conv2d(C_in, C_in, kernel_size, stride, padding, groups=C_in, bias=False),
+            nn.Conv2d(C_in, C_in, kernel_size=1, padding=0, bias=False),
+            nn.BatchNorm2d(C_in, affine=affine),
+            nn.ReLU(inplace=False),
+            nn.Conv2d(C_in, C_in, kernel_size, 1, padding, groups=C_in, bias=False),
+            nn.Conv2d(C_in, C_out, kernel_size=1, padding=0, bias=False),
+            nn.BatchNorm2d(C_out, affine=affine),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return run_tail(self.op, torch.relu(x), start=1)
+
+
+class FactorizedReduce(nn.Module):
+    """Halves the resolution: ReLU, two 1x1 stride-2 convs (the second one shifted by a pixel),
+    concatenated, BatchNorm2d (keys ``conv_1``, ``conv_2``, ``bn``)."""
+
+    def __init__(self, C_in: int, C_out: int, affine: bool = True):
+        super().__init__()
+        if C_out % 2 != 0:
+            raise ValueError(f"C_out must be even for FactorizedReduce, got {C_out}")
+        self.relu = nn.ReLU(inplace=False)
+        self.conv_1 = nn.Conv2d(C_in, C_out // 2, 1, stride=2, padding=0, bias=False)
+        self.conv_2 = nn.Conv2d(C_in, C_out // 2, 1, stride=2, padding=0, bias=False)
+        self.bn = nn.BatchNorm2d(C_out, affine=affine)
+
+    def forward_relu(self, r: Tensor) -> Tensor:
+        """The op after its ReLU, given ``r = relu(x)``."""
+        return batch_norm(torch.cat([self.conv_1(r), self.conv_2(r[:, :, 1:, 1:])], dim=1), self.bn)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_relu(torch.relu(x))
+
+
+OPS: dict[str, Callable[[int, int, bool], nn.Module]] = {
+    "none": lambda C, stride, affine: Zero(stride),
+    "avg_pool_3x3": lambda C, stride, affine: nn.AvgPool2d(3, stride=stride, padding=1, count_include_pad=False),
+    "max_pool_3x3": lambda C, stride, affine: nn.MaxPool2d(3, stride=stride, padding=1),
+    "skip_connect": lambda C, stride, affine: Identity() if stride == 1 else FactorizedReduce(C, C, affine=affine),
+    "sep_conv_3x3": lambda C, stride, affine: SepConv(C, C, 3, stride, 1, affine=affine),
+    "sep_conv_5x5": lambda C, stride, affine: SepConv(C, C, 5, stride, 2, affine=affine),
+    "dil_conv_3x3": lambda C, stride, affine: DilConv(C, C, 3, stride, 2, 2, affine=affine),
+    "dil_conv_5x5": lambda C, stride, affine: DilConv(C, C, 5, stride, 4, 2, affine=affine),
+}
+
+_NONE = PRIMITIVES.index("none")
+_POOLS = {"max_pool_3x3", "avg_pool_3x3"}
+
+
+def _pool(name: str, x: Tensor, stride: int) -> Tensor:
+    if name == "max_pool_3x3":
+        return F.max_pool2d(x, 3, stride=stride, padding=1)
+    return avg_pool_3x3(x, stride)
+
+
+# --------------------------------------------------------------------------- the mixed op
+
+
+class MixedOp(nn.Module):
+    """All DARTS candidate ops of one edge; drop-in for ``MixedOp`` of DARTS's ``model_search.py``.
+
+    Same constructor, same ``_ops.{k}`` state_dict keys (pools followed by an ``affine=False``
+    BatchNorm as ``_ops.{k}.1``), same ``forward(x, weights)`` result and gradients, computed as one
+    :func:`fastnas.mixed_sum` over the non-``none`` ops with one shared ReLU.
+
+    Args:
+        C: channels of the input and output.
+        stride: 1, or 2 on the reduction cells' edges from the cell inputs.
+    """
+
+    def __init__(self, C: int, stride: int):
+        super().__init__()
+        self.stride = stride
+        self._ops = nn.ModuleList()
+        for primitive in PRIMITIVES:
+            op = OPS[primitive](C, stride, False)
+            if primitive in _POOLS:
+                op = nn.Sequential(op, nn.BatchNorm2d(C, affine=False))
+            self._ops.append(op)
+
+    def candidates(self, x: Tensor, ops: Sequence[int], shared: dict | None = None) -> list[Tensor]:
+        """Outputs of the candidate ops ``ops`` (indices into :data:`PRIMITIVES`, never ``none``).
+
+        ``shared`` caches what depends only on ``x`` (its ReLU, its pools and their batch-statistics
+        BatchNorm), so that every edge leaving the same state computes them once. Pass the same dict
+        for the same ``x``.
+        """
+        shared = {} if shared is None else shared
+        outs = []
+        for k in ops:
+            name = PRIMITIVES[k]
+            op = self._ops[k]
+            if name == "none":
+                raise ValueError("ops must not contain the index of 'none' (it is never computed)")
+            if name in _POOLS:
+                outs.append(self._pool_bn(name, op[1], x, shared))
+            elif name == "skip_connect" and self.stride == 1:
+                outs.append(x)
+            else:
+                r = shared.get("relu")
+                if r is None:
+                    r = shared["relu"] = torch.relu(x)
+                if isinstance(op, FactorizedReduce):
+                    outs.append(op.forward_relu(r))
+                else:
+                    outs.append(run_tail(op.op, r, start=1))
+        return outs
+
+    def _pool_bn(self, name: str, bn: nn.BatchNorm2d, x: Tensor, shared: dict) -> Tensor:
+        key = (name, self.stride)
+        pooled = shared.get(key)
+        if pooled is None:
+            pooled = shared[key] = _pool(name, x, self.stride)
+        if not lean_bn_eligible(bn):
+            return bn(pooled)
+        hit = shared.get((key, "bn", bn.eps))
+        if hit is None:
+            y, mean, invstd = batch_norm_stats(pooled, bn.eps)
+            hit = shared[(key, "bn", bn.eps)] = (y, mean, invstd, pooled.numel() // pooled.shape[1])
+        y, mean, invstd, count = hit
+        update_running_stats(bn, mean, invstd, count)
+        return y
+
+    def forward(self, x: Tensor, weights: Tensor) -> Tensor:
+        """``sum_k weights[k] * op_k(x)``: ``x`` ``[B, C, H, W]``, ``weights`` ``[len(PRIMITIVES)]``
+        (differentiable); returns ``[B, C, H/stride, W/stride]``."""
+        if weights.dim() != 1 or weights.shape[0] != len(self._ops):
+            raise ValueError(f"weights must have shape [{len(self._ops)}], got {tuple(weights.shape)}")
+        ops = [k for k in range(len(self._ops)) if k != _NONE]
+        outs = self.candidates(x, ops)
+        return fastnas.mixed_sum(outs, weights[torch.tensor(ops, device=weights.device)])
+
+
+def channel_shuffle(x: Tensor, groups: int) -> Tensor:
+    """PC-DARTS's channel shuffle: ``[B, g*c, H, W]`` viewed as ``[B, g, c, H, W]``, transposed to
+    ``[B, c, g, H, W]`` and flattened back."""
+    B, C, H, W = x.shape
+    return x.view(B, groups, C // groups, H, W).transpose(1, 2).reshape(B, C, H, W)
+
+
+# --------------------------------------------------------------------------- the cell
+
+
+class Cell(nn.Module):
+    """A DARTS search cell: two preprocessed inputs, ``steps`` nodes, each the sum over all earlier
+    states of a mixed op, output the concatenation of the last ``multiplier`` states.
+
+    Parameters and state_dict keys are those of DARTS's ``Cell`` (``preprocess0``, ``preprocess1``,
+    ``_ops.{e}._ops.{k}``); with ``partial_channels = k > 1`` those of PC-DARTS's cell (its mixed ops
+    work on ``C // k`` channels).
+    """
+
+    def __init__(
+        self,
+        steps: int,
+        multiplier: int,
+        C_prev_prev: int,
+        C_prev: int,
+        C: int,
+        reduction: bool,
+        reduction_prev: bool,
+        partial_channels: int = 1,
+    ):
+        super().__init__()
+        if partial_channels < 1 or C % partial_channels != 0:
+            raise ValueError(f"partial_channels must be >= 1 and divide C={C}, got {partial_channels}")
+        self.reduction = reduction
+        self.partial_channels = partial_channels
+        self.C = C
+        if reduction_prev:
+            self.preprocess0 = FactorizedReduce(C_prev_prev, C, affine=False)
+        else:
+            self.preprocess0 = ReLUConvBN(C_prev_prev, C, 1, 1, 0, affine=False)
+        self.preprocess1 = ReLUConvBN(C_prev, C, 1, 1, 0, affine=False)
+        self._steps = steps
+        self._multiplier = multiplier
+        self._ops = nn.ModuleList()
+        self.edges: list[tuple[int, int]] = []  # (node i, state j) per edge, in DARTS's order
+        for i in range(steps):
+            for j in range(2 + i):
+                stride = 2 if reduction and j < 2 else 1
+                self._ops.append(MixedOp(C // partial_channels, stride))
+                self.edges.append((i, j))
+        self.last_computed: list[tuple[int, str]] = []  # (edge, op) pairs of the last forward
+
+    def forward(
+        self,
+        s0: Tensor,
+        s1: Tensor,
+        weights: Tensor,
+        selected: Sequence[Sequence[int]] | None = None,
+        edge_weights: Tensor | None = None,
+    ) -> Tensor:
+        """Args:
+            s0, s1: the outputs of the two previous cells, ``[B, C_prev_prev, H0, W0]``, ``[B, C_prev, H, W]``.
+            weights: ``[num_edges, len(PRIMITIVES)]`` op weights (differentiable), e.g. a softmax.
+            selected: per edge, the op indices to compute (GDAS: the sampled one); None: every op.
+                ``none`` is skipped either way.
+            edge_weights: ``[num_edges]`` PC-DARTS edge weights (normalised per node), or None.
+
+        Returns ``[B, multiplier * C, H', W']`` (``H' = H/2`` in a reduction cell).
+        """
+        states = [self.preprocess0(s0), self.preprocess1(s1)]
+        k = self.partial_channels
+        shared: list[dict] = [{}, {}]
+        self.last_computed = []
+        device = weights.device
+        offset = 0
+        for i in range(self._steps):
+            outs, pairs, passes = [], [], []
+            for j, h in enumerate(states):
+                e = offset + j
+                mixed = self._ops[e]
+                ops = [q for q in (range(len(PRIMITIVES)) if selected is None else selected[e]) if q != _NONE]
+                x = h if k == 1 else h[:, : h.shape[1] // k]
+                outs += mixed.candidates(x, ops, shared[j])
+                pairs += [(e, q) for q in ops]
+                if k > 1:
+                    passes.append(self._bypass(h, mixed.stride, shared[j]))
+            self.last_computed += [(e, PRIMITIVES[q]) for e, q in pairs]
+            first = self._ops[offset].stride
+            B, _, H, W = states[0].shape
+            shape = (B, self.C // k, -(-H // first), -(-W // first))
+            ew = None if edge_weights is None else edge_weights[offset : offset + len(states)]
+            node = self._node_sum(outs, pairs, weights, ew, offset, shape, device, states[0])
+            if k > 1:
+                node = channel_shuffle(torch.cat([node, fastnas.mixed_sum(passes, ew)], dim=1), k)
+            offset += len(states)
+            states.append(node)
+            shared.append({})
+        return torch.cat(states[-self._multiplier :], dim=1)
+
+    @staticmethod
+    def _node_sum(outs, pairs, weights, edge_weights, offset, shape, device, like) -> Tensor:
+        if not outs:  # every sampled op is 'none': the node is zero
+            return like.new_zeros(shape)
+        e_idx = torch.tensor([e for e, _ in pairs], device=device)
+        w = weights[e_idx, torch.tensor([q for _, q in pairs], device=device)]
+        if edge_weights is not None:
+            w = w * edge_weights[e_idx - offset]
+        return fastnas.mixed_sum(outs, w)
+
+    def _bypass(self, h: Tensor, stride: int, shared: dict) -> Tensor:
+        """PC-DARTS: the channels that skip the ops (max-pooled 2x2 at stride 2)."""
+        key = ("bypass", stride)
+        if key not in shared:
+            rest = h[:, h.shape[1] // self.partial_channels :]
+            shared[key] = rest if stride == 1 else F.max_pool2d(rest, 2, 2)
+        return shared[key]
+
+
+# --------------------------------------------------------------------------- the network
+
+
+class Network(_arch.ArchMixin, nn.Module):
+    """The DARTS search network: stem, ``layers`` cells (reduction cells at 1/3 and 2/3 of the depth),
+    global average pooling and a linear classifier.
+
+    Args:
+        C: channels of the first cells (doubled at each reduction).
+        num_classes: classifier outputs.
+        layers: number of cells.
+        steps: intermediate nodes per cell (4: 14 edges).
+        multiplier: how many of the last states a cell concatenates.
+        stem_multiplier: the stem has ``stem_multiplier * C`` channels.
+        in_channels: image channels.
+        arch: ``"logits"`` (softmax of the architecture parameters) or ``"simplex"`` (the architecture
+            parameters are the weights, used as given: GAEA).
+        sampler: None, ``"gdas"`` (hard Gumbel-softmax per edge at temperature ``self.tau``,
+            straight-through gradient, only the sampled op computed) or ``"uniform"`` (a random op per
+            edge, no architecture gradient).
+        partial_channels: 1, or PC-DARTS's ``k`` (4): ``1/k`` of the channels go through the ops and
+            per-edge weights ``betas`` normalised per node weigh the edges.
+
+    ``forward(x)`` maps ``[B, in_channels, H, W]`` to logits ``[B, num_classes]``.
+    """
+
+    def __init__(
+        self,
+        C: int = 16,
+        num_classes: int = 10,
+        layers: int = 8,
+        steps: int = 4,
+        multiplier: int = 4,
+        stem_multiplier: int = 3,
+        *,
+        in_channels: int = 3,
+        arch: str = "logits",
+        sampler: str | None = None,
+        partial_channels: int = 1,
+    ):
+        super().__init__()
+        self._C = C
+        self._num_classes = num_classes
+        self._layers = layers
+        self._steps = steps
+        self._multiplier = multiplier
+        self.partial_channels = partial_channels
+        self._init_arch_modes(arch, sampler)
+
+        C_curr = stem_multiplier * C
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, C_curr, 3, padding=1, bias=False), nn.BatchNorm2d(C_curr))
+        C_prev_prev, C_prev, C_curr = C_curr, C_curr, C
+        self.cells = nn.ModuleList()
+        reduction_prev = False
+        for i in range(layers):
+            reduction = i in (layers // 3, 2 * layers // 3)
+            if reduction:
+                C_curr *= 2
+            cell = Cell(steps, multiplier, C_prev_prev, C_prev, C_curr, reduction, reduction_prev, partial_channels)
+            reduction_prev = reduction
+            self.cells.append(cell)
+            C_prev_prev, C_prev = C_prev, multiplier * C_curr
+        self.global_pooling = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(C_prev, num_classes)
+
+        num_edges = sum(2 + i for i in range(steps))
+        num_ops = len(PRIMITIVES)
+        self.alphas_normal = nn.Parameter(self._init_rows(num_edges, num_ops))
+        self.alphas_reduce = nn.Parameter(self._init_rows(num_edges, num_ops))
+        self._arch_names = ["alphas_normal", "alphas_reduce"]
+        if partial_channels > 1:
+            self.betas_normal = nn.Parameter(self._init_segments(self._node_segments()))
+            self.betas_reduce = nn.Parameter(self._init_segments(self._node_segments()))
+            self._arch_names += ["betas_normal", "betas_reduce"]
+
+    def _node_segments(self) -> tuple[int, ...]:
+        return tuple(2 + i for i in range(self._steps))
+
+    def arch_simplex_segments(self, p: Tensor) -> tuple[int, ...] | None:
+        """None for the op weights (each row one simplex); ``(2, 3, ..., steps + 1)`` for PC-DARTS's
+        edge weights (one simplex per node)."""
+        if p is getattr(self, "betas_normal", None) or p is getattr(self, "betas_reduce", None):
+            return self._node_segments()
+        if any(p is q for q in self.arch_parameters()):
+            return None
+        raise ValueError("p must be one of arch_parameters()")
+
+    def _edge_weights(self, betas: Tensor) -> Tensor:
+        return self._normalise_segments(betas, self._node_segments())
+
+    def forward(self, x: Tensor) -> Tensor:
+        w_normal, sel_normal = self._op_weights(self.alphas_normal)
+        w_reduce, sel_reduce = self._op_weights(self.alphas_reduce)
+        b_normal = b_reduce = None
+        if self.partial_channels > 1:
+            b_normal, b_reduce = self._edge_weights(self.betas_normal), self._edge_weights(self.betas_reduce)
+        s0 = s1 = self.stem(x)
+        for cell in self.cells:
+            if cell.reduction:
+                s0, s1 = s1, cell(s0, s1, w_reduce, sel_reduce, b_reduce)
+            else:
+                s0, s1 = s1, cell(s0, s1, w_normal, sel_normal, b_normal)
+        out = self.global_pooling(s1)
+        return self.classifier(out.flatten(1))
+
+    @torch.no_grad()
+    def arch_weights(self) -> dict[str, Tensor]:
+        """The current op weights per cell type, detached, rows on the simplex: ``{"normal": [E, 8],
+        "reduce": [E, 8]}``."""
+        return {
+            "normal": self._normalised(self.alphas_normal).detach().clone(),
+            "reduce": self._normalised(self.alphas_reduce).detach().clone(),
+        }
+
+    @torch.no_grad()
+    def genotype(self) -> Genotype:
+        """DARTS's discretisation: for each node the two incoming edges whose strongest non-``none`` op
+        weight is largest, each with that op (with partial channels, op weights times the node-normalised
+        edge weights, as PC-DARTS does). Ties go to the earlier edge/op."""
+        weights = self.arch_weights()
+        genes = {}
+        for kind in ("normal", "reduce"):
+            W = weights[kind].double()
+            if self.partial_channels > 1:
+                W = W * self._edge_weights(getattr(self, f"betas_{kind}")).double()[:, None]
+            genes[kind] = _parse(W.cpu().tolist(), self._steps)
+        concat = range(2 + self._steps - self._multiplier, self._steps + 2)
+        return Genotype(normal=genes["normal"], normal_concat=concat, reduce=genes["reduce"], reduce_concat=concat)
+
+    def export(self) -> str:
+        """``str(self.genotype())``; :func:`parse_genotype` reads it back."""
+        return str(self.genotype())
+
+
+def _parse(W: list[list[float]], steps: int) -> list[tuple[str, int]]:
+    gene = []
+    start, n = 0, 2
+    for _ in range(steps):
+        rows = W[start : start + n]
+        best = [max((k for k in range(len(r)) if k != _NONE), key=lambda k, r=r: (r[k], -k)) for r in rows]
+        edges = sorted(range(n), key=lambda j: (-rows[j][best[j]], j))[:2]
+        gene += [(PRIMITIVES[best[j]], j) for j in edges]
+        start += n
+        n += 1
+    return gene
+
+
+def parse_genotype(text: str) -> Genotype:
+    """Read back ``str(genotype)`` (``Genotype(normal=[('sep_conv_3x3', 1), ...], normal_concat=range(2, 6),
+    ...)``); the concat fields may be ``range(a, b)`` or lists. Evaluates no code."""
+    try:
+        tree = ast.parse(text.strip(), mode="eval").body
+    except SyntaxError as exc:
+        raise ValueError(f"text is not a Genotype(...) expression: {exc}") from None
+    if not (isinstance(tree, ast.Call) and isinstance(tree.func, ast.Name) and tree.func.id == "Genotype"):
+        raise ValueError(f"text must be 'Genotype(normal=..., ...)', got {text[:60]!r}")
+    fields = dict(zip(Genotype._fields, tree.args))
+    fields.update({kw.arg: kw.value for kw in tree.keywords})
+    if set(fields) != set(Genotype._fields):
+        raise ValueError(f"text must give the fields {Genotype._fields}, got {sorted(fields)}")
+
+    def value(node):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "range":
+            return range(*[ast.literal_eval(a) for a in node.args])
+        return ast.literal_eval(node)
+
+    out = {name: value(node) for name, node in fields.items()}
+    for name in ("normal", "reduce"):
+        out[name] = [tuple(p) for p in out[name]]
+        for op, j in out[name]:
+            if op not in PRIMITIVES or not isinstance(j, int):
+                raise ValueError(f"{name} holds an unknown (op, input) pair ({op!r}, {j!r})")
+    return Genotype(**out)

@@ -1,0 +1,462 @@
+"""The NAS-Bench-201 search space (Dong & Yang, ICLR 2020) as a slim supernet.
+
+Mathematics, parameters and state_dict keys are those of NAS-Bench-201's reference search code
+(``NAS201SearchCell`` in ``xautodl/models/cell_searchs/search_cells.py``, ``cell_operations.py`` and
+``search_model_darts.py`` of the ``xautodl`` package). What differs is the execution:
+
+* a node is ONE :func:`fastnas.mixed_sum` over all its incoming (edge, op) pairs;
+* ``none`` is never computed: its output is zero, so it adds nothing and its weight's gradient is 0;
+* ``skip_connect`` hands the node itself to the mixed sums (no copy);
+* what depends only on a node is computed once for every edge leaving it: its ReLU, its
+  ``avg_pool_3x3`` (parameterless), and the convolutions of every ``nor_conv_kxk`` leaving it, run as
+  ONE convolution whose weight is the concatenation of the edges' weights, followed by one
+  ``affine=False`` BatchNorm that returns a dense tensor per edge and keeps only those outputs for
+  the backward (see :mod:`fastnas.spaces.ops`);
+* on CPU ``avg_pool_3x3`` runs as a depthwise box filter (much faster than the native NCHW kernel).
+
+Architecture strings follow NAS-Bench-201: ``|op~0|+|op~0|op~1|+|op~0|op~1|op~2|``, one group per
+node, each ``op~j`` the argmax op (``none`` included) of the edge from node ``j``.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from copy import deepcopy
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import fastnas
+from fastnas.spaces import _arch
+from fastnas.spaces.ops import (
+    Identity,
+    Zero,
+    avg_pool_3x3,
+    batch_norm,
+    batch_norm_split,
+    lean_bn_eligible,
+    run_tail,
+)
+
+__all__ = [
+    "PRIMITIVES",
+    "OPS",
+    "ReLUConvBN",
+    "POOLING",
+    "FactorizedReduce",
+    "ResNetBasicblock",
+    "SearchCell",
+    "Network",
+    "parse_arch_string",
+    "format_arch_string",
+]
+
+PRIMITIVES: list[str] = ["none", "skip_connect", "nor_conv_1x1", "nor_conv_3x3", "avg_pool_3x3"]
+
+
+# --------------------------------------------------------------------------- candidate ops (reference layout)
+
+
+class ReLUConvBN(nn.Module):
+    """ReLU -> Conv2d (with a bias when ``affine`` is False, as in xautodl) -> BatchNorm2d, as ``op``."""
+
+    def __init__(
+        self,
+        C_in: int,
+        C_out: int,
+        kernel_size,
+        stride,
+        padding,
+        dilation,
+        affine: bool,
+        track_running_stats: bool = True,
+    ):
+        super().__init__()
+        self.op = nn.Sequential(
+            nn.ReLU(inplace=False),
+            nn.Conv2d(C_in, C_out, kernel_size, stride=stride, padding=padding, dilation=dilation, bias=not affine),
+            nn.BatchNorm2d(C_out, affine=affine, track_running_stats=track_running_stats),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return run_tail(self.op, torch.relu(x), start=1)
+
+
+class POOLING(nn.Module):
+    """Average or max pooling 3x3 (``count_include_pad=False``), after a 1x1 ReLUConvBN when the channel
+    count changes (``preprocess``)."""
+
+    def __init__(
+        self, C_in: int, C_out: int, stride: int, mode: str, affine: bool = True, track_running_stats: bool = True
+    ):
+        super().__init__()
+        self.preprocess = (
+            None if C_in == C_out else ReLUConvBN(C_in, C_out, 1, 1, 0, 1, affine, track_running_stats)
+        )
+        if mode == "avg":
+            self.op = nn.AvgPool2d(3, stride=stride, padding=1, count_include_pad=False)
+        elif mode == "max":
+            self.op = nn.MaxPool2d(3, stride=stride, padding=1)
+        else:
+            raise ValueError(f"mode must be 'avg' or 'max', got {mode!r}")
+        self.mode = mode
+        self.stride = stride
+
+    def pool(self, x: Tensor) -> Tensor:
+        """The pooling alone (after ``preprocess``)."""
+        if self.mode == "avg":
+            return avg_pool_3x3(x, self.stride)
+        return F.max_pool2d(x, 3, stride=self.stride, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.pool(x if self.preprocess is None else self.preprocess(x))
+
+
+class FactorizedReduce(nn.Module):
+    """xautodl's FactorizedReduce: at stride 2 two 1x1 convs (``convs.0``, ``convs.1``, the second on
+    the input shifted by a pixel), at stride 1 one 1x1 conv (``conv``); then BatchNorm2d (``bn``)."""
+
+    def __init__(self, C_in: int, C_out: int, stride: int, affine: bool, track_running_stats: bool):
+        super().__init__()
+        self.stride = stride
+        self.C_in = C_in
+        self.C_out = C_out
+        self.relu = nn.ReLU(inplace=False)
+        if stride == 2:
+            C_outs = [C_out // 2, C_out - C_out // 2]
+            self.convs = nn.ModuleList(
+                nn.Conv2d(C_in, c, 1, stride=stride, padding=0, bias=not affine) for c in C_outs
+            )
+            self.pad = nn.ConstantPad2d((0, 1, 0, 1), 0)
+        elif stride == 1:
+            self.conv = nn.Conv2d(C_in, C_out, 1, stride=stride, padding=0, bias=not affine)
+        else:
+            raise ValueError(f"stride must be 1 or 2, got {stride}")
+        self.bn = nn.BatchNorm2d(C_out, affine=affine, track_running_stats=track_running_stats)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.stride == 2:
+            x = torch.relu(x)
+            y = self.pad(x)
+            out = torch.cat([self.convs[0](x), self.convs[1](y[:, :, 1:, 1:])], dim=1)
+        else:
+            out = self.conv(x)
+        return batch_norm(out, self.bn)
+
+
+OPS: dict[str, Callable[[int, int, int, bool, bool], nn.Module]] = {
+    "none": lambda C_in, C_out, stride, affine, trs: Zero(stride, C_out),
+    "avg_pool_3x3": lambda C_in, C_out, stride, affine, trs: POOLING(C_in, C_out, stride, "avg", affine, trs),
+    "max_pool_3x3": lambda C_in, C_out, stride, affine, trs: POOLING(C_in, C_out, stride, "max", affine, trs),
+    "nor_conv_7x7": lambda C_in, C_out, stride, affine, trs: ReLUConvBN(
+        C_in, C_out, (7, 7), (stride, stride), (3, 3), (1, 1), affine, trs
+    ),
+    "nor_conv_3x3": lambda C_in, C_out, stride, affine, trs: ReLUConvBN(
+        C_in, C_out, (3, 3), (stride, stride), (1, 1), (1, 1), affine, trs
+    ),
+    "nor_conv_1x1": lambda C_in, C_out, stride, affine, trs: ReLUConvBN(
+        C_in, C_out, (1, 1), (stride, stride), (0, 0), (1, 1), affine, trs
+    ),
+    "skip_connect": lambda C_in, C_out, stride, affine, trs: (
+        Identity() if stride == 1 and C_in == C_out else FactorizedReduce(C_in, C_out, stride, affine, trs)
+    ),
+}
+
+
+class ResNetBasicblock(nn.Module):
+    """The residual reduction block between NAS-Bench-201's stages (not searched): two 3x3
+    ReLUConvBN (the first at ``stride``) plus a 2x2-average-pool + 1x1-conv shortcut."""
+
+    def __init__(self, inplanes: int, planes: int, stride: int, affine: bool = True, track_running_stats: bool = True):
+        super().__init__()
+        if stride not in (1, 2):
+            raise ValueError(f"stride must be 1 or 2, got {stride}")
+        self.conv_a = ReLUConvBN(inplanes, planes, 3, stride, 1, 1, affine, track_running_stats)
+        self.conv_b = ReLUConvBN(planes, planes, 3, 1, 1, 1, affine, track_running_stats)
+        if stride == 2:
+            self.downsample = nn.Sequential(
+                nn.AvgPool2d(kernel_size=2, stride=2, padding=0),
+                nn.Conv2d(inplanes, planes, kernel_size=1, stride=1, padding=0, bias=False),
+            )
+        elif inplanes != planes:
+            self.downsample = ReLUConvBN(inplanes, planes, 1, 1, 0, 1, affine, track_running_stats)
+        else:
+            self.downsample = None
+        self.in_dim = inplanes
+        self.out_dim = planes
+        self.stride = stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        residual = x if self.downsample is None else self.downsample(x)
+        return residual + self.conv_b(self.conv_a(x))
+
+
+# --------------------------------------------------------------------------- the search cell
+
+
+class SearchCell(nn.Module):
+    """A NAS-Bench-201 search cell; drop-in for xautodl's ``NAS201SearchCell``.
+
+    Same constructor, ``edges["i<-j"]`` ModuleDict of candidate-op lists (state_dict keys
+    ``edges.{i}<-{j}.{k}...``), ``edge_keys``, ``edge2index``, ``num_edges``, and ``forward(inputs,
+    weightss)`` / ``forward_gdas(inputs, hardwts, index)`` with the reference's results and gradients.
+    Node ``i`` is the sum over ``j < i`` of edge ``i<-j`` applied to node ``j``; the output is the last node.
+
+    Args:
+        C_in, C_out: channels of the input and of every node.
+        stride: stride of the edges leaving the input.
+        max_nodes: nodes including the input (4: 6 edges).
+        op_names: the candidate ops, names of :data:`OPS`.
+        affine, track_running_stats: of the BatchNorms in the candidate ops.
+    """
+
+    #: compute the nor_conv ops of all edges leaving a node as one convolution (see module docstring)
+    batch_convs: bool = True
+
+    def __init__(
+        self,
+        C_in: int,
+        C_out: int,
+        stride: int,
+        max_nodes: int,
+        op_names: Sequence[str],
+        affine: bool = False,
+        track_running_stats: bool = True,
+    ):
+        super().__init__()
+        unknown = [n for n in op_names if n not in OPS]
+        if unknown:
+            raise ValueError(f"op_names has unknown ops {unknown}; known: {sorted(OPS)}")
+        self.op_names = deepcopy(list(op_names))
+        self.edges = nn.ModuleDict()
+        self.max_nodes = max_nodes
+        self.in_dim = C_in
+        self.out_dim = C_out
+        self.stride = stride
+        for i in range(1, max_nodes):
+            for j in range(i):
+                s, c = (stride, C_in) if j == 0 else (1, C_out)
+                self.edges[f"{i}<-{j}"] = nn.ModuleList(OPS[n](c, C_out, s, affine, track_running_stats) for n in op_names)
+        self.edge_keys = sorted(self.edges.keys())
+        self.edge2index = {key: i for i, key in enumerate(self.edge_keys)}
+        self.num_edges = len(self.edges)
+        self.last_computed: list[tuple[str, str]] = []  # (edge key, op) pairs of the last forward
+
+    def extra_repr(self) -> str:
+        return f"info :: {self.max_nodes} nodes, inC={self.in_dim}, outC={self.out_dim}"
+
+    def forward(self, inputs: Tensor, weightss: Tensor, selected: Sequence[Sequence[int]] | None = None) -> Tensor:
+        """Args:
+            inputs: ``[B, C_in, H, W]``.
+            weightss: ``[num_edges, len(op_names)]`` op weights, rows in ``edge_keys`` order (differentiable).
+            selected: per edge (``edge_keys`` order) the op indices to compute; None: all. ``none`` is never
+                computed.
+
+        Returns the last node, ``[B, C_out, H / stride, W / stride]``.
+        """
+        if weightss.dim() != 2 or tuple(weightss.shape) != (self.num_edges, len(self.op_names)):
+            raise ValueError(
+                f"weightss must have shape [{self.num_edges}, {len(self.op_names)}], got {tuple(weightss.shape)}"
+            )
+        self.last_computed = []
+        nodes = [inputs]
+        pending: dict[int, tuple[list[Tensor], list[int], list[int]]] = defaultdict(lambda: ([], [], []))
+        for j in range(self.max_nodes - 1):
+            self._emit(j, nodes[j], selected, pending)
+            outs, e_idx, k_idx = pending.pop(j + 1, ([], [], []))
+            if outs:
+                w = weightss[torch.tensor(e_idx, device=weightss.device), torch.tensor(k_idx, device=weightss.device)]
+                nodes.append(fastnas.mixed_sum(outs, w))
+            else:  # every computed op of this node is 'none'
+                B, _, H, W = inputs.shape
+                s = self.stride
+                nodes.append(inputs.new_zeros(B, self.out_dim, -(-H // s), -(-W // s)))
+        return nodes[-1]
+
+    def forward_gdas(self, inputs: Tensor, hardwts: Tensor, index: Tensor) -> Tensor:
+        """GDAS: only op ``index[e]`` of each edge computed, weighted by ``hardwts[e, index[e]]``
+        (straight-through: 1 forward, the soft gradient backward). ``index`` is ``[num_edges]`` or
+        ``[num_edges, 1]``."""
+        return self.forward(inputs, hardwts, [[int(k)] for k in index.reshape(-1).tolist()])
+
+    def _emit(self, j: int, x: Tensor, selected, pending) -> None:
+        """Compute every needed op of every edge leaving node ``j`` and queue it for its target node."""
+        relu: list[Tensor] = []
+        pools: dict[tuple[str, int], Tensor] = {}
+        convs: dict[str, list[tuple[int, int, int, nn.Module]]] = defaultdict(list)  # name -> (i, e, k, module)
+
+        def relu_x() -> Tensor:
+            if not relu:
+                relu.append(torch.relu(x))
+            return relu[0]
+
+        for i in range(j + 1, self.max_nodes):
+            key = f"{i}<-{j}"
+            e = self.edge2index[key]
+            ops = range(len(self.op_names)) if selected is None else selected[e]
+            for k in ops:
+                op = self.edges[key][k]
+                if getattr(op, "is_zero", False):
+                    continue
+                self.last_computed.append((key, self.op_names[k]))
+                if isinstance(op, Identity):
+                    out = x
+                elif isinstance(op, POOLING) and op.preprocess is None:
+                    pk = (op.mode, op.stride)
+                    if pk not in pools:
+                        pools[pk] = op.pool(x)
+                    out = pools[pk]
+                elif isinstance(op, ReLUConvBN) and lean_bn_eligible(op.op[2]) and self.batch_convs:
+                    convs[self.op_names[k]].append((i, e, k, op))
+                    continue
+                elif isinstance(op, ReLUConvBN):
+                    out = run_tail(op.op, relu_x(), start=1)
+                else:
+                    out = op(x)
+                self._queue(pending, i, out, e, k)
+        for group in convs.values():
+            conv = group[0][3].op[1]
+            weight = torch.cat([m.op[1].weight for *_, m in group]) if len(group) > 1 else conv.weight
+            bias = None
+            if conv.bias is not None:
+                bias = torch.cat([m.op[1].bias for *_, m in group]) if len(group) > 1 else conv.bias
+            y = F.conv2d(relu_x(), weight, bias, conv.stride, conv.padding, conv.dilation)
+            outs = batch_norm_split(y, [m.op[2] for *_, m in group])
+            for (i, e, k, _), out in zip(group, outs):
+                self._queue(pending, i, out, e, k)
+
+    @staticmethod
+    def _queue(pending, i: int, out: Tensor, e: int, k: int) -> None:
+        outs, e_idx, k_idx = pending[i]
+        outs.append(out)
+        e_idx.append(e)
+        k_idx.append(k)
+
+
+# --------------------------------------------------------------------------- the network
+
+
+class Network(_arch.ArchMixin, nn.Module):
+    """The NAS-Bench-201 search network: stem, three stages of ``N`` search cells at ``C``, ``2C``,
+    ``4C`` channels separated by residual reduction blocks, BatchNorm + ReLU, global average pooling
+    and a linear classifier. All search cells share the architecture parameters ``alphas``
+    ``[num_edges, 5]`` (rows in ``edge_keys`` order: ``1<-0, 2<-0, 2<-1, 3<-0, 3<-1, 3<-2``).
+
+    Args:
+        C, N, num_classes, max_nodes: as in xautodl's ``TinyNetworkDarts``.
+        in_channels: image channels.
+        arch, sampler: weighting mode, see :class:`fastnas.spaces._arch.ArchMixin` (``"logits"`` /
+            ``"simplex"``; None / ``"gdas"`` / ``"uniform"``).
+        affine, track_running_stats: of the search cells' BatchNorms (``NAS201SearchCell``'s defaults).
+
+    ``forward(x)`` maps ``[B, in_channels, H, W]`` to logits ``[B, num_classes]``.
+    """
+
+    def __init__(
+        self,
+        C: int = 16,
+        N: int = 5,
+        num_classes: int = 10,
+        max_nodes: int = 4,
+        *,
+        in_channels: int = 3,
+        arch: str = "logits",
+        sampler: str | None = None,
+        affine: bool = False,
+        track_running_stats: bool = True,
+    ):
+        super().__init__()
+        self._C = C
+        self._layerN = N
+        self.max_nodes = max_nodes
+        self._init_arch_modes(arch, sampler)
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, C, kernel_size=3, padding=1, bias=False), nn.BatchNorm2d(C))
+        layer_channels = [C] * N + [C * 2] + [C * 2] * N + [C * 4] + [C * 4] * N
+        layer_reductions = [False] * N + [True] + [False] * N + [True] + [False] * N
+        C_prev = C
+        self.cells = nn.ModuleList()
+        self.edge_keys: list[str] = []
+        for C_curr, reduction in zip(layer_channels, layer_reductions):
+            if reduction:
+                cell = ResNetBasicblock(C_prev, C_curr, 2)
+            else:
+                cell = SearchCell(C_prev, C_curr, 1, max_nodes, PRIMITIVES, affine, track_running_stats)
+                self.edge_keys = cell.edge_keys
+            self.cells.append(cell)
+            C_prev = cell.out_dim
+        self.op_names = list(PRIMITIVES)
+        self.edge2index = {key: i for i, key in enumerate(self.edge_keys)}
+        self.lastact = nn.Sequential(nn.BatchNorm2d(C_prev), nn.ReLU(inplace=True))
+        self.global_pooling = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(C_prev, num_classes)
+        self.alphas = nn.Parameter(self._init_rows(len(self.edge_keys), len(PRIMITIVES)))
+        self._arch_names = ["alphas"]
+
+    def arch_simplex_segments(self, p: Tensor) -> tuple[int, ...] | None:
+        """None: every row of ``alphas`` is one simplex."""
+        if p is not self.alphas:
+            raise ValueError("p must be one of arch_parameters()")
+        return None
+
+    def forward(self, x: Tensor) -> Tensor:
+        weights, selected = self._op_weights(self.alphas)
+        feature = self.stem(x)
+        for cell in self.cells:
+            feature = cell(feature, weights, selected) if isinstance(cell, SearchCell) else cell(feature)
+        out = self.global_pooling(self.lastact(feature))
+        return self.classifier(out.flatten(1))
+
+    @torch.no_grad()
+    def arch_weights(self) -> dict[str, Tensor]:
+        """``{"cell": [num_edges, 5]}``: the current op weights, detached, rows on the simplex."""
+        return {"cell": self._normalised(self.alphas).detach().clone()}
+
+    @torch.no_grad()
+    def genotype(self) -> tuple[tuple[tuple[str, int], ...], ...]:
+        """Per node ``i = 1..max_nodes-1`` the pairs ``(op, j)``: the argmax op (``none`` included) of
+        edge ``i<-j``, as xautodl's ``genotype()``."""
+        best = self.alphas.argmax(dim=-1).tolist()
+        return tuple(
+            tuple((self.op_names[best[self.edge2index[f"{i}<-{j}"]]], j) for j in range(i))
+            for i in range(1, self.max_nodes)
+        )
+
+    def arch_string(self) -> str:
+        """The NAS-Bench-201 string of :meth:`genotype`, e.g. ``|nor_conv_3x3~0|+|none~0|skip_connect~1|+...``."""
+        return format_arch_string(self.genotype())
+
+    def export(self) -> str:
+        """:meth:`arch_string`; :func:`parse_arch_string` reads it back."""
+        return self.arch_string()
+
+
+def format_arch_string(nodes: Sequence[Sequence[tuple[str, int]]]) -> str:
+    """``|op~j|...|`` per node, joined by ``+``."""
+    return "+".join("|" + "|".join(f"{op}~{j}" for op, j in node) + "|" for node in nodes)
+
+
+def parse_arch_string(text: str) -> tuple[tuple[tuple[str, int], ...], ...]:
+    """The nodes of a NAS-Bench-201 string: ``((("op", 0),), (("op", 0), ("op", 1)), ...)``.
+
+    Raises ValueError naming what is wrong (a node that is not ``|...|``, an unknown op, an input
+    index that is not an earlier node)."""
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
+    nodes = []
+    for i, group in enumerate(text.strip().split("+"), start=1):
+        if len(group) < 2 or group[0] != "|" or group[-1] != "|":
+            raise ValueError(f"text: node {i} is {group!r}, expected '|op~j|...|'")
+        pairs = []
+        for item in group[1:-1].split("|"):
+            op, sep, j = item.partition("~")
+            if not sep or not j.isdigit():
+                raise ValueError(f"text: node {i} has {item!r}, expected 'op~j'")
+            if op not in OPS:
+                raise ValueError(f"text: node {i} has the unknown op {op!r}")
+            if int(j) >= i:
+                raise ValueError(f"text: node {i} takes input {j}, which is not an earlier node")
+            pairs.append((op, int(j)))
+        nodes.append(tuple(pairs))
+    return tuple(nodes)
