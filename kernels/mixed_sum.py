@@ -32,6 +32,7 @@ How the kernels work
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Sequence
 
 import torch
@@ -43,6 +44,14 @@ from fastnas.ops.mixed_sum import SUPPORTED_DTYPES, is_dense
 from fastnas.ops.reference import accumulation_dtype
 
 __all__ = ["mixed_sum_forward", "mixed_sum_backward", "MAX_BUCKET", "CONFIGS", "FIXED_CONFIG"]
+
+MIN_TRITON = (3, 3)
+"""Tuples of tensors as kernel arguments (compiled: Triton 3.2, interpreted: 3.3)."""
+if tuple(int(p) for p in triton.__version__.split(".")[:2]) < MIN_TRITON:
+    raise ImportError(
+        f"the triton backend of fastnas needs triton >= {'.'.join(map(str, MIN_TRITON))} (tuple kernel "
+        f"arguments), found {triton.__version__}"
+    )
 
 MAX_BUCKET = 32
 """Largest K handled by one kernel launch; larger K is processed in chunks of this many inputs."""
@@ -144,8 +153,9 @@ def _mixed_sum_bwd_kernel(
 # --------------------------------------------------------------------------- launchers
 
 
+@functools.cache
 def _interpreted() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1 at import)."""
+    """True when Triton runs these kernels in its CPU interpreter (TRITON_INTERPRET=1 at import)."""
     try:
         from triton.runtime.interpreter import InterpretedFunction
     except ImportError:  # pragma: no cover - every Triton 3.x has it
@@ -204,28 +214,35 @@ def _layout_key(t: Tensor) -> tuple[tuple[int, int], ...]:
 
 
 def _check(grad: Tensor | None, outputs: Sequence[Tensor], weights: Tensor, op: str) -> None:
-    """The native contract again: raise (naming the argument) rather than read out of bounds."""
-    tensors = ([("grad", grad)] if grad is not None else []) + [(f"outputs[{k}]", o) for k, o in enumerate(outputs)]
-    name0, first = tensors[0]
+    """The native contract again: raise (naming the argument) rather than read out of bounds.
+    Cheap on the common path (a few attribute reads per tensor): it runs on every call."""
+    tensors = [grad, *outputs] if grad is not None else list(outputs)
+
+    def name(i: int) -> str:
+        return "grad" if grad is not None and i == 0 else f"outputs[{i - (grad is not None)}]"
+
+    first = tensors[0]
     if not isinstance(first, Tensor) or first.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{op}: {name0} must be a float16/bfloat16/float32/float64 tensor")
-    if not is_dense(first):
-        raise ValueError(f"{op}: {name0} must be dense (non-overlapping, no gaps), got strides {first.stride()}")
-    if first.device.type != "cuda" and not _interpreted():
+        raise TypeError(f"{op}: {name(0)} must be a float16/bfloat16/float32/float64 tensor")
+    if not (first.is_contiguous() or is_dense(first)):
+        raise ValueError(f"{op}: {name(0)} must be dense (non-overlapping, no gaps), got strides {first.stride()}")
+    device, dtype, shape, stride = first.device, first.dtype, first.shape, first.stride()
+    if device.type != "cuda" and not _interpreted():
         raise RuntimeError(f"{op}: the triton backend runs CPU tensors only under TRITON_INTERPRET=1")
-    for name, t in tensors[1:]:
-        if not isinstance(t, Tensor) or t.dtype != first.dtype or t.device != first.device:
-            raise TypeError(f"{op}: {name} must be a {first.dtype} tensor on {first.device} like {name0}")
-        if t.shape != first.shape or _layout_key(t) != _layout_key(first):
-            raise ValueError(f"{op}: {name} must have the shape and strides of {name0}")
-    acc = accumulation_dtype(first.dtype)
+    for i in range(1, len(tensors)):
+        t = tensors[i]
+        if not isinstance(t, Tensor) or t.dtype != dtype or t.device != device:
+            raise TypeError(f"{op}: {name(i)} must be a {dtype} tensor on {device} like {name(0)}")
+        if t.shape != shape or (t.stride() != stride and _layout_key(t) != _layout_key(first)):
+            raise ValueError(f"{op}: {name(i)} must have the shape and strides of {name(0)}")
+    acc = accumulation_dtype(dtype)
     if not isinstance(weights, Tensor) or weights.dim() != 1 or weights.dtype != acc or not weights.is_contiguous():
-        raise TypeError(f"{op}: weights must be a contiguous 1-D {acc} tensor for {first.dtype} inputs")
-    if weights.device != first.device:
-        raise ValueError(f"{op}: weights is on {weights.device} but {name0} is on {first.device}")
-    if outputs and weights.numel() != len(outputs):
-        raise ValueError(f"{op}: weights has length {weights.numel()} but there are K={len(outputs)} outputs")
-    if weights.numel() == 0:
+        raise TypeError(f"{op}: weights must be a contiguous 1-D {acc} tensor for {dtype} inputs")
+    if weights.device != device:
+        raise ValueError(f"{op}: weights is on {weights.device} but {name(0)} is on {device}")
+    if outputs and weights.shape[0] != len(outputs):
+        raise ValueError(f"{op}: weights has length {weights.shape[0]} but there are K={len(outputs)} outputs")
+    if weights.shape[0] == 0:
         raise ValueError(f"{op}: weights must hold K >= 1 values")
 
 
