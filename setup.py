@@ -59,7 +59,7 @@ def extensions():
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-    cpu_flags = ["-O3", "-fopenmp", "-std=c++17", "-fno-math-errno"]
+    cpu_flags = ["-O3", "-fopenmp", "-fno-math-errno"]  # torch adds its own -std
     if os.environ.get("FASTNAS_CPU_NATIVE") == "1":
         cpu_flags.append("-march=native")
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
@@ -71,7 +71,7 @@ def extensions():
                 sources=sources + sorted(glob.glob("csrc/cuda/*.cu")),
                 extra_compile_args={
                     "cxx": cpu_flags + ["-DFASTNAS_WITH_CUDA"],
-                    "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "-DFASTNAS_WITH_CUDA"],
+                    "nvcc": ["-O3", "--use_fast_math", "-lineinfo", "-DFASTNAS_WITH_CUDA"],
                 },
                 **common,
             )

@@ -1,7 +1,10 @@
 """fastnas: fused kernels, a slim supernet and the GAEA optimizer for weight-sharing NAS."""
 
+from fastnas import backend as _backend
 from fastnas.backend import available_backends, get_backend, set_backend
 from fastnas.ops import mixed_sum
+
+_backend.load_extension()  # registers the compiled kernels if built; never raises
 
 __version__ = "0.1.0"
 

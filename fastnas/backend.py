@@ -72,6 +72,11 @@ def _extension():
     return module, None
 
 
+def load_extension() -> bool:
+    """Load fastnas._C (its kernels register with torch.library); False if it is missing."""
+    return _extension()[0] is not None
+
+
 def extension_has_cuda() -> bool:
     ext, _ = _extension()
     return ext is not None and torch.ops.fastnas._mixed_sum_forward.default.has_kernel_for_dispatch_key(

@@ -164,16 +164,19 @@ def _(grad: Tensor, outputs: list[Tensor], weights: Tensor, compute_outputs_grad
 def _setup_context(ctx, inputs, output) -> None:
     outputs, weights = inputs
     ctx.num_outputs = len(outputs)
-    ctx.needs_weights_grad = ctx.needs_input_grad[1]
+    ctx.needs_outputs_grad = any(o.requires_grad for o in outputs)
+    ctx.needs_weights_grad = weights.requires_grad
     # the K inputs are needed only for dL/dw: not kept alive when the weights are frozen
     ctx.save_for_backward(weights, *(outputs if ctx.needs_weights_grad else ()))
 
 
 def _backward(ctx, grad: Tensor):
     weights, *outputs = ctx.saved_tensors
-    compute_outputs_grad = any(ctx.needs_input_grad[0])  # one flag per output
+    compute_outputs_grad = ctx.needs_outputs_grad
     outputs_grad, weights_grad = torch.ops.fastnas.mixed_sum_backward(grad, outputs, weights, compute_outputs_grad)
-    return (outputs_grad if compute_outputs_grad else None), (weights_grad if ctx.needs_weights_grad else None)
+    if not compute_outputs_grad:
+        outputs_grad = [None] * ctx.num_outputs
+    return outputs_grad, (weights_grad if ctx.needs_weights_grad else None)
 
 
 _mixed_sum_op.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,257 @@
+// CPU kernels of the mixed sum (contract: csrc/mixed_sum.h), registered for the CPU dispatch key.
+//
+// Forward, one pass: per tile of kTile elements, y = sum_k w_k * o_k is accumulated in an L1-resident
+// tile (float32, or float64 for float64 inputs) and stored once.
+// Backward, one pass: per tile, g is read once; for each k, d o_k = w_k * g is written and the tile's
+// <g, o_k> added to the chunk's sum. Each fixed chunk of kChunk elements yields K partial sums;
+// the partials are summed over chunks in index order. Chunk boundaries do not depend on the thread
+// count and parallel ranges fall on tile boundaries, so results are bit-identical across runs and
+// across thread counts.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "mixed_sum.h"
+
+namespace fastnas {
+namespace {
+
+constexpr int64_t kTile = 2048;                // elements per tile: a tile of every stream stays in L1
+constexpr int64_t kTilesPerChunk = 16;         // 32768 elements per partial sum of d w
+constexpr int64_t kChunk = kTile * kTilesPerChunk;
+constexpr int64_t kForwardGrainTiles = 8;      // ~16K elements per thread at least
+
+// The leaf loops below are compiled for several instruction sets and picked at load time (GCC/Clang
+// function multiversioning), so a portable build still runs AVX2/AVX-512 code where the CPU has it.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(FASTNAS_NO_MULTIVERSION)
+#define FASTNAS_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define FASTNAS_MULTIVERSION
+#endif
+#define FASTNAS_INLINE inline __attribute__((always_inline))
+
+// ---- leaf loops on one tile, in the accumulation type (float or double)
+
+template <typename T>
+FASTNAS_INLINE void scale_body(T* __restrict dst, T w, const T* __restrict src, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dst[i] = w * src[i];
+}
+template <typename T>
+FASTNAS_INLINE void axpy_body(T* __restrict dst, T w, const T* __restrict src, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dst[i] += w * src[i];
+}
+template <typename T>
+FASTNAS_INLINE T dot_body(const T* __restrict a, const T* __restrict b, int64_t n) {
+  T sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+FASTNAS_MULTIVERSION void scale(float* dst, float w, const float* src, int64_t n) { scale_body(dst, w, src, n); }
+FASTNAS_MULTIVERSION void scale(double* dst, double w, const double* src, int64_t n) { scale_body(dst, w, src, n); }
+FASTNAS_MULTIVERSION void axpy(float* dst, float w, const float* src, int64_t n) { axpy_body(dst, w, src, n); }
+FASTNAS_MULTIVERSION void axpy(double* dst, double w, const double* src, int64_t n) { axpy_body(dst, w, src, n); }
+FASTNAS_MULTIVERSION float dot(const float* a, const float* b, int64_t n) { return dot_body(a, b, n); }
+FASTNAS_MULTIVERSION double dot(const double* a, const double* b, int64_t n) { return dot_body(a, b, n); }
+
+// ---- 16-bit <-> float32 conversions of one tile (bit-exact with c10's: round to nearest even)
+
+FASTNAS_MULTIVERSION void widen(float* __restrict dst, const at::BFloat16* __restrict src, int64_t n) {
+  const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t u = static_cast<uint32_t>(bits[i]) << 16;
+    float f;
+    std::memcpy(&f, &u, sizeof(f));
+    dst[i] = f;
+  }
+}
+FASTNAS_MULTIVERSION void narrow(at::BFloat16* __restrict dst, const float* __restrict src, int64_t n) {
+  uint16_t* bits = reinterpret_cast<uint16_t*>(dst);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t u;
+    std::memcpy(&u, &src[i], sizeof(u));
+    const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    bits[i] = src[i] != src[i] ? uint16_t(0x7fc0) : static_cast<uint16_t>(rounded);
+  }
+}
+#if defined(__FLT16_MAX__)
+// _Float16 has the IEEE binary16 layout of at::Half; the compiler converts with F16C/AVX-512 where present.
+FASTNAS_MULTIVERSION void widen(float* __restrict dst, const at::Half* __restrict src, int64_t n) {
+  const _Float16* h = reinterpret_cast<const _Float16*>(src);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(h[i]);
+}
+FASTNAS_MULTIVERSION void narrow(at::Half* __restrict dst, const float* __restrict src, int64_t n) {
+  _Float16* h = reinterpret_cast<_Float16*>(dst);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) h[i] = static_cast<_Float16>(src[i]);
+}
+#else
+void widen(float* dst, const at::Half* src, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+void narrow(at::Half* dst, const float* src, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<at::Half>(src[i]);
+}
+#endif
+
+// Size of a tile buffer in the accumulation type: none needed (1) when scalar_t is that type.
+template <typename scalar_t>
+constexpr int64_t kWidenBuffer = std::is_same_v<scalar_t, at::opmath_type<scalar_t>> ? 1 : kTile;
+
+// The n elements at src as acc_t: src itself when the types match, else widened into buf.
+template <typename scalar_t, typename acc_t>
+inline const acc_t* as_acc(const scalar_t* src, acc_t* buf, int64_t n) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return src;
+  } else {
+    widen(buf, src, n);
+    return buf;
+  }
+}
+
+template <typename scalar_t>
+void forward_kernel(const std::vector<const scalar_t*>& inputs, const at::opmath_type<scalar_t>* w,
+                    scalar_t* out, int64_t numel) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr bool kSameType = std::is_same_v<scalar_t, acc_t>;
+  const int64_t K = static_cast<int64_t>(inputs.size());
+  const int64_t num_tiles = (numel + kTile - 1) / kTile;
+  at::parallel_for(0, num_tiles, kForwardGrainTiles, [&](int64_t tile_begin, int64_t tile_end) {
+    alignas(64) acc_t acc_buf[kWidenBuffer<scalar_t>];
+    alignas(64) acc_t widened[kWidenBuffer<scalar_t>];
+    for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
+      const int64_t start = tile * kTile;
+      const int64_t n = std::min(kTile, numel - start);
+      // float32/float64 accumulate in the output tile itself (it stays in L1 across k)
+      acc_t* acc;
+      if constexpr (kSameType) {
+        acc = out + start;
+      } else {
+        acc = acc_buf;
+      }
+      scale(acc, w[0], as_acc(inputs[0] + start, widened, n), n);
+      for (int64_t k = 1; k < K; ++k) axpy(acc, w[k], as_acc(inputs[k] + start, widened, n), n);
+      if constexpr (!kSameType) narrow(out + start, acc, n);
+    }
+  });
+}
+
+template <typename scalar_t>
+void backward_kernel(const scalar_t* g, const std::vector<const scalar_t*>& inputs,
+                     const at::opmath_type<scalar_t>* w, int64_t K, const std::vector<scalar_t*>& grads,
+                     at::opmath_type<scalar_t>* partials, int64_t numel) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr bool kSameType = std::is_same_v<scalar_t, acc_t>;
+  const bool want_outputs_grad = !grads.empty();
+  const bool want_weights_grad = !inputs.empty();
+  const int64_t num_chunks = (numel + kChunk - 1) / kChunk;
+  at::parallel_for(0, num_chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+    alignas(64) acc_t g_buf[kWidenBuffer<scalar_t>];
+    alignas(64) acc_t o_buf[kWidenBuffer<scalar_t>];
+    alignas(64) acc_t scaled[kWidenBuffer<scalar_t>];
+    std::vector<acc_t> chunk_sums(want_weights_grad ? K : 0);
+    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+      std::fill(chunk_sums.begin(), chunk_sums.end(), acc_t(0));
+      const int64_t chunk_stop = std::min(numel, (chunk + 1) * kChunk);
+      for (int64_t start = chunk * kChunk; start < chunk_stop; start += kTile) {
+        const int64_t n = std::min(kTile, chunk_stop - start);
+        const acc_t* gt = as_acc(g + start, g_buf, n);
+        for (int64_t k = 0; k < K; ++k) {
+          if (want_outputs_grad) {
+            if constexpr (kSameType) {
+              scale(grads[k] + start, w[k], gt, n);
+            } else {
+              scale(scaled, w[k], gt, n);
+              narrow(grads[k] + start, scaled, n);
+            }
+          }
+          if (want_weights_grad) chunk_sums[k] += dot(gt, as_acc(inputs[k] + start, o_buf, n), n);
+        }
+      }
+      for (int64_t k = 0; k < K && want_weights_grad; ++k) partials[chunk * K + k] = chunk_sums[k];
+    }
+  });
+}
+
+template <typename scalar_t>
+std::vector<const scalar_t*> data_pointers(at::TensorList tensors) {
+  std::vector<const scalar_t*> pointers;
+  pointers.reserve(tensors.size());
+  for (const at::Tensor& t : tensors) pointers.push_back(t.data_ptr<scalar_t>());
+  return pointers;
+}
+
+at::Tensor mixed_sum_forward_cpu(at::TensorList outputs, const at::Tensor& weights) {
+  TORCH_CHECK_VALUE(!outputs.empty(), "fastnas::_mixed_sum_forward: outputs must hold K >= 1 tensors");
+  check_native_inputs(at::Tensor(), outputs, weights, c10::DeviceType::CPU, "fastnas::_mixed_sum_forward");
+  at::Tensor out = at::empty_like(outputs[0]);
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "mixed_sum_forward_cpu", [&] {
+    forward_kernel<scalar_t>(data_pointers<scalar_t>(outputs), weights.data_ptr<at::opmath_type<scalar_t>>(),
+                             out.data_ptr<scalar_t>(), out.numel());
+  });
+  return out;
+}
+
+std::tuple<std::vector<at::Tensor>, at::Tensor> mixed_sum_backward_cpu(const at::Tensor& grad,
+                                                                        at::TensorList outputs,
+                                                                        const at::Tensor& weights,
+                                                                        bool compute_outputs_grad) {
+  const int64_t K =
+      check_native_inputs(grad, outputs, weights, c10::DeviceType::CPU, "fastnas::_mixed_sum_backward");
+  const int64_t numel = grad.numel();
+  std::vector<at::Tensor> outputs_grad;
+  if (compute_outputs_grad) {
+    for (int64_t k = 0; k < K; ++k) outputs_grad.push_back(at::empty_like(grad));
+  }
+  if (outputs.empty()) {
+    if (!compute_outputs_grad || numel == 0) return {outputs_grad, weights.new_empty({0})};
+  } else if (numel == 0) {
+    return {outputs_grad, at::zeros_like(weights)};
+  }
+  const int64_t num_chunks = (numel + kChunk - 1) / kChunk;
+  at::Tensor partials = outputs.empty() ? at::Tensor() : at::empty({num_chunks, K}, weights.options());
+  at::Tensor weights_grad = outputs.empty() ? weights.new_empty({0}) : at::empty({K}, weights.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "mixed_sum_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    std::vector<scalar_t*> grad_pointers;
+    for (at::Tensor& t : outputs_grad) grad_pointers.push_back(t.data_ptr<scalar_t>());
+    backward_kernel<scalar_t>(grad.data_ptr<scalar_t>(), data_pointers<scalar_t>(outputs),
+                              weights.data_ptr<acc_t>(), K, grad_pointers,
+                              partials.defined() ? partials.data_ptr<acc_t>() : nullptr, numel);
+    if (!outputs.empty()) {
+      // second stage: chunk partials summed in index order, in double, so d w is deterministic
+      const acc_t* p = partials.data_ptr<acc_t>();
+      acc_t* dw = weights_grad.data_ptr<acc_t>();
+      for (int64_t k = 0; k < K; ++k) {
+        double sum = 0.0;
+        for (int64_t c = 0; c < num_chunks; ++c) sum += static_cast<double>(p[c * K + k]);
+        dw[k] = static_cast<acc_t>(sum);
+      }
+    }
+  });
+  return {outputs_grad, weights_grad};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastnas, CPU, m) {
+  m.impl("_mixed_sum_forward", &mixed_sum_forward_cpu);
+  m.impl("_mixed_sum_backward", &mixed_sum_backward_cpu);
+}
+
+}  // namespace fastnas

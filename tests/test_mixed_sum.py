@@ -1,0 +1,366 @@
+"""fastnas.mixed_sum on every backend against the float64 reference, plus registration, layouts,
+determinism, dispatch and bad input."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from conftest import TOLERANCES, interpreted
+from torch.library import opcheck
+
+import fastnas
+from fastnas import backend
+from fastnas.ops import reference
+
+ALL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+# (K, shape): K from 1 to 40, odd sizes, size-1 dimensions, more than one backward chunk
+CASES = [
+    (1, (1023,)),
+    (2, (3, 7, 33)),
+    (3, (2, 1, 5, 1)),
+    (5, (4, 16, 8, 8)),
+    (8, (1, 3, 1, 341)),
+    (17, (40_009,)),  # two backward chunks on the CPU kernel
+    (40, (257,)),
+]
+INTERPRETER_CASES = [(1, (1023,)), (3, (3, 7, 33)), (8, (2, 1, 5, 1)), (40, (257,))]
+
+
+def dtypes_for(name: str, device: str) -> tuple:
+    # the Triton interpreter has no bfloat16 arithmetic
+    return (torch.float32, torch.float16) if interpreted(name, device) else ALL_DTYPES
+
+
+def cases_for(name: str, device: str) -> list:
+    return INTERPRETER_CASES if interpreted(name, device) else CASES
+
+
+def random_inputs(K, shape, dtype, device, requires_grad=False):
+    outputs = [torch.randn(shape, dtype=dtype, device=device, requires_grad=requires_grad) for _ in range(K)]
+    weights = torch.randn(K, dtype=torch.float32, device=device, requires_grad=requires_grad)
+    return outputs, weights
+
+
+def assert_close(actual, expected64, dtype, scale):
+    """|actual - expected| <= atol * scale + rtol * |expected| (+ one subnormal step), scale being the
+    size of the terms summed."""
+    tol = TOLERANCES[dtype]
+    err = (actual.double() - expected64).abs()
+    subnormal_step = torch.finfo(dtype).tiny * torch.finfo(dtype).eps
+    bound = tol["atol"] * scale + tol["rtol"] * expected64.abs() + subnormal_step
+    assert actual.dtype == dtype
+    assert bool((err <= bound).all()), f"max error {err.max().item():.3g} over bound (dtype {dtype})"
+
+
+def reference64(outputs, weights, grad):
+    """Float64 oracle: y, [d o_k], d w."""
+    outputs64 = [o.detach().double() for o in outputs]
+    w64 = weights.detach().double()
+    y = reference.mixed_sum_forward_reference(outputs64, w64)
+    outputs_grad, weights_grad = reference.mixed_sum_backward_reference(grad.double(), outputs64, w64, True)
+    return y, outputs_grad, weights_grad
+
+
+# --------------------------------------------------------------------------- numerics
+
+
+def test_forward_and_backward_match_float64_reference(backend_device):
+    name, device = backend_device
+    for dtype in dtypes_for(name, device):
+        for K, shape in cases_for(name, device):
+            outputs, weights = random_inputs(K, shape, dtype, device, requires_grad=True)
+            grad = torch.randn(shape, dtype=dtype, device=device)
+            y = fastnas.mixed_sum(outputs, weights)
+            y.backward(grad)
+            y64, outputs_grad64, weights_grad64 = reference64(outputs, weights, grad)
+            term_scale = sum(w.abs() * o.detach().double().abs() for w, o in zip(weights.detach().double(), outputs))
+            assert y.shape == torch.Size(shape)
+            assert_close(y, y64, dtype, term_scale)
+            for o, expected in zip(outputs, outputs_grad64):
+                assert_close(o.grad, expected, dtype, grad.double().abs())
+            dot_scale = torch.stack([(grad.double() * o.detach().double()).abs().sum() for o in outputs])
+            assert weights.grad.dtype == torch.float32
+            assert_close(weights.grad, weights_grad64, torch.float32, dot_scale)
+
+
+def test_weights_grad_only_and_outputs_grad_only(backend_device):
+    name, device = backend_device
+    K, shape = 4, (3, 5, 7)
+    outputs, weights = random_inputs(K, shape, torch.float32, device)
+    grad = torch.randn(shape, device=device)
+    _, outputs_grad64, weights_grad64 = reference64(outputs, weights, grad)
+    weights.requires_grad_()
+    fastnas.mixed_sum(outputs, weights).backward(grad)
+    assert_close(weights.grad, weights_grad64, torch.float32, grad.abs().sum() * 10)
+    weights = weights.detach()
+    for o in outputs:
+        o.requires_grad_()
+    fastnas.mixed_sum(outputs, weights).backward(grad)
+    for o, expected in zip(outputs, outputs_grad64):
+        assert_close(o.grad, expected, torch.float32, grad.double().abs())
+    # the backward op itself: no outputs kept -> no weights gradient; no outputs gradient asked -> none
+    outputs_grad, weights_grad = torch.ops.fastnas.mixed_sum_backward(grad, [], weights, True)
+    assert len(outputs_grad) == K and weights_grad.numel() == 0
+    outputs_grad, weights_grad = torch.ops.fastnas.mixed_sum_backward(grad, outputs, weights, False)
+    assert outputs_grad == [] and weights_grad.shape == (K,)
+
+
+@pytest.mark.parametrize("weights_dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_weights_dtype_is_kept_for_their_gradient(backend_device, weights_dtype):
+    name, device = backend_device
+    outputs, _ = random_inputs(3, (2, 9), torch.float16, device)
+    weights = torch.rand(3, dtype=weights_dtype, device=device, requires_grad=True)
+    y = fastnas.mixed_sum(outputs, weights)
+    y.sum().backward()
+    assert y.dtype == torch.float16 and weights.grad.dtype == weights_dtype
+
+
+def test_zero_size_tensors(backend_device):
+    name, device = backend_device
+    outputs, weights = random_inputs(3, (0, 4), torch.float32, device, requires_grad=True)
+    y = fastnas.mixed_sum(outputs, weights)
+    assert y.shape == (0, 4)
+    y.sum().backward()
+    assert torch.equal(weights.grad, torch.zeros(3, device=device))
+
+
+def test_gradcheck_float64(backend_device):
+    name, device = backend_device
+    outputs, weights = random_inputs(3, (2, 3, 5), torch.float64, device, requires_grad=True)
+    weights = weights.detach().double().requires_grad_()
+    assert torch.autograd.gradcheck(lambda *args: fastnas.mixed_sum(args[:-1], args[-1]), (*outputs, weights))
+
+
+# --------------------------------------------------------------------------- layouts
+
+
+def test_channels_last_is_preserved_without_copies(backend_device):
+    name, device = backend_device
+    outputs = [
+        torch.randn(2, 6, 5, 3, device=device).to(memory_format=torch.channels_last).requires_grad_()
+        for _ in range(3)
+    ]
+    weights = torch.randn(3, device=device, requires_grad=True)
+    y = fastnas.mixed_sum(outputs, weights)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    y64, outputs_grad64, weights_grad64 = reference64(outputs, weights, grad)
+    assert_close(y, y64, torch.float32, torch.tensor(10.0))
+    for o, expected in zip(outputs, outputs_grad64):
+        assert o.grad.is_contiguous(memory_format=torch.channels_last)
+        assert_close(o.grad, expected, torch.float32, torch.tensor(10.0))
+
+
+def test_non_contiguous_views_and_mixed_layouts(backend_device):
+    name, device = backend_device
+    base = torch.randn(4, 8, 6, 10, device=device)
+    views = [
+        base[:, ::2],  # strided slice
+        base.transpose(1, 3)[:, :, :, 2:6].transpose(1, 3),  # permuted slice
+        torch.randn(4, 4, 6, 10, device=device).to(memory_format=torch.channels_last),
+        torch.randn(4, 4, 6, 10, device=device),
+    ]
+    weights = torch.randn(4, device=device)
+    y = fastnas.mixed_sum(views, weights)
+    y64 = reference.mixed_sum_forward_reference([v.double() for v in views], weights.double())
+    assert_close(y, y64, torch.float32, torch.tensor(10.0))
+
+
+def test_outputs_as_one_stacked_tensor(backend_device):
+    name, device = backend_device
+    stacked = torch.randn(5, 3, 11, device=device, requires_grad=True)
+    weights = torch.randn(5, device=device, requires_grad=True)
+    y = fastnas.mixed_sum(stacked, weights)
+    y.sum().backward()
+    expected = (weights.detach()[:, None, None] * stacked.detach()).sum(0)
+    torch.testing.assert_close(y, expected)
+    torch.testing.assert_close(stacked.grad, weights.detach()[:, None, None].expand(5, 3, 11))
+    y_tuple = fastnas.mixed_sum(tuple(stacked.detach()), weights.detach())
+    torch.testing.assert_close(y_tuple, expected)
+
+
+# --------------------------------------------------------------------------- determinism
+
+
+def test_bit_identical_across_runs(backend_device):
+    name, device = backend_device
+    K, shape = 5, ((4099,) if interpreted(name, device) else (3, 70_001))
+    outputs, weights = random_inputs(K, shape, torch.float32, device)
+    grad = torch.randn(shape, device=device)
+    first = torch.ops.fastnas.mixed_sum_backward(grad, outputs, weights, True)
+    second = torch.ops.fastnas.mixed_sum_backward(grad, outputs, weights, True)
+    assert torch.equal(first[1], second[1])
+    assert all(torch.equal(a, b) for a, b in zip(first[0], second[0]))
+    assert torch.equal(fastnas.mixed_sum(outputs, weights), fastnas.mixed_sum(outputs, weights))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_kernel_bit_identical_across_thread_counts(dtype):
+    if backend.unavailable_reason("cpu", "cpu"):
+        pytest.skip(f"cpu backend: {backend.unavailable_reason('cpu', 'cpu')}")
+    fastnas.set_backend("cpu")
+    threads = torch.get_num_threads()
+    try:
+        outputs, weights = random_inputs(7, (5, 100_003), dtype, "cpu")
+        grad = torch.randn(5, 100_003, dtype=dtype)
+        results = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            y = fastnas.mixed_sum(outputs, weights)
+            outputs_grad, weights_grad = torch.ops.fastnas.mixed_sum_backward(grad, outputs, weights, True)
+            results.append((y, outputs_grad, weights_grad))
+        for y, outputs_grad, weights_grad in results[1:]:
+            assert torch.equal(y, results[0][0])
+            assert torch.equal(weights_grad, results[0][2])
+            assert all(torch.equal(a, b) for a, b in zip(outputs_grad, results[0][1]))
+    finally:
+        torch.set_num_threads(threads)
+        fastnas.set_backend(None)
+
+
+# --------------------------------------------------------------------------- registration
+
+
+def test_opcheck_public_ops(backend_device):
+    name, device = backend_device
+    outputs, weights = random_inputs(3, (2, 5), torch.float32, device, requires_grad=True)
+    opcheck(torch.ops.fastnas.mixed_sum.default, (outputs, weights))
+    grad = torch.randn(2, 5, device=device)
+    detached = [o.detach() for o in outputs]
+    opcheck(torch.ops.fastnas.mixed_sum_backward.default, (grad, detached, weights.detach(), True))
+    opcheck(torch.ops.fastnas.mixed_sum_backward.default, (grad, [], weights.detach(), True))
+
+
+@pytest.mark.skipif(not backend.load_extension(), reason="fastnas._C is not built")
+def test_opcheck_native_cpu_ops():
+    outputs, weights = random_inputs(3, (4, 7), torch.float32, "cpu")
+    grad = torch.randn(4, 7)
+    opcheck(torch.ops.fastnas._mixed_sum_forward.default, (outputs, weights))
+    opcheck(torch.ops.fastnas._mixed_sum_backward.default, (grad, outputs, weights, True))
+    opcheck(torch.ops.fastnas._mixed_sum_backward.default, (grad, [], weights, True))
+
+
+@pytest.mark.skipif(not backend.load_extension(), reason="fastnas._C is not built")
+def test_native_ops_reject_broken_contract():
+    weights = torch.randn(2)
+    with pytest.raises(RuntimeError, match="dense"):
+        torch.ops.fastnas._mixed_sum_forward([torch.randn(4, 6)[:, ::2]] * 2, weights)
+    with pytest.raises(TypeError, match="weights must be"):
+        torch.ops.fastnas._mixed_sum_forward([torch.randn(3)] * 2, weights.double())
+    with pytest.raises(RuntimeError, match="outputs\\[1\\]"):
+        torch.ops.fastnas._mixed_sum_forward([torch.randn(3), torch.randn(4)], weights)
+    with pytest.raises(ValueError, match="outputs for"):
+        torch.ops.fastnas._mixed_sum_backward(torch.randn(3), [torch.randn(3)], weights, True)
+
+
+def test_torch_compile_fullgraph_traces_without_graph_break():
+    torch._dynamo.reset()
+
+    def edge(xs: list[torch.Tensor], alpha: torch.Tensor) -> torch.Tensor:
+        return fastnas.mixed_sum([torch.relu(x) for x in xs], torch.softmax(alpha, 0)).sum()
+
+    compiled = torch.compile(edge, fullgraph=True)
+    xs = [torch.randn(2, 3, 4, requires_grad=True) for _ in range(3)]
+    alpha = torch.randn(3, requires_grad=True)
+    loss = compiled(xs, alpha)
+    loss.backward()
+    got = [alpha.grad.clone()] + [x.grad.clone() for x in xs]
+    for t in (alpha, *xs):
+        t.grad = None
+    edge(xs, alpha).backward()
+    torch.testing.assert_close(loss, edge(xs, alpha))
+    for a, b in zip(got, [alpha.grad] + [x.grad for x in xs]):
+        torch.testing.assert_close(a, b)
+
+
+def test_frozen_weights_do_not_keep_outputs_alive():
+    outputs, weights = random_inputs(4, (64, 64), torch.float32, "cpu")
+    for o in outputs:
+        o.requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        fastnas.mixed_sum(outputs, weights)
+    assert saved == [torch.Size([4])]  # only the weights
+
+
+# --------------------------------------------------------------------------- dispatch
+
+
+def test_dispatch_names_and_override(monkeypatch):
+    assert fastnas.get_backend("cpu") in ("cpu", "reference")
+    assert "reference" in fastnas.available_backends("cpu")
+    fastnas.set_backend("reference")
+    try:
+        assert fastnas.get_backend("cpu") == "reference"
+    finally:
+        fastnas.set_backend(None)
+    monkeypatch.setenv("FASTNAS_BACKEND", "reference")
+    assert fastnas.get_backend("cpu") == "reference"
+    monkeypatch.setenv("FASTNAS_BACKEND", "fastest")
+    with pytest.raises(ValueError, match="FASTNAS_BACKEND"):
+        fastnas.get_backend("cpu")
+    with pytest.raises(ValueError, match="set_backend"):
+        fastnas.set_backend("gpu")
+    monkeypatch.setenv("FASTNAS_BACKEND", "cuda")
+    with pytest.raises(RuntimeError, match="cuda"):
+        fastnas.get_backend("cpu")
+
+
+def test_missing_extension_falls_back_to_reference_with_one_warning(monkeypatch):
+    monkeypatch.delenv("FASTNAS_BACKEND", raising=False)
+    monkeypatch.setattr(backend, "_extension", lambda: (None, "pretend it was not built"))
+    monkeypatch.setattr(backend, "_warned", set())
+    with pytest.warns(RuntimeWarning, match="pretend it was not built"):
+        assert fastnas.get_backend("cpu") == "reference"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert fastnas.get_backend("cpu") == "reference"
+        y = fastnas.mixed_sum([torch.ones(3), torch.ones(3)], torch.tensor([1.0, 2.0]))
+    assert torch.equal(y, torch.full((3,), 3.0))
+    with pytest.raises(RuntimeError, match="not available"):
+        fastnas.set_backend("cpu")
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _bad_inputs():
+    x = torch.randn(2, 3)
+    w2 = torch.randn(2)
+    return [
+        ("empty list", [], torch.randn(0), ValueError, "at least one"),
+        ("empty stacked", torch.randn(0, 3), torch.randn(0), ValueError, "leading dimension"),
+        ("0-d stacked", torch.tensor(1.0), torch.randn(1), ValueError, "leading dimension"),
+        ("not a sequence", {"a": x}, w2, TypeError, "outputs must be"),
+        ("non-tensor entry", [x, 3.0], w2, TypeError, r"outputs\[1\] must be a torch.Tensor"),
+        ("shape mismatch", [x, torch.randn(3, 2)], w2, ValueError, r"outputs\[1\] has shape"),
+        ("dtype mismatch", [x, x.double()], w2, TypeError, r"outputs\[1\] has dtype"),
+        ("device mismatch", [x, torch.empty(2, 3, device="meta")], w2, ValueError, r"outputs\[1\] is on"),
+        ("integer outputs", [torch.ones(2, dtype=torch.int64)] * 2, w2, TypeError, r"outputs\[0\] has dtype"),
+        ("complex outputs", [torch.randn(2, dtype=torch.complex64)] * 2, w2, TypeError, r"outputs\[0\] has dtype"),
+        ("sparse outputs", [x.to_sparse(), x.to_sparse()], w2, TypeError, r"outputs\[0\] must be a dense"),
+        ("weights wrong length", [x, x], torch.randn(3), ValueError, "weights has length 3"),
+        ("weights 2-D", [x, x], torch.randn(1, 2), ValueError, "weights must be 1-D"),
+        ("weights 0-D", [x], torch.tensor(1.0), ValueError, "weights must be 1-D"),
+        ("weights integer", [x, x], torch.ones(2, dtype=torch.int32), TypeError, "weights must be a real"),
+        ("weights complex", [x, x], torch.randn(2, dtype=torch.complex64), TypeError, "weights must be a real"),
+        ("weights sparse", [x, x], w2.to_sparse(), TypeError, "weights must be a dense"),
+        ("weights not a tensor", [x, x], [0.5, 0.5], TypeError, "weights must be a torch.Tensor"),
+        ("weights device", [x, x], torch.empty(2, device="meta"), ValueError, "weights is on"),
+    ]
+
+
+@pytest.mark.parametrize("label,outputs,weights,error,message", _bad_inputs(), ids=[c[0] for c in _bad_inputs()])
+def test_bad_input_raises_a_clear_error(label, outputs, weights, error, message):
+    with pytest.raises(error, match=message):
+        fastnas.mixed_sum(outputs, weights)
+
+
+def test_bad_input_through_the_registered_op_is_caught_too():
+    with pytest.raises(ValueError, match="weights has length"):
+        torch.ops.fastnas.mixed_sum([torch.randn(3), torch.randn(3)], torch.randn(5))
+    with pytest.raises(ValueError, match="at least one"):
+        torch.ops.fastnas.mixed_sum([], torch.randn(0))
