@@ -76,6 +76,38 @@ def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> 
 
 
 # --------------------------------------------------------------------------- kernels
+# Each kernel runs one tile per program. Full tiles take an unmasked path and only the last, partial
+# tile a masked one: a mask `o_n < N` with N not a multiple of 16 would otherwise make every load and
+# store of the tensor scalar instead of 16-byte vectors.
+
+
+@triton.jit
+def _load(p, o_n, N, MASKED: tl.constexpr):
+    if MASKED:
+        return tl.load(p + o_n, mask=o_n < N, other=0.0)
+    else:
+        return tl.load(p + o_n)
+
+
+@triton.jit
+def _store(p, o_n, b, N, MASKED: tl.constexpr):
+    if MASKED:
+        tl.store(p + o_n, b, mask=o_n < N)
+    else:
+        tl.store(p + o_n, b)
+
+
+@triton.jit
+def _fwd_tile(p_y, p_acc, o_ptrs, p_w, o_n, N, K, ACC_IN: tl.constexpr, KB: tl.constexpr, MASKED: tl.constexpr):
+    """y[n] = acc[n] + sum_{k < K} w[k] * o_k[n] for the elements o_n, in the weights' dtype."""
+    if ACC_IN:
+        b_y = _load(p_acc, o_n, N, MASKED).to(p_w.dtype.element_ty)
+    else:
+        b_y = tl.zeros(o_n.shape, dtype=p_w.dtype.element_ty)
+    for k in tl.static_range(KB):
+        if k < K:
+            b_y += tl.load(p_w + k) * _load(o_ptrs[k], o_n, N, MASKED).to(p_w.dtype.element_ty)
+    _store(p_y, o_n, b_y.to(p_y.dtype.element_ty), N, MASKED)
 
 
 @triton.autotune(
@@ -94,19 +126,42 @@ def _mixed_sum_fwd_kernel(
     KB: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """y[n] = acc[n] + sum_{k < K} w[k] * o_k[n] over one tile of BLOCK elements."""
+    """y = acc + sum_{k < K} w[k] * o_k over one tile of BLOCK elements."""
     pid = tl.program_id(0).to(tl.int64)  # widened before the multiply: tensors over 2^31 elements
     o_n = pid * BLOCK + tl.arange(0, BLOCK)
-    m_n = o_n < N
-    if ACC_IN:
-        b_y = tl.load(p_acc + o_n, mask=m_n, other=0.0).to(p_w.dtype.element_ty)
+    if pid * BLOCK + BLOCK <= N:
+        _fwd_tile(p_y, p_acc, o_ptrs, p_w, o_n, N, K, ACC_IN, KB, MASKED=False)
     else:
-        b_y = tl.zeros([BLOCK], dtype=p_w.dtype.element_ty)
+        _fwd_tile(p_y, p_acc, o_ptrs, p_w, o_n, N, K, ACC_IN, KB, MASKED=True)
+
+
+@triton.jit
+def _bwd_tile(
+    p_g,
+    o_ptrs,
+    do_ptrs,
+    p_w,
+    o_n,
+    N,
+    K,
+    HAS_DO: tl.constexpr,
+    HAS_DW: tl.constexpr,
+    KB: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    """do_k[n] = w[k] * g[n] for the elements o_n; returns [KB] sums of g * o_k over them (0 for k >= K)."""
+    b_g = _load(p_g, o_n, N, MASKED).to(p_w.dtype.element_ty)
+    o_k = tl.arange(0, KB)
+    b_dw = tl.zeros([KB], dtype=p_w.dtype.element_ty)
     for k in tl.static_range(KB):
         if k < K:
-            b_w = tl.load(p_w + k)
-            b_y += b_w * tl.load(o_ptrs[k] + o_n, mask=m_n, other=0.0).to(p_w.dtype.element_ty)
-    tl.store(p_y + o_n, b_y.to(p_y.dtype.element_ty), mask=m_n)
+            if HAS_DW:
+                b_o = _load(o_ptrs[k], o_n, N, MASKED).to(p_w.dtype.element_ty)
+            if HAS_DO:
+                _store(do_ptrs[k], o_n, (tl.load(p_w + k) * b_g).to(do_ptrs[k].dtype.element_ty), N, MASKED)
+            if HAS_DW:
+                b_dw = tl.where(o_k == k, tl.sum(b_g * b_o, axis=0), b_dw)
+    return b_dw
 
 
 @triton.autotune(
@@ -132,21 +187,13 @@ def _mixed_sum_bwd_kernel(
     """One tile: do_k = w[k] * g and part[pid, k] = sum(g * o_k) for every k < K, reading g once."""
     pid = tl.program_id(0).to(tl.int64)  # widened before the multiply: tensors over 2^31 elements
     o_n = pid * BLOCK + tl.arange(0, BLOCK)
-    m_n = o_n < N
-    b_g = tl.load(p_g + o_n, mask=m_n, other=0.0).to(p_w.dtype.element_ty)
-    o_k = tl.arange(0, KB)
-    b_dw = tl.zeros([KB], dtype=p_w.dtype.element_ty)
-    for k in tl.static_range(KB):
-        if k < K:
-            if HAS_DW:
-                b_o = tl.load(o_ptrs[k] + o_n, mask=m_n, other=0.0).to(p_w.dtype.element_ty)
-            if HAS_DO:
-                b_w = tl.load(p_w + k)
-                tl.store(do_ptrs[k] + o_n, (b_w * b_g).to(do_ptrs[k].dtype.element_ty), mask=m_n)
-            if HAS_DW:
-                b_dw = tl.where(o_k == k, tl.sum(b_g * b_o, axis=0), b_dw)
+    if pid * BLOCK + BLOCK <= N:
+        b_dw = _bwd_tile(p_g, o_ptrs, do_ptrs, p_w, o_n, N, K, HAS_DO, HAS_DW, KB, MASKED=False)
+    else:
+        b_dw = _bwd_tile(p_g, o_ptrs, do_ptrs, p_w, o_n, N, K, HAS_DO, HAS_DW, KB, MASKED=True)
     if HAS_DW:
         # every launched program stores its whole row (no atomics): nothing stale is ever summed
+        o_k = tl.arange(0, KB)
         tl.store(p_part + pid * K + o_k, b_dw, mask=o_k < K)
 
 
