@@ -1,0 +1,343 @@
+"""Tests of the native kernels of the mixed sum, above all the CUDA backend (``csrc/cuda/mixed_sum_cuda.cu``).
+
+Every test is parametrized by device. ``cuda`` runs the CUDA kernels and needs a GPU and an extension
+built with them (``FASTNAS_CUDA=1``, see the README); without either it is skipped with the reason.
+``cpu`` runs the same checks on the CPU kernels (``csrc/cpu``), which share the native contract, so
+the checks themselves are exercised on every machine. One test needs no GPU at all: when the CUDA
+sources were compiled into ``fastnas._C``, both native ops must have a CUDA kernel and ``auto`` must
+pick ``cuda`` for CUDA tensors, so a CPU-only CI run proves the CUDA build.
+
+Results are checked against the float64 reference (``fastnas.ops.reference``) within a bound derived
+from one rounding to the output dtype plus the accumulation dtype's summation error; ``d o_k = w_k g``
+is one multiplication and must match the reference exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastnas
+from fastnas import backend
+from fastnas.ops import reference
+
+EXTENSION_REASON = backend.unavailable_reason("cpu")  # None when fastnas._C loads
+if EXTENSION_REASON is None and not torch.cuda.is_available():
+    CUDA_REASON = "no CUDA GPU is available"
+elif EXTENSION_REASON is None:
+    CUDA_REASON = backend.unavailable_reason("cuda", "cuda")
+else:
+    CUDA_REASON = EXTENSION_REASON
+
+DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.skipif(EXTENSION_REASON is not None, reason=str(EXTENSION_REASON))),
+    pytest.param("cuda", marks=pytest.mark.skipif(CUDA_REASON is not None, reason=f"CUDA backend: {CUDA_REASON}")),
+]
+CUDA_ONLY = [DEVICES[1]]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+# 1, within one launch of kernels unrolled 8 wide, the wide kernels, and beyond the 32 pointers of a
+# launch (chunked): 33 and 40 are two chunks, 70 three
+KS = [1, 3, 8, 9, 32, 33, 40, 70]
+SHAPES = [(1023,), (3, 7, 33), (1,)]
+
+
+def forward(outputs, weights):
+    return torch.ops.fastnas._mixed_sum_forward(outputs, weights)
+
+
+def backward(grad, outputs, weights, compute_outputs_grad: bool = True):
+    return torch.ops.fastnas._mixed_sum_backward(grad, outputs, weights, compute_outputs_grad)
+
+
+@pytest.fixture
+def native_backend():
+    """Route fastnas.mixed_sum to the native backend of the test's device."""
+
+    def use(device: str) -> None:
+        fastnas.set_backend(device)
+
+    yield use
+    fastnas.set_backend(None)
+
+
+def make_inputs(shape, k: int, dtype: torch.dtype, device: str, seed: int, memory_format=torch.contiguous_format):
+    """K random inputs, the weights (accumulation dtype, signed) and an upstream gradient, on device."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*size, dtype=dtype):
+        return torch.randn(*size, generator=gen, dtype=torch.float32).to(dtype).to(device)
+
+    outputs = [randn(*shape).contiguous(memory_format=memory_format) for _ in range(k)]
+    weights = randn(k, dtype=reference.accumulation_dtype(dtype))
+    grad = randn(*shape).contiguous(memory_format=memory_format)
+    return outputs, weights, grad
+
+
+def misaligned(t: torch.Tensor, offset: int) -> torch.Tensor:
+    """A copy of t whose data starts `offset` elements into its storage (so not 16-byte aligned)."""
+    base = torch.empty(t.numel() + offset, dtype=t.dtype, device=t.device)
+    view = base[offset:].view(t.shape)
+    view.copy_(t)
+    return view
+
+
+def poison(device: str, like: torch.Tensor, count: int) -> None:
+    """Leave `count` NaN-filled blocks of like's size in the CUDA caching allocator, so that results the
+    kernels allocate next start as NaN and an unwritten element fails the comparison."""
+    if device == "cuda":
+        blocks = [torch.full_like(like, float("nan")) for _ in range(count)]
+        del blocks
+
+
+def exact(outputs, weights, grad):
+    """Float64 reference results and the magnitudes that bound the rounding errors."""
+    o64 = [o.double() for o in outputs]
+    w64, g64 = weights.double(), grad.double()
+    y = reference.mixed_sum_forward_reference(o64, w64)
+    _, weights_grad = reference.mixed_sum_backward_reference(g64, o64, w64, False)
+    y_scale = sum(w.abs() * o.abs() for w, o in zip(w64, o64))
+    dw_scale = torch.stack([(g64 * o).abs().sum() for o in o64])
+    return y, weights_grad, y_scale, dw_scale
+
+
+def assert_within(actual: torch.Tensor, expected: torch.Tensor, bound: torch.Tensor, what: str) -> None:
+    """|actual - expected| <= bound elementwise (NaN fails); the message names the worst element."""
+    err = (actual.double() - expected.double()).abs().flatten()
+    bound = bound.double().expand_as(expected).flatten() if torch.is_tensor(bound) else torch.full_like(err, bound)
+    bad = ~(err <= bound)
+    if bad.any():
+        i = int(bad.nonzero()[0])
+        raise AssertionError(
+            f"{what}: {int(bad.sum())} of {err.numel()} elements off; first at flat index {i}: "
+            f"got {actual.flatten()[i].item():.6g}, expected {expected.flatten()[i].item():.6g}, "
+            f"error {err[i].item():.3e} > bound {bound[i].item():.3e}"
+        )
+
+
+def tiny(dtype: torch.dtype) -> float:
+    """Absolute rounding step near zero (flush-to-zero and subnormals)."""
+    return torch.finfo(dtype).smallest_normal
+
+
+def check_forward(y: torch.Tensor, outputs, y_exact, y_scale) -> None:
+    dtype, k = outputs[0].dtype, len(outputs)
+    eps_out = torch.finfo(dtype).eps
+    eps_acc = torch.finfo(reference.accumulation_dtype(dtype)).eps
+    assert y.dtype == dtype and y.shape == outputs[0].shape and y.stride() == outputs[0].stride()
+    bound = eps_out * y_exact.abs() + (k + 1) * eps_acc * y_scale + tiny(dtype)
+    assert_within(y, y_exact, bound, "y")
+
+
+def check_weights_grad(weights_grad: torch.Tensor, grad: torch.Tensor, dw_exact, dw_scale) -> None:
+    acc = reference.accumulation_dtype(grad.dtype)
+    numel = grad.numel()
+    assert weights_grad.dtype == acc and weights_grad.shape == dw_exact.shape
+    assert weights_grad.device == grad.device
+    # per-thread sums of a few elements, then trees over threads, warps and blocks
+    c = 2 * math.ceil(math.log2(numel + 1)) + 8
+    assert_within(weights_grad, dw_exact, c * torch.finfo(acc).eps * dw_scale + 1e-300, "weights_grad")
+
+
+def check_outputs_grad(outputs_grad, grad: torch.Tensor, weights: torch.Tensor) -> None:
+    """d o_k = w_k g: one product in the accumulation dtype, rounded once, so exactly the reference's."""
+    expected, _ = reference.mixed_sum_backward_reference(grad, [], weights, True)
+    assert len(outputs_grad) == weights.numel()
+    for k, (d, e) in enumerate(zip(outputs_grad, expected)):
+        assert d.dtype == grad.dtype and d.shape == grad.shape and d.stride() == grad.stride(), f"outputs_grad[{k}]"
+        assert torch.equal(d, e), f"outputs_grad[{k}] differs from weights[{k}] * grad"
+
+
+# --------------------------------------------------------------------------- the CUDA build (no GPU needed)
+
+
+def test_cuda_build_registers_cuda_kernels(monkeypatch):
+    """If the CUDA sources were compiled into fastnas._C, both native ops have CUDA kernels and auto picks
+    them for CUDA tensors. FASTNAS_CUDA=1 in the environment (as for the build) makes a missing CUDA build
+    a failure instead of a skip."""
+    if EXTENSION_REASON is not None:
+        pytest.skip(EXTENSION_REASON)
+    import fastnas._C
+
+    compiled_cuda = b"__cudaRegisterFatBinary" in Path(fastnas._C.__file__).read_bytes()
+    if not compiled_cuda:
+        if os.environ.get("FASTNAS_CUDA", "").lower() in ("1", "true", "yes", "on"):
+            pytest.fail(f"FASTNAS_CUDA is set but {fastnas._C.__file__} holds no CUDA code")
+        pytest.skip("fastnas._C was built without the CUDA sources (build with FASTNAS_CUDA=1 to add them)")
+    for op in (torch.ops.fastnas._mixed_sum_forward.default, torch.ops.fastnas._mixed_sum_backward.default):
+        assert op.has_kernel_for_dispatch_key(torch._C.DispatchKey.CUDA), f"{op} has no CUDA kernel"
+    assert backend.extension_has_cuda()
+    monkeypatch.delenv("FASTNAS_BACKEND", raising=False)
+    fastnas.set_backend(None)
+    assert fastnas.get_backend("cuda") == "cuda"
+    assert "cuda" in fastnas.available_backends("cuda")
+
+
+# --------------------------------------------------------------------------- kernels against the reference
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("k", KS)
+def test_forward_backward_match_reference(device, k, shape, dtype):
+    outputs, weights, grad = make_inputs(shape, k, dtype, device, seed=1000 * k + len(shape))
+    y_exact, dw_exact, y_scale, dw_scale = exact(outputs, weights, grad)
+    poison(device, grad, 1)
+    check_forward(forward(outputs, weights), outputs, y_exact, y_scale)
+    poison(device, grad, k)
+    outputs_grad, weights_grad = backward(grad, outputs, weights, True)
+    check_outputs_grad(outputs_grad, grad, weights)
+    check_weights_grad(weights_grad, grad, dw_exact, dw_scale)
+
+
+@pytest.mark.parametrize("device", CUDA_ONLY)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("k", [5, 40])
+def test_several_grid_sweeps(device, k, dtype):
+    """More elements than one sweep of the resident grid: the grid-stride loops and the partials."""
+    outputs, weights, grad = make_inputs((2, 3, 515, 517), k, dtype, device, seed=k)
+    y_exact, dw_exact, y_scale, dw_scale = exact(outputs, weights, grad)
+    check_forward(forward(outputs, weights), outputs, y_exact, y_scale)
+    outputs_grad, weights_grad = backward(grad, outputs, weights, True)
+    check_outputs_grad(outputs_grad, grad, weights)
+    check_weights_grad(weights_grad, grad, dw_exact, dw_scale)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("k", [3, 9, 33])
+def test_misaligned_pointers_take_the_scalar_path(device, k, dtype):
+    """Inputs and grad an odd number of elements into their storage: no 16-byte accesses possible. The
+    per-element arithmetic is that of the vector path, so y and d o_k agree with it to the last bits."""
+    n = 1023
+    outputs, weights, grad = make_inputs((n,), k, dtype, device, seed=k)
+    shifted = [misaligned(o, 1 + 2 * (j % 3)) for j, o in enumerate(outputs)]  # odd offsets
+    grad_shifted = misaligned(grad, 1)
+    assert all(o.data_ptr() % 16 for o in shifted) and grad_shifted.data_ptr() % 16
+    y_exact, dw_exact, y_scale, dw_scale = exact(outputs, weights, grad)
+    y = forward(shifted, weights)
+    check_forward(y, outputs, y_exact, y_scale)
+    y_aligned = forward(outputs, weights)
+    bound = 2 * torch.finfo(dtype).eps * y_aligned.abs().double() + tiny(dtype)
+    assert_within(y, y_aligned, bound, "y against the vector path")
+    outputs_grad, weights_grad = backward(grad_shifted, shifted, weights, True)
+    check_outputs_grad(outputs_grad, grad, weights)
+    check_weights_grad(weights_grad, grad, dw_exact, dw_scale)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_partly_aligned_inputs(device, dtype):
+    """One misaligned input among aligned ones sends the whole call down the scalar path."""
+    outputs, weights, grad = make_inputs((4099,), 6, dtype, device, seed=7)
+    mixed = outputs[:3] + [misaligned(outputs[3], 1)] + outputs[4:]
+    y_exact, dw_exact, y_scale, dw_scale = exact(outputs, weights, grad)
+    check_forward(forward(mixed, weights), outputs, y_exact, y_scale)
+    outputs_grad, weights_grad = backward(grad, mixed, weights, True)
+    check_outputs_grad(outputs_grad, grad, weights)
+    check_weights_grad(weights_grad, grad, dw_exact, dw_scale)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("k", [2, 33])
+def test_channels_last(device, k, dtype):
+    """Dense non-contiguous inputs are flat arrays in memory order; results keep their strides."""
+    outputs, weights, grad = make_inputs((2, 6, 5, 7), k, dtype, device, seed=k, memory_format=torch.channels_last)
+    assert not outputs[0].is_contiguous()
+    y_exact, dw_exact, y_scale, dw_scale = exact(outputs, weights, grad)
+    y = forward(outputs, weights)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    check_forward(y, outputs, y_exact, y_scale)
+    outputs_grad, weights_grad = backward(grad, outputs, weights, True)
+    check_outputs_grad(outputs_grad, grad, weights)
+    check_weights_grad(weights_grad, grad, dw_exact, dw_scale)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_backward_variants(device, dtype):
+    """Weights grad only; outputs grad only (inputs not kept); neither."""
+    k = 4
+    outputs, weights, grad = make_inputs((3, 7, 33), k, dtype, device, seed=3)
+    _, dw_exact, _, dw_scale = exact(outputs, weights, grad)
+    outputs_grad, weights_grad = backward(grad, outputs, weights, False)
+    assert outputs_grad == []
+    check_weights_grad(weights_grad, grad, dw_exact, dw_scale)
+    outputs_grad, weights_grad = backward(grad, [], weights, True)
+    check_outputs_grad(outputs_grad, grad, weights)
+    assert weights_grad.numel() == 0 and weights_grad.device == grad.device
+    outputs_grad, weights_grad = backward(grad, [], weights, False)
+    assert outputs_grad == [] and weights_grad.numel() == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("k", [1, 40])
+def test_empty_tensors(device, k):
+    outputs, weights, grad = make_inputs((0, 5), k, torch.float32, device, seed=0)
+    y = forward(outputs, weights)
+    assert y.shape == (0, 5) and y.device == outputs[0].device
+    outputs_grad, weights_grad = backward(grad, outputs, weights, True)
+    assert len(outputs_grad) == k and all(d.shape == (0, 5) for d in outputs_grad)
+    assert torch.equal(weights_grad, torch.zeros_like(weights))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("k", [8, 40])
+def test_deterministic(device, k, dtype):
+    """Two runs on the same inputs give bit-identical results, d w included (fixed-order reduction)."""
+    outputs, weights, grad = make_inputs((37, 4099), k, dtype, device, seed=11)
+    runs = []
+    for _ in range(2):
+        y = forward(outputs, weights)
+        outputs_grad, weights_grad = backward(grad, outputs, weights, True)
+        runs.append((y, outputs_grad, weights_grad))
+    (y0, do0, dw0), (y1, do1, dw1) = runs
+    assert torch.equal(y0, y1)
+    assert all(torch.equal(a, b) for a, b in zip(do0, do1))
+    assert torch.equal(dw0, dw1), f"weights_grad differs between runs: {dw0} vs {dw1}"
+
+
+# --------------------------------------------------------------------------- registration and autograd
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_opcheck_native_ops(device, dtype):
+    """Schemas, fake kernels and tracing of the native ops, called with device tensors."""
+    outputs, weights, grad = make_inputs((3, 7, 33), 3, dtype, device, seed=5)
+    torch.library.opcheck(torch.ops.fastnas._mixed_sum_forward.default, (outputs, weights))
+    for args in ((grad, outputs, weights, True), (grad, outputs, weights, False), (grad, [], weights, True)):
+        torch.library.opcheck(torch.ops.fastnas._mixed_sum_backward.default, args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck_float64(device, native_backend):
+    native_backend(device)
+    outputs, weights, _ = make_inputs((3, 4, 5), 3, torch.float64, device, seed=2)
+    outputs = [o.requires_grad_() for o in outputs]
+    weights.requires_grad_()
+    assert torch.autograd.gradcheck(lambda w, *o: fastnas.mixed_sum(list(o), w), (weights, *outputs))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_mixed_sum_autograd_uses_native_kernels(device, dtype, native_backend):
+    """fastnas.mixed_sum forward and backward on the device's native backend, against the reference."""
+    native_backend(device)
+    assert fastnas.get_backend(device) == device
+    k = 5
+    outputs, weights, grad = make_inputs((3, 7, 33), k, dtype, device, seed=9)
+    y_exact, dw_exact, y_scale, dw_scale = exact(outputs, weights, grad)
+    leaves = [o.clone().requires_grad_() for o in outputs]
+    w = weights.clone().requires_grad_()
+    y = fastnas.mixed_sum(leaves, w)
+    check_forward(y, outputs, y_exact, y_scale)
+    y.backward(grad)
+    check_outputs_grad([o.grad for o in leaves], grad, weights)
+    check_weights_grad(w.grad, grad, dw_exact, dw_scale)
