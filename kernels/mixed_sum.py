@@ -43,7 +43,15 @@ from torch import Tensor
 from fastnas.ops.mixed_sum import SUPPORTED_DTYPES, is_dense
 from fastnas.ops.reference import accumulation_dtype
 
-__all__ = ["mixed_sum_forward", "mixed_sum_backward", "MAX_BUCKET", "CONFIGS", "FIXED_CONFIG"]
+__all__ = [
+    "mixed_sum_forward",
+    "mixed_sum_backward",
+    "interpreted",
+    "uses_fixed_config",
+    "MAX_BUCKET",
+    "CONFIGS",
+    "FIXED_CONFIG",
+]
 
 MIN_TRITON = (3, 3)
 """Tuples of tensors as kernel arguments (compiled: Triton 3.2, interpreted: 3.3)."""
@@ -201,7 +209,7 @@ def _mixed_sum_bwd_kernel(
 
 
 @functools.cache
-def _interpreted() -> bool:
+def interpreted() -> bool:
     """True when Triton runs these kernels in its CPU interpreter (TRITON_INTERPRET=1 at import)."""
     try:
         from triton.runtime.interpreter import InterpretedFunction
@@ -212,7 +220,7 @@ def _interpreted() -> bool:
 
 def uses_fixed_config() -> bool:
     """Whether launches skip autotuning and use :data:`FIXED_CONFIG` (interpreter or deterministic mode)."""
-    return _interpreted() or torch.are_deterministic_algorithms_enabled()
+    return interpreted() or torch.are_deterministic_algorithms_enabled()
 
 
 def _size_key(n: int) -> int:
@@ -274,7 +282,7 @@ def _check(grad: Tensor | None, outputs: Sequence[Tensor], weights: Tensor, op: 
     if not (first.is_contiguous() or is_dense(first)):
         raise ValueError(f"{op}: {name(0)} must be dense (non-overlapping, no gaps), got strides {first.stride()}")
     device, dtype, shape, stride = first.device, first.dtype, first.shape, first.stride()
-    if device.type != "cuda" and not _interpreted():
+    if device.type != "cuda" and not interpreted():
         raise RuntimeError(f"{op}: the triton backend runs CPU tensors only under TRITON_INTERPRET=1")
     for i in range(1, len(tensors)):
         t = tensors[i]

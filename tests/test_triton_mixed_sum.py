@@ -29,7 +29,7 @@ if not HAS_CUDA and os.environ.get("TRITON_INTERPRET") != "1":
 
 from fastnas.kernels import mixed_sum as tk  # noqa: E402  (after the interpreter switch)
 
-INTERPRETED = tk._interpreted()
+INTERPRETED = tk.interpreted()
 if not HAS_CUDA and not INTERPRETED:
     pytest.skip(
         "fastnas.kernels.mixed_sum was imported before TRITON_INTERPRET=1 was set; no GPU to run it",
