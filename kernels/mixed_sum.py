@@ -27,6 +27,13 @@ How the kernels work
   flags). Under the Triton interpreter (``TRITON_INTERPRET=1``) and in deterministic mode
   (``torch.use_deterministic_algorithms(True)``) one fixed configuration, :data:`FIXED_CONFIG`, is
   used instead, so the summation order does not depend on a timing measurement.
+* **Autotuning cannot leak partial sums.** Its trials replay a launch with other block sizes, hence
+  other grids. Every launch is idempotent: a forward chunk never reads the buffer it writes, and
+  the partial-sum buffer is sized per configuration (rows for the smallest tile; each program
+  stores its whole row; only the rows of the launch that counted are summed, its BLOCK being
+  recorded by the grid function). So no ``reset_to_zero`` is needed: nothing stale is ever read.
+* **No atomics.** An atomic ``dL/dw`` path was not added: it could not be shown faster here (no
+  GPU), and the deterministic reduction costs one small ``[programs, K]`` sum.
 """
 
 from __future__ import annotations
@@ -326,7 +333,7 @@ def _backward_launch(
     kb = _bucket(k)
     has_dw = len(outputs) > 0
     if has_dw and partials is None:
-        # rows for the smallest tile of any configuration; only the rows of the launch that counted are summed
+        # sized per configuration, not reset: rows for the smallest tile; only the counted launch's rows are summed
         min_block = min(c.kwargs["BLOCK"] for c in [*CONFIGS, FIXED_CONFIG])
         partials = torch.empty((triton.cdiv(n, min_block), k), dtype=weights.dtype, device=grad.device)
     args = (
