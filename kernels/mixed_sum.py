@@ -26,7 +26,8 @@ How the kernels work
 * **Block sizes** are autotuned on a key of (numel rounded up to a power of two, K bucket, dtypes,
   flags). Under the Triton interpreter (``TRITON_INTERPRET=1``) and in deterministic mode
   (``torch.use_deterministic_algorithms(True)``) one fixed configuration, :data:`FIXED_CONFIG`, is
-  used instead, so the summation order does not depend on a timing measurement.
+  used instead, so the summation order does not depend on a timing measurement;
+  ``FASTNAS_TRITON_AUTOTUNE=0`` asks for it too (no tuning time, fewer compilations).
 * **Autotuning cannot leak partial sums.** Its trials replay a launch with other block sizes, hence
   other grids. Every launch is idempotent: a forward chunk never reads the buffer it writes, and
   the partial-sum buffer is sized per configuration (rows for the smallest tile; each program
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from typing import Sequence
 
 import torch
@@ -226,8 +228,13 @@ def interpreted() -> bool:
 
 
 def uses_fixed_config() -> bool:
-    """Whether launches skip autotuning and use :data:`FIXED_CONFIG` (interpreter or deterministic mode)."""
-    return interpreted() or torch.are_deterministic_algorithms_enabled()
+    """Whether launches skip autotuning and use :data:`FIXED_CONFIG`: under the interpreter, in
+    deterministic mode, or when ``FASTNAS_TRITON_AUTOTUNE=0`` (no tuning time, fewer compilations)."""
+    return (
+        interpreted()
+        or torch.are_deterministic_algorithms_enabled()
+        or os.environ.get("FASTNAS_TRITON_AUTOTUNE", "1") == "0"
+    )
 
 
 def _size_key(n: int) -> int:
