@@ -228,12 +228,15 @@ def test_channels_last_through_autograd(triton_backend, dtype):
     check_backward([o.grad for o in leaves], w.grad, grad, dos_exact, dw_exact, dw_scale)
 
 
-def test_frozen_weights_through_autograd(triton_backend):
+def test_frozen_weights_or_outputs_through_autograd(triton_backend):
     outputs, weights, grad = make_inputs((1023,), 3, torch.float32)
-    _, dos_exact, _, _, _ = exact(outputs, weights, grad)
+    _, dos_exact, dw_exact, _, dw_scale = exact(outputs, weights, grad)
     leaves = [o.detach().requires_grad_() for o in outputs]
     fastnas.mixed_sum(leaves, weights).backward(grad)  # weights frozen: outputs not saved, no dL/dw
     check_backward([o.grad for o in leaves], None, grad, dos_exact, None, None)
+    w = weights.detach().requires_grad_()
+    fastnas.mixed_sum(outputs, w).backward(grad)  # outputs frozen: no dL/do_k
+    check_backward([], w.grad, grad, [], dw_exact, dw_scale)
 
 
 def test_backward_op_without_outputs_grad(triton_backend):
