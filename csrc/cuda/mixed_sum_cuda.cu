@@ -397,7 +397,8 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> mixed_sum_backward_cuda(const at
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     // one grid for every chunk (the partials have one row per block): that of the first, widest chunk
     const int64_t work = vector ? (numel + Vec<scalar_t>::kSize - 1) / Vec<scalar_t>::kSize : numel;
-    const int64_t grid = grid_size(backward_kernel_for<scalar_t, acc_t>(std::min<int64_t>(K, kMaxPointers), vector), work);
+    const int widest = static_cast<int>(std::min<int64_t>(K, kMaxPointers));
+    const int64_t grid = grid_size(backward_kernel_for<scalar_t, acc_t>(widest, vector), work);
     at::Tensor partials = want_weights_grad ? at::empty({grid, K}, weights.options()) : at::Tensor();
     for (int64_t c = 0; c < num_chunks; ++c) {
       const int64_t first = c * kMaxPointers;
