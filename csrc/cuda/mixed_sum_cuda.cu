@@ -31,7 +31,10 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <map>
+#include <mutex>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "mixed_sum.h"
@@ -281,19 +284,32 @@ bool all_aligned(at::TensorList tensors) {
   return std::all_of(tensors.begin(), tensors.end(), [](const at::Tensor& t) { return aligned(t.data_ptr()); });
 }
 
-// Blocks of `kernel` that fit on the current device at once (at least one per multiprocessor),
-// capped by the blocks the work needs.
-// (ATen/cuda/CUDAContext.h is not included: it needs the cuBLAS/cuSPARSE headers, which a bare
-// toolkit may lack, and the kernels need nothing from it.)
+// Blocks of `kernel` that fit on the current device at once: resident blocks per multiprocessor
+// times the multiprocessor count, asked of the runtime once per kernel and device. (ATen/cuda/
+// CUDAContext.h is not included: it needs the cuBLAS/cuSPARSE headers, which a bare toolkit may lack.)
 template <typename Kernel>
-int64_t grid_size(Kernel kernel, int64_t work_items) {
+int64_t resident_blocks(Kernel kernel) {
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, int64_t> cache;
+  const int device = c10::cuda::current_device();
+  const auto key = std::make_pair(reinterpret_cast<const void*>(kernel), device);
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto found = cache.find(key);
+  if (found != cache.end()) return found->second;
   int per_sm = 0;
   int num_sms = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
-  const int64_t resident = static_cast<int64_t>(std::max(per_sm, 1)) * std::max(num_sms, 1);
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device));
+  const int64_t blocks = static_cast<int64_t>(std::max(per_sm, 1)) * std::max(num_sms, 1);
+  cache.emplace(key, blocks);
+  return blocks;
+}
+
+// The grid of a grid-stride kernel: the resident blocks, or fewer when the work needs fewer.
+template <typename Kernel>
+int64_t grid_size(Kernel kernel, int64_t work_items) {
   const int64_t needed = (work_items + kThreads - 1) / kThreads;
-  return std::max<int64_t>(1, std::min(resident, needed));
+  return std::max<int64_t>(1, std::min(resident_blocks(kernel), needed));
 }
 
 template <typename scalar_t, typename acc_t, int kMaxK, bool kVector>
