@@ -87,9 +87,12 @@ def extension_has_cuda() -> bool:
 @functools.lru_cache(maxsize=None)
 def _triton_reason() -> str | None:
     try:
-        import triton  # noqa: F401
+        import triton
     except ImportError as exc:
         return f"triton is not installed ({exc})"
+    version = tuple(int(p) for p in triton.__version__.split(".")[:2] if p.isdigit())
+    if version < (3, 3):  # tuples of tensors as kernel arguments (kernels/mixed_sum.py)
+        return f"triton >= 3.3 is needed, found {triton.__version__}"
     return None
 
 

@@ -19,6 +19,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/block_pool.h"
 #include "mixed_sum.h"
 
 namespace fastnas {
@@ -198,7 +199,7 @@ std::vector<const scalar_t*> data_pointers(at::TensorList tensors) {
 at::Tensor mixed_sum_forward_cpu(at::TensorList outputs, const at::Tensor& weights) {
   TORCH_CHECK_VALUE(!outputs.empty(), "fastnas::_mixed_sum_forward: outputs must hold K >= 1 tensors");
   check_native_inputs(at::Tensor(), outputs, weights, c10::DeviceType::CPU, "fastnas::_mixed_sum_forward");
-  at::Tensor out = at::empty_like(outputs[0]);
+  at::Tensor out = pooled_empty_like(outputs[0]);
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "mixed_sum_forward_cpu", [&] {
     forward_kernel<scalar_t>(data_pointers<scalar_t>(outputs), weights.data_ptr<at::opmath_type<scalar_t>>(),
@@ -216,7 +217,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> mixed_sum_backward_cpu(const at:
   const int64_t numel = grad.numel();
   std::vector<at::Tensor> outputs_grad;
   if (compute_outputs_grad) {
-    for (int64_t k = 0; k < K; ++k) outputs_grad.push_back(at::empty_like(grad));
+    for (int64_t k = 0; k < K; ++k) outputs_grad.push_back(pooled_empty_like(grad));
   }
   if (outputs.empty()) {
     if (!compute_outputs_grad || numel == 0) return {outputs_grad, weights.new_empty({0})};
