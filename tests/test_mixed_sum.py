@@ -364,3 +364,26 @@ def test_bad_input_through_the_registered_op_is_caught_too():
         torch.ops.fastnas.mixed_sum([torch.randn(3), torch.randn(3)], torch.randn(5))
     with pytest.raises(ValueError, match="at least one"):
         torch.ops.fastnas.mixed_sum([], torch.randn(0))
+
+
+@pytest.mark.skipif(not backend.load_extension(), reason="fastnas._C is not built")
+def test_cpu_result_cache_reuses_blocks_without_aliasing_live_tensors():
+    fastnas.set_backend("cpu")
+    try:
+        outputs, weights = random_inputs(3, (512, 1024), torch.float32, "cpu")  # 2 MiB: cached size
+        expected = reference.mixed_sum_forward_reference(outputs, weights)
+        first = fastnas.mixed_sum(outputs, weights)
+        address = first.data_ptr()
+        del first
+        second = fastnas.mixed_sum(outputs, weights)
+        third = fastnas.mixed_sum([o * 2 for o in outputs], weights)
+        assert second.data_ptr() == address  # the freed block came back
+        assert third.data_ptr() != second.data_ptr()  # a live result is never handed out twice
+        torch.testing.assert_close(second, expected)
+        torch.testing.assert_close(third, 2 * expected)
+        grads, _ = torch.ops.fastnas.mixed_sum_backward(torch.ones_like(second), outputs, weights, True)
+        assert len({g.data_ptr() for g in grads} | {second.data_ptr(), third.data_ptr()}) == 5
+        for g, w in zip(grads, weights):
+            assert torch.equal(g, torch.full_like(g, w.item()))
+    finally:
+        fastnas.set_backend(None)
