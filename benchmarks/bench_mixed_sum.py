@@ -25,7 +25,13 @@ from fastnas import backend
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16] if DEVICE == "cuda" else [torch.float32]
 # supernet shapes: DARTS/NB201 cells at C=16 and C=64 (8x8 after two reductions), plus a large one
-SHAPES = [((64, 16, 32, 32), 4), ((64, 16, 32, 32), 5), ((64, 16, 32, 32), 8), ((64, 64, 8, 8), 8), ((64, 64, 32, 32), 8)]
+SHAPES = [
+    ((64, 16, 32, 32), 4),
+    ((64, 16, 32, 32), 5),
+    ((64, 16, 32, 32), 8),
+    ((64, 64, 8, 8), 8),
+    ((64, 64, 32, 32), 8),
+]
 if DEVICE == "cuda":
     SHAPES.append(((256, 64, 32, 32), 8))  # 64 MB per fp32 input: bandwidth-bound on a GPU
 ROUNDS = 30 if DEVICE == "cuda" else 15

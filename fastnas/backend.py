@@ -59,7 +59,7 @@ def requested_backend() -> str:
     return _check_name(os.environ.get("FASTNAS_BACKEND", "auto") or "auto", "FASTNAS_BACKEND")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _extension():
     """The compiled extension module, or the reason it is missing."""
     try:
@@ -84,7 +84,7 @@ def extension_has_cuda() -> bool:
     )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _triton_reason() -> str | None:
     try:
         import triton
