@@ -7,8 +7,9 @@
 #
 # Needs a CUDA GPU, torch with CUDA, Triton, nvcc (found through CUDA_HOME or /usr/local/cuda*),
 # pytest and pytest-benchmark; no network. Everything ends within GPU_CHECK_BUDGET_S seconds (default
-# 350, under 6 minutes): the benchmarks of the targets ([64,16,32,32] and the largest shape, K=8) run
-# first, the other shapes with what time is left. Copy what it prints into benchmarks/RESULTS.md.
+# 350, under 6 minutes): the kernel bandwidth on large tensors (bench_large_tensors.py) and the
+# targets of bench_mixed_sum.py ([64,16,32,32] and the largest shape, K=8) run first, its other
+# shapes with what time is left. Copy what it prints into benchmarks/RESULTS.md.
 #
 # Environment:
 #   PYTHON                 interpreter with torch (default python3)
@@ -82,19 +83,26 @@ TEST_RC=${PIPESTATUS[0]}
 [ "$TEST_RC" -eq 124 ] && echo "gpu_check: the tests ran past ${TEST_LIMIT}s and were stopped"
 
 TARGETS="64x16x32x32-K8 or 256x64x32x32-K8"
-BENCH=(benchmarks/bench_mixed_sum.py --benchmark-only -q -p no:cacheprovider --benchmark-columns=median,min,rounds)
+BENCH=(--benchmark-only -q -p no:cacheprovider --benchmark-columns=median,min,rounds)
 rm -f "$OUT"/bench_*.json
-stage "benchmarks: the targets ($TARGETS)"
+stage "benchmarks: kernel bandwidth on large tensors (bench_large_tensors.py, CUDA events)"
+LIMIT=$(($(left) - 120))
+if [ "$LIMIT" -gt 20 ]; then
+  timeout -s INT -k 10 "$LIMIT" "$PY" -m pytest benchmarks/bench_large_tensors.py "${BENCH[@]}" \
+    --benchmark-json="$OUT/bench_large.json" >"$OUT/bench_large.log" 2>&1
+  echo "exit status $? (log: $OUT/bench_large.log)"
+fi
+stage "benchmarks: the targets of bench_mixed_sum.py ($TARGETS)"
 LIMIT=$(($(left) - 20))
 if [ "$LIMIT" -gt 20 ]; then
-  timeout -s INT -k 10 "$LIMIT" "$PY" -m pytest "${BENCH[@]}" -k "$TARGETS" \
+  timeout -s INT -k 10 "$LIMIT" "$PY" -m pytest benchmarks/bench_mixed_sum.py "${BENCH[@]}" -k "$TARGETS" \
     --benchmark-json="$OUT/bench_targets.json" >"$OUT/bench_targets.log" 2>&1
   echo "exit status $? (log: $OUT/bench_targets.log)"
 fi
 stage "benchmarks: the other shapes, with the time left"
 LIMIT=$(($(left) - 20))
 if [ "$LIMIT" -gt 20 ]; then
-  timeout -s INT -k 10 "$LIMIT" "$PY" -m pytest "${BENCH[@]}" -k "not ($TARGETS)" \
+  timeout -s INT -k 10 "$LIMIT" "$PY" -m pytest benchmarks/bench_mixed_sum.py "${BENCH[@]}" -k "not ($TARGETS)" \
     --benchmark-json="$OUT/bench_others.json" >"$OUT/bench_others.log" 2>&1
   rc=$?
   [ "$rc" -eq 124 ] && echo "stopped by the budget: the table holds what finished"
@@ -108,5 +116,5 @@ stage "report"
 
 stage "summary"
 echo "GPU: $GPU; build ${BUILD_S}s (TORCH_CUDA_ARCH_LIST=$ARCH); tests exit status $TEST_RC; total $(elapsed)s"
-echo "files: $OUT/{build,tests,bench_targets,bench_others}.log, bench_*.json, report.md, bandwidth.png"
+echo "files: $OUT/{build,tests,bench_large,bench_targets,bench_others}.log, bench_*.json, report.md, bandwidth.png"
 [ "$TEST_RC" -eq 0 ]

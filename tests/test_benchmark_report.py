@@ -60,3 +60,19 @@ def test_plot_writes_png(tmp_path):
     rows = report.provider_rows([entry("copy", "copy", 1e-3, 10**9), entry("eager", "fwd", 1e-3, 10**8)])
     report.plot(rows, tmp_path / "bw.png", machine="Test GPU")
     assert (tmp_path / "bw.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_rows_timed_by_the_benchmark_itself_and_their_copy():
+    """bench_large_tensors.py entries: kernel_median_ms (CUDA events) wins over pytest-benchmark's median,
+    and the copy timed alongside becomes the ceiling."""
+    info = {
+        "provider": "fastnas-cuda", "shape": [1000], "K": 2, "dtype": "float32", "pass": "fwd",
+        "bytes": 12_000_000_000, "kernel_median_ms": 5.0, "copy_median_ms": 5.0, "copy_GBps": 3200.0,
+    }  # fmt: skip
+    rows = report.provider_rows([{"extra_info": info, "stats": {"median": 1.0}}])
+    kernel, copy = sorted(rows, key=lambda r: r.which != "fwd")
+    assert kernel.median_s == pytest.approx(5e-3) and kernel.gbps == pytest.approx(2400.0)
+    assert copy.which == "copy" and copy.gbps == pytest.approx(3200.0)
+    text = report.report([{"extra_info": info, "stats": {"median": 1.0}}])
+    assert "**3200 GB/s**" in text
+    assert "| 1000 | 2 | float32 | fwd | fastnas-cuda | 5.000 ms | 2400.0 | 0.75 |  |  |" in text
