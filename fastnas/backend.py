@@ -41,6 +41,7 @@ def set_backend(name: str | None) -> None:
     Raises ValueError for an unknown name and RuntimeError if that backend cannot run here.
     """
     global _selected
+    _resolved.clear()
     if name is None:
         _selected = None
         return
@@ -134,14 +135,24 @@ def _warn_once(message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
+_resolved: dict[tuple[str, str], str] = {}  # (requested, device type) -> backend, for the hot path
+
+
 def get_backend(device: torch.device | str = "cpu") -> str:
     """The backend that computes the mixed sum of tensors on ``device``.
 
     ``auto`` resolves to the first available of the device's order; an explicit choice that
     cannot run on this device raises RuntimeError naming the backend and the reason.
     """
-    device_type = torch.device(device).type
+    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
     requested = requested_backend()
+    name = _resolved.get((requested, device_type))
+    if name is None:
+        name = _resolved[(requested, device_type)] = _resolve(requested, device_type)
+    return name
+
+
+def _resolve(requested: str, device_type: str) -> str:
     if requested != "auto":
         reason = unavailable_reason(requested, device_type)
         if reason is not None:
@@ -162,6 +173,7 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     return [n for n in BACKENDS[1:] if unavailable_reason(n, device_type) is None]
 
 
+@functools.cache
 def kernels_for(name: str) -> tuple[Callable, Callable]:
     """The (forward, backward) callables of backend ``name``, all with the native ops' contract."""
     if name in ("cpu", "cuda"):

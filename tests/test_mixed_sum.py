@@ -276,13 +276,31 @@ def test_torch_compile_fullgraph_traces_without_graph_break():
         torch.testing.assert_close(a, b)
 
 
-def test_frozen_weights_do_not_keep_outputs_alive():
+def test_registered_op_and_eager_function_agree(backend_device):
+    """fastnas.mixed_sum runs an autograd.Function in eager mode and the registered op when compiled."""
+    name, device = backend_device
+    outputs, weights = random_inputs(3, (4, 33), torch.float32, device, requires_grad=True)
+    grad = torch.randn(4, 33, device=device)
+    results = []
+    for call in (fastnas.mixed_sum, torch.ops.fastnas.mixed_sum):
+        y = call(outputs, weights)
+        y.backward(grad)
+        results.append([y.detach(), weights.grad, *(o.grad for o in outputs)])
+        for t in (weights, *outputs):
+            t.grad = None
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("call", ["function", "op"])
+def test_frozen_weights_do_not_keep_outputs_alive(call):
     outputs, weights = random_inputs(4, (64, 64), torch.float32, "cpu")
     for o in outputs:
         o.requires_grad_()
     saved = []
+    mixed_sum = fastnas.mixed_sum if call == "function" else torch.ops.fastnas.mixed_sum
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
-        fastnas.mixed_sum(outputs, weights)
+        mixed_sum(outputs, weights)
     assert saved == [torch.Size([4])]  # only the weights
 
 
@@ -313,6 +331,7 @@ def test_missing_extension_falls_back_to_reference_with_one_warning(monkeypatch)
     monkeypatch.delenv("FASTNAS_BACKEND", raising=False)
     monkeypatch.setattr(backend, "_extension", lambda: (None, "pretend it was not built"))
     monkeypatch.setattr(backend, "_warned", set())
+    monkeypatch.setattr(backend, "_resolved", {})
     with pytest.warns(RuntimeWarning, match="pretend it was not built"):
         assert fastnas.get_backend("cpu") == "reference"
     with warnings.catch_warnings():

@@ -27,6 +27,7 @@ from typing import Sequence, Union
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from fastnas import backend
 from fastnas.ops.reference import accumulation_dtype
@@ -107,8 +108,42 @@ def shared_dense_layout(tensors: Sequence[Tensor]) -> list[Tensor]:
     """The tensors in one shared dense layout: as they are if they already share one, else copied
     into the first one's layout (or contiguous when the first is not dense)."""
     first = tensors[0]
+    stride = first.stride()
+    if (first.is_contiguous() or is_dense(first)) and all(t.stride() == stride for t in tensors):
+        return list(tensors)  # the common case, checked cheaply
     like = first if is_dense(first) else first.contiguous()
     return [_to_layout_of(t, like) for t in tensors]
+
+
+# --------------------------------------------------------------------------- implementation
+# Shared by the registered operators (torch.compile, direct torch.ops calls) and the eager autograd
+# Function: inputs validated, in one dense layout.
+
+
+def _forward_impl(outputs: list[Tensor], weights: Tensor) -> Tensor:
+    if outputs[0].numel() == 0:
+        return torch.empty_like(outputs[0])
+    forward, _ = backend.kernels_for(backend.get_backend(outputs[0].device))
+    return forward(outputs, weights.to(accumulation_dtype(outputs[0].dtype)).contiguous())
+
+
+def _backward_impl(
+    grad: Tensor, outputs: list[Tensor], weights: Tensor, compute_outputs_grad: bool
+) -> tuple[list[Tensor], Tensor]:
+    if outputs:
+        if grad.shape != outputs[0].shape or grad.dtype != outputs[0].dtype:
+            raise ValueError("grad must have the shape and dtype of the outputs")
+        if grad.stride() != outputs[0].stride():
+            grad = _to_layout_of(grad, outputs[0])
+    elif not is_dense(grad):
+        grad = grad.contiguous()
+    if grad.numel() == 0:
+        outputs_grad = [torch.empty_like(grad) for _ in range(weights.numel())] if compute_outputs_grad else []
+        return outputs_grad, (torch.zeros_like(weights) if outputs else weights.new_empty(0))
+    _, backward = backend.kernels_for(backend.get_backend(grad.device))
+    acc = accumulation_dtype(grad.dtype)
+    outputs_grad, weights_grad = backward(grad, outputs, weights.to(acc).contiguous(), compute_outputs_grad)
+    return list(outputs_grad), weights_grad.to(weights.dtype)
 
 
 # --------------------------------------------------------------------------- operators
@@ -117,11 +152,7 @@ def shared_dense_layout(tensors: Sequence[Tensor]) -> list[Tensor]:
 @torch.library.custom_op("fastnas::mixed_sum", mutates_args=())
 def _mixed_sum_op(outputs: list[Tensor], weights: Tensor) -> Tensor:
     _validate(outputs, weights)
-    outputs = shared_dense_layout(outputs)
-    if outputs[0].numel() == 0:
-        return torch.empty_like(outputs[0])
-    forward, _ = backend.kernels_for(backend.get_backend(outputs[0].device))
-    return forward(outputs, weights.to(accumulation_dtype(outputs[0].dtype)).contiguous())
+    return _forward_impl(shared_dense_layout(outputs), weights)
 
 
 @_mixed_sum_op.register_fake
@@ -136,26 +167,16 @@ def _mixed_sum_backward_op(
     grad: Tensor, outputs: list[Tensor], weights: Tensor, compute_outputs_grad: bool
 ) -> tuple[list[Tensor], Tensor]:
     _check_tensor(grad, "grad")
-    if len(outputs) > 0:
+    if outputs:
         _validate(outputs, weights)
-        if grad.shape != outputs[0].shape or grad.dtype != outputs[0].dtype:
-            raise ValueError("grad must have the shape and dtype of the outputs")
-        grad, *outputs = shared_dense_layout([grad if is_dense(grad) else grad.contiguous(), *outputs])
-    else:
-        grad = grad if is_dense(grad) else grad.contiguous()
-    acc = accumulation_dtype(grad.dtype)
-    if grad.numel() == 0:
-        outputs_grad = [torch.empty_like(grad) for _ in range(weights.numel())] if compute_outputs_grad else []
-        weights_grad = torch.zeros_like(weights) if outputs else weights.new_empty(0)
-        return outputs_grad, weights_grad
-    _, backward = backend.kernels_for(backend.get_backend(grad.device))
-    outputs_grad, weights_grad = backward(grad, outputs, weights.to(acc).contiguous(), compute_outputs_grad)
-    return list(outputs_grad), weights_grad.to(weights.dtype)
+        outputs = shared_dense_layout(outputs)
+    return _backward_impl(grad, outputs, weights, compute_outputs_grad)
 
 
 @_mixed_sum_backward_op.register_fake
 def _(grad: Tensor, outputs: list[Tensor], weights: Tensor, compute_outputs_grad: bool):
-    like = grad if is_dense(grad) else grad.contiguous()
+    like = outputs[0] if outputs else grad
+    like = like if is_dense(like) else like.contiguous()
     outputs_grad = [torch.empty_like(like) for _ in range(weights.shape[0])] if compute_outputs_grad else []
     weights_grad = weights.new_empty(weights.shape if len(outputs) > 0 else (0,))
     return outputs_grad, weights_grad
@@ -180,6 +201,30 @@ def _backward(ctx, grad: Tensor):
 
 
 _mixed_sum_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _MixedSumFunction(torch.autograd.Function):
+    """Eager autograd of the mixed sum: the same implementation as the registered operators, without
+    their dispatch overhead (tens of microseconds a call, which small GPU tensors would feel)."""
+
+    @staticmethod
+    def forward(ctx, weights: Tensor, *outputs: Tensor) -> Tensor:
+        outputs = shared_dense_layout(outputs)
+        ctx.num_outputs = len(outputs)
+        ctx.needs_weights_grad = ctx.needs_input_grad[0]
+        ctx.needs_outputs_grad = any(ctx.needs_input_grad[1:])
+        # the K inputs are needed only for dL/dw: not kept alive when the weights are frozen
+        ctx.save_for_backward(weights, *(outputs if ctx.needs_weights_grad else ()))
+        return _forward_impl(outputs, weights)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        weights, *outputs = ctx.saved_tensors
+        outputs_grad, weights_grad = _backward_impl(grad, outputs, weights, ctx.needs_outputs_grad)
+        if not ctx.needs_outputs_grad:
+            outputs_grad = [None] * ctx.num_outputs
+        return (weights_grad if ctx.needs_weights_grad else None), *outputs_grad
 
 
 def register_native_fakes() -> None:
@@ -230,4 +275,6 @@ def mixed_sum(outputs: OutputsLike, weights: Tensor) -> Tensor:
     else:
         raise TypeError(f"outputs must be a list or tuple of tensors or one tensor, got {type(outputs).__name__}")
     _validate(outputs, weights)
-    return torch.ops.fastnas.mixed_sum(outputs, weights)
+    if torch.compiler.is_compiling():
+        return torch.ops.fastnas.mixed_sum(outputs, weights)  # traced as one opaque op
+    return _MixedSumFunction.apply(weights, *outputs)
