@@ -371,3 +371,19 @@ class EagerNB201Network(_EagerArch, nn.Module):
             feature = cell(feature, weights, index) if isinstance(cell, EagerNB201Cell) else cell(feature)
         out = self.global_pooling(self.lastact(feature))
         return self.classifier(out.view(out.size(0), -1))
+
+
+# --------------------------------------------------------------------------- comparing a supernet with its oracle
+
+
+def run_step(net: nn.Module, x: Tensor, grad_seed: int = 0, sample_seed: int = 0) -> tuple[Tensor, dict[str, Tensor]]:
+    """One forward and backward of ``net`` on ``x`` (samplers drawing from a generator seeded with
+    ``sample_seed``, output gradient drawn from ``grad_seed``): ``(logits, {name: grad})`` with a zero
+    tensor for parameters that got no gradient."""
+    net.generator = torch.Generator(device=x.device).manual_seed(sample_seed)
+    net.zero_grad(set_to_none=True)
+    logits = net(x)
+    g = torch.randn(logits.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=logits.dtype)
+    logits.backward(g.to(logits.device))
+    grads = {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for n, p in net.named_parameters()}
+    return logits.detach(), grads

@@ -37,6 +37,7 @@ from fastnas.spaces.ops import (
     batch_norm,
     batch_norm_split,
     lean_bn_eligible,
+    preferred_memory_format,
     run_tail,
 )
 
@@ -402,7 +403,7 @@ class Network(_arch.ArchMixin, nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         weights, selected = self._op_weights(self.alphas)
-        feature = self.stem(x)
+        feature = self.stem(x.contiguous(memory_format=preferred_memory_format(x.device)))
         for cell in self.cells:
             feature = cell(feature, weights, selected) if isinstance(cell, SearchCell) else cell(feature)
         out = self.global_pooling(self.lastact(feature))

@@ -66,6 +66,12 @@ class Identity(nn.Module):
         return x
 
 
+def preferred_memory_format(device: torch.device) -> torch.memory_format:
+    """The layout the supernets run in: channels_last on CPU (oneDNN convolutions, pooling and the
+    box filter are markedly faster in NHWC there), the usual contiguous NCHW elsewhere."""
+    return torch.channels_last if device.type == "cpu" else torch.contiguous_format
+
+
 # --------------------------------------------------------------------------- BatchNorm that keeps its output
 
 
@@ -82,10 +88,12 @@ def _bn_backward_from_output(grad: Tensor, y: Tensor, invstd: Tensor, eps: float
     BatchNorm backward given ``input = y``, ``save_mean = 0``, ``save_invstd = 1`` and the real
     ``invstd`` as its affine weight — one fused kernel, no extra tensor kept.
     """
+    if grad.stride() != y.stride():  # the native kernel is fast only when both share one layout
+        grad = torch.empty_like(y).copy_(grad)
     zeros = torch.zeros_like(invstd)
     ones = torch.ones_like(invstd)
     dx, _, _ = torch.ops.aten.native_batch_norm_backward(
-        grad.contiguous(), y, invstd, None, None, zeros, ones, True, eps, [True, False, False]
+        grad, y, invstd, None, None, zeros, ones, True, eps, [True, False, False]
     )
     return dx
 
@@ -113,7 +121,7 @@ class _LeanBatchNormSplit(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, eps: float, parts: int):
-        var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
+        mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)  # biased variance, one pass
         invstd = torch.rsqrt(var + eps)
         shift = -mean * invstd
         ys = [

@@ -1,0 +1,278 @@
+"""fastnas.spaces.nb201 against the eager NAS-Bench-201 supernet (xautodl's computation) and its ops."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fastnas
+from fastnas.spaces import nb201
+from fastnas.spaces.ops import avg_pool_3x3, batch_norm, batch_norm_split
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from eager_supernets import EagerNB201Cell, EagerNB201Network, run_step  # noqa: E402
+
+TOL = dict(rtol=1e-9, atol=1e-10)  # float64 throughout
+
+
+def assert_close_dicts(a: dict, b: dict, **tol) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k].double(), b[k].double(), msg=lambda m, k=k: f"{k}: {m}", **tol)
+
+
+def test_primitives_and_parameters():
+    assert nb201.PRIMITIVES == ["none", "skip_connect", "nor_conv_1x1", "nor_conv_3x3", "avg_pool_3x3"]
+    net = nb201.Network(C=4, N=1, num_classes=7)
+    (alphas,) = net.arch_parameters()
+    assert alphas.shape == (6, 5) and net.arch_simplex_segments(alphas) is None
+    ids = {id(p) for p in net.arch_parameters()} | {id(p) for p in net.weight_parameters()}
+    assert ids == {id(p) for p in net.parameters()}
+    assert len(net.arch_parameters()) + len(net.weight_parameters()) == len(list(net.parameters()))
+    assert net.edge_keys == ["1<-0", "2<-0", "2<-1", "3<-0", "3<-1", "3<-2"]
+    assert net(torch.randn(2, 3, 8, 8)).shape == (2, 7)
+    w = net.arch_weights()["cell"]
+    torch.testing.assert_close(w.sum(-1), torch.ones(6))
+    simplex = nb201.Network(C=4, N=1, arch="simplex")
+    torch.testing.assert_close(simplex.alphas.sum(-1), torch.ones(6), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="arch"):
+        nb201.Network(C=4, N=1, arch="softmax")
+    with pytest.raises(ValueError, match="sampler"):
+        nb201.Network(C=4, N=1, sampler="darts")
+
+
+def test_search_cell_state_dict_keys_match_reference_layout():
+    cell = nb201.SearchCell(4, 4, 1, 4, nb201.PRIMITIVES)
+    keys = set(cell.state_dict())
+    assert keys == set(EagerNB201Cell(4).state_dict())
+    for key in ("edges.1<-0.2.op.1.weight", "edges.1<-0.2.op.1.bias", "edges.3<-2.3.op.2.running_mean",
+                "edges.2<-1.3.op.2.num_batches_tracked"):  # fmt: skip
+        assert key in keys
+    assert not any(k.startswith("edges.1<-0.4") for k in keys)  # avg pool: no parameters, no preprocess
+    assert cell.edge_keys == sorted(cell.edges.keys()) and cell.num_edges == 6
+    assert cell.edge2index == {k: i for i, k in enumerate(cell.edge_keys)}
+
+
+@pytest.mark.parametrize("track_running_stats", [True, False])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_search_cell_matches_reference(track_running_stats, memory_format):
+    torch.manual_seed(0)
+    fast = nb201.SearchCell(4, 4, 1, 4, nb201.PRIMITIVES, track_running_stats=track_running_stats).double()
+    eager = EagerNB201Cell(4, trs=track_running_stats).double()
+    eager.load_state_dict(fast.state_dict())
+    fast.load_state_dict(eager.state_dict())  # both ways
+    x = torch.randn(3, 4, 6, 6, dtype=torch.float64).contiguous(memory_format=memory_format)
+    w = torch.randn(6, 5, dtype=torch.float64).softmax(-1)
+    results = []
+    for cell in (fast, eager):
+        xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = cell(xi, wi)
+        y.backward(torch.cos(torch.arange(y.numel(), dtype=y.dtype)).view_as(y))
+        grads = {n: p.grad for n, p in cell.named_parameters()}
+        results.append((y.detach(), xi.grad, wi.grad, grads, cell.state_dict()))
+    (yf, xf, wf, gf, sf), (ye, xe, we, ge, se) = results
+    torch.testing.assert_close(yf, ye, **TOL)
+    torch.testing.assert_close(xf, xe, **TOL)
+    torch.testing.assert_close(wf, we, **TOL)
+    assert_close_dicts(gf, ge, **TOL)
+    assert_close_dicts(sf, se, **TOL)  # running statistics updated alike
+    assert wf[:, 0].abs().max() == 0  # 'none' outputs zero: its weight has no gradient
+    if track_running_stats:  # evaluation mode: running statistics
+        fast.eval(), eager.eval()
+        torch.testing.assert_close(fast(x, w), eager(x, w), **TOL)
+
+
+def test_search_cell_affine_and_gdas_match_reference():
+    torch.manual_seed(1)
+    fast = nb201.SearchCell(4, 4, 1, 4, nb201.PRIMITIVES, affine=True).double()
+    eager = EagerNB201Cell(4, affine=True).double()
+    eager.load_state_dict(fast.state_dict())
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    w = torch.randn(6, 5, dtype=torch.float64).softmax(-1)
+    torch.testing.assert_close(fast(x, w), eager(x, w), **TOL)
+    index = torch.tensor([3, 2, 4, 1, 0, 3])
+    hard = torch.zeros(6, 5, dtype=torch.float64).scatter_(1, index[:, None], 1.0).requires_grad_()
+    hard2 = hard.detach().clone().requires_grad_()
+    yf = fast.forward_gdas(x, hard, index[:, None])
+    ye = eager(x, hard2, index.tolist())
+    torch.testing.assert_close(yf, ye, **TOL)
+    yf.sum().backward(), ye.sum().backward()
+    torch.testing.assert_close(hard.grad, hard2.grad, **TOL)
+    assert fast.last_computed == [("1<-0", "nor_conv_3x3"), ("2<-0", "nor_conv_1x1"), ("3<-0", "skip_connect"),
+                                  ("2<-1", "avg_pool_3x3"), ("3<-2", "nor_conv_3x3")]  # fmt: skip
+
+
+MODES = [
+    dict(),
+    dict(arch="simplex"),
+    dict(sampler="gdas"),
+    dict(sampler="gdas", arch="simplex"),
+    dict(sampler="uniform"),
+]
+
+
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: "-".join(map(str, m.values())) or "softmax")
+def test_network_matches_eager_supernet(mode):
+    torch.manual_seed(2)
+    fast = nb201.Network(C=4, N=2, num_classes=5, **mode).double()
+    eager = EagerNB201Network(C=4, N=2, num_classes=5, **mode).double()
+    eager.load_state_dict(fast.state_dict())
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+    arch_grad = 0.0
+    for sample_seed in range(3):
+        lf, gf = run_step(fast, x, sample_seed=sample_seed)
+        le, ge = run_step(eager, x, sample_seed=sample_seed)
+        torch.testing.assert_close(lf, le, **TOL)
+        assert_close_dicts(gf, ge, **TOL)
+        arch_grad += gf["alphas"].abs().sum().item()
+    assert (arch_grad == 0) == (mode.get("sampler") == "uniform")  # the architecture gets a gradient
+    assert_close_dicts(fast.state_dict(), eager.state_dict(), **TOL)
+
+
+class _Count(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.active = False
+        self.conv_channels = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.active and func is torch.ops.aten.convolution.default:
+            self.conv_channels += args[1].shape[0]
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def mixed_sum_calls(monkeypatch):
+    """The number of inputs of every fastnas.mixed_sum call."""
+    calls = []
+    real = fastnas.mixed_sum
+
+    def spy(outputs, weights):
+        calls.append(len(outputs))
+        return real(outputs, weights)
+
+    monkeypatch.setattr(fastnas, "mixed_sum", spy)
+    return calls
+
+
+def test_gdas_computes_only_the_sampled_ops(mixed_sum_calls):
+    torch.manual_seed(3)
+    C, N = 4, 2
+    net = nb201.Network(C=C, N=N, sampler="gdas")
+    net.generator = torch.Generator().manual_seed(5)
+    _, selected = net._op_weights(net.alphas)  # the draw the forward will make
+    net.generator = torch.Generator().manual_seed(5)
+    counter = _Count()
+    cells = [m for m in net.cells if isinstance(m, nb201.SearchCell)]
+    for cell in cells:
+        cell.register_forward_pre_hook(lambda *a: setattr(counter, "active", True))
+        cell.register_forward_hook(lambda *a: setattr(counter, "active", False))
+    with counter:
+        net(torch.randn(2, 3, 8, 8)).sum().backward()
+    names = [nb201.PRIMITIVES[s[0]] for s in selected]
+    expected_pairs = [(k, names[net.edge2index[k]]) for j in range(3) for k in net.edge_keys
+                      if k.endswith(f"<-{j}") and names[net.edge2index[k]] != "none"]  # fmt: skip
+    for cell in cells:
+        assert cell.last_computed == expected_pairs
+    # one mixed-sum input per sampled non-none op, per cell
+    assert sum(mixed_sum_calls) == len(cells) * len(expected_pairs)
+    # convolution work: C per sampled nor_conv, plus the CPU box filter of each node with a sampled avg pool
+    pooled_sources = {k.split("<-")[1] for k, n in expected_pairs if n == "avg_pool_3x3"}
+    per_cell = sum(n.startswith("nor_conv") for _, n in expected_pairs) + len(pooled_sources)
+    assert counter.conv_channels == per_cell * C * N + per_cell * 2 * C * N + per_cell * 4 * C * N
+    # parameters of ops that were not sampled get no gradient
+    for cell in cells:
+        for key, ops in cell.edges.items():
+            for k, op in enumerate(ops):
+                for p in op.parameters():
+                    assert (p.grad is not None) == (k == selected[cell.edge2index[key]][0])
+
+
+def test_arch_string_round_trip():
+    net = nb201.Network(C=4, N=1)
+    with torch.no_grad():
+        net.alphas.zero_()
+        best = [3, 0, 1, 4, 2, 1]  # per edge, in edge_keys order
+        for e, k in enumerate(best):
+            net.alphas[e, k] = 1.0
+    text = net.export()
+    assert text == "|nor_conv_3x3~0|+|none~0|skip_connect~1|+|avg_pool_3x3~0|nor_conv_1x1~1|skip_connect~2|"
+    nodes = nb201.parse_arch_string(text)
+    assert nodes == net.genotype()
+    assert nodes[1] == (("none", 0), ("skip_connect", 1))
+    assert nb201.format_arch_string(nodes) == text
+    for bad in ("|nor_conv_3x3~1|", "nor_conv_3x3~0", "|conv~0|", "|nor_conv_3x3~x|"):
+        with pytest.raises(ValueError, match="text"):
+            nb201.parse_arch_string(bad)
+
+
+# --------------------------------------------------------------------------- the building blocks
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (1, 2, 1, 4), (2, 1, 2, 2)])
+def test_avg_pool_3x3_matches_native(shape, memory_format):
+    x = torch.randn(shape, dtype=torch.float64).contiguous(memory_format=memory_format).requires_grad_()
+    ref = F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)
+    torch.testing.assert_close(avg_pool_3x3(x), ref, **TOL)
+    assert torch.autograd.gradcheck(avg_pool_3x3, (x,))
+    x2 = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    torch.testing.assert_close(avg_pool_3x3(x2, 2), F.avg_pool2d(x2, 3, 2, 1, count_include_pad=False))
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_lean_batch_norm_matches_native(memory_format):
+    torch.manual_seed(4)
+    x = torch.randn(3, 6, 4, 5, dtype=torch.float64).contiguous(memory_format=memory_format).requires_grad_()
+    bns = [torch.nn.BatchNorm2d(2, affine=False).double() for _ in range(3)]
+    refs = [torch.nn.BatchNorm2d(2, affine=False).double() for _ in range(3)]
+    for bn, ref in zip(bns, refs):
+        bn.running_mean.uniform_(), bn.running_var.uniform_(1, 2), ref.load_state_dict(bn.state_dict())
+    bns[2].momentum = refs[2].momentum = None  # cumulative average
+    ys = batch_norm_split(x, bns)
+    x2 = x.detach().clone().requires_grad_()
+    ys2 = [ref(c) for ref, c in zip(refs, x2.chunk(3, dim=1))]
+    g = [torch.randn_like(y) for y in ys2]
+    torch.autograd.backward(ys, g), torch.autograd.backward(ys2, g)
+    for y, y2 in zip(ys, ys2):
+        torch.testing.assert_close(y, y2, **TOL)
+    torch.testing.assert_close(x.grad, x2.grad, **TOL)
+    for bn, ref in zip(bns, refs):
+        assert_close_dicts(bn.state_dict(), ref.state_dict(), **TOL)
+    z = x.detach()[:, :2].clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: batch_norm(t, torch.nn.BatchNorm2d(2, affine=False).double()), (z,))
+
+
+def test_slim_step_keeps_less_for_backward():
+    """Bytes saved for the backward (deduplicated by storage) of one step: well below the eager supernet's."""
+
+    def saved_bytes(net, x):
+        seen = {}
+
+        def pack(t):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            net(x).sum().backward()
+        return sum(seen.values())
+
+    torch.manual_seed(5)
+    fast = nb201.Network(C=8, N=1)
+    eager = EagerNB201Network(C=8, N=1)
+    eager.load_state_dict(fast.state_dict())
+    x = torch.randn(4, 3, 16, 16)
+    assert saved_bytes(fast, x) < 0.7 * saved_bytes(eager, x)
+
+
+def test_one_mixed_sum_per_node(mixed_sum_calls):
+    """Each node of each cell is one fastnas.mixed_sum over its (edge, non-none op) pairs."""
+    net = nb201.Network(C=4, N=2)
+    net(torch.randn(2, 3, 8, 8))
+    assert mixed_sum_calls == [4, 8, 12] * 6
+    assert fastnas.get_backend() in ("cpu", "reference")
