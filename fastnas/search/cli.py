@@ -48,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"{' or '.join(MODES)}: architecture steps on the training "
         f"data or on a held-out part of it (default {d.mode})",
     )
-    g.add_argument("--epochs", type=int, default=None, help="epochs (default: 10 on digits, 50 on CIFAR)")
+    g.add_argument(
+        "--epochs", type=int, default=None, help="epochs (default: 20 (nb201) or 10 (darts) on digits, 50 on CIFAR)"
+    )
     g.add_argument("--batch-size", type=int, default=d.batch_size, help=f"global batch size (default {d.batch_size})")
     g.add_argument("--channels", type=int, default=None, help="initial channels C (default: 8 on digits, 16 on CIFAR)")
     g.add_argument(
@@ -77,12 +79,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=d.seed, help=f"random seed (default {d.seed})")
     g.add_argument("--amp", default=d.amp, help=f"mixed precision: {', '.join(AMP_MODES)} (default {d.amp})")
     g.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads (default: 1 on the tiny digits, where more only add overhead; else torch's)",
+    )
+    g.add_argument(
         "--accum-steps",
         type=int,
         default=d.accum_steps,
         help="split each batch into this many micro-batches (gradient accumulation)",
     )
-    g.add_argument("--limit-batches", type=int, default=None, help="at most this many steps per epoch (smoke tests)")
+    g.add_argument(
+        "--limit-batches",
+        type=int,
+        default=None,
+        help="at most this many steps per epoch and batches per evaluation (smoke tests)",
+    )
     g.add_argument(
         "--stop-after",
         type=int,
@@ -140,6 +153,7 @@ def config_from_args(args: argparse.Namespace) -> SearchConfig:
         limit_batches=args.limit_batches,
         stop_after=args.stop_after,
         nb201_table=args.nb201_table,
+        threads=args.threads,
         progress=not args.no_progress and sys.stderr.isatty(),
     )
 

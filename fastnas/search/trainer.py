@@ -48,7 +48,7 @@ RUN_FILES = ("config.json", "checkpoint.pt", "history.json", "arch.txt", "result
 
 # per-data-set defaults of the network size and the epochs (paper sizes for CIFAR)
 _DATASET_DEFAULTS: dict[str, dict[str, dict[str, int]]] = {
-    "digits": {"nb201": dict(channels=8, cells=1, epochs=10), "darts": dict(channels=8, cells=5, epochs=10)},
+    "digits": {"nb201": dict(channels=8, cells=1, epochs=20), "darts": dict(channels=8, cells=5, epochs=10)},
     "cifar10": {"nb201": dict(channels=16, cells=5, epochs=50), "darts": dict(channels=16, cells=8, epochs=50)},
 }
 _DATASET_DEFAULTS["cifar100"] = _DATASET_DEFAULTS["cifar10"]
@@ -95,11 +95,12 @@ class SearchConfig:
     limit_batches: int | None = None
     stop_after: int | None = None
     nb201_table: str | None = None
+    threads: int | None = None
     progress: bool = True
     log: Callable[[str], None] | None = field(default=None, repr=False, compare=False)
 
     # fields that may differ between a run and its resumption
-    _RESUME_FREE = ("out", "device", "resume", "stop_after", "nb201_table", "progress", "data_dir", "log")
+    _RESUME_FREE = ("out", "device", "resume", "stop_after", "nb201_table", "threads", "progress", "data_dir", "log")
 
     def run_defining(self) -> dict[str, Any]:
         """The fields a checkpoint must agree with to be resumed by this config."""
@@ -140,7 +141,7 @@ def _resolve(cfg: SearchConfig) -> tuple[SearchConfig, Algorithm]:
     for name in ("epochs", "batch_size", "channels", "cells", "accum_steps", "rs_samples"):
         if int(getattr(cfg, name)) < 1:
             raise SearchError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
-    for name in ("limit_batches", "stop_after"):
+    for name in ("limit_batches", "stop_after", "threads"):
         if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             raise SearchError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     if cfg.arch_warmup < 0:
@@ -438,10 +439,15 @@ def run_search(cfg: SearchConfig) -> dict[str, Any]:
             f"{cfg.mode} split of {cfg.dataset}"
         )
 
+    threads_before = torch.get_num_threads()
+    threads = cfg.threads or (1 if cfg.dataset == "digits" else None)
+    if device.type == "cpu" and threads is not None:
+        torch.set_num_threads(threads)
     ddp.init(device)
     try:
         return _Search(cfg, alg, ddp, device, data, w_idx, a_idx, table, ckpt).run()
     finally:
+        torch.set_num_threads(threads_before)
         if ddp.active:
             dist.destroy_process_group()
 
@@ -662,6 +668,13 @@ class _Search:
 
     # ------------------------------------------------------------------ epochs
 
+    def _eval_limit(self, default: int | None = None) -> int | None:
+        """Images to evaluate: ``--limit-batches`` batches in a smoke run, else ``default``."""
+        if self.cfg.limit_batches is None:
+            return default
+        cap = self.cfg.limit_batches * self.cfg.batch_size
+        return cap if default is None else min(cap, default)
+
     @torch.no_grad()
     def _evaluate(self, x_all: Tensor, y_all: Tensor, limit: int | None = None) -> tuple[float, float]:
         """Loss and accuracy on (a shard per rank of) the given images, the sampler's generator left untouched."""
@@ -727,7 +740,7 @@ class _Search:
             bar.close()
         self.sched.step()
         loss_sum, correct, seen = self.ddp.all_reduce_sum([loss_sum, float(correct), float(seen)], self.device)
-        test_loss, test_acc = self._evaluate(self.data.x_test, self.data.y_test)
+        test_loss, test_acc = self._evaluate(self.data.x_test, self.data.y_test, limit=self._eval_limit())
         self.ddp.check_same(self.arch_params, "architecture parameters")
         weights = self.net.arch_weights()
         ent = row_entropy(weights)
@@ -770,7 +783,7 @@ class _Search:
                 with torch.no_grad():
                     for p, w in zip(eval_net.arch_parameters(), cand):
                         p.copy_(w)
-                _, acc = self._evaluate(x_sel, y_sel, limit=1024)
+                _, acc = self._evaluate(x_sel, y_sel, limit=self._eval_limit(1024))
                 if acc > best_acc:
                     best, best_acc = cand, acc
         finally:

@@ -1,0 +1,76 @@
+"""Helpers of the search-driver tests: tiny configurations, a tiny CIFAR-10 on disk, directory snapshots."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import numpy as np
+import torch
+
+# a search small enough for a test: a few steps of a 4-channel network on the 8x8 digits
+TINY = dict(batch_size=16, channels=4, limit_batches=2, progress=False, rs_samples=2)
+TINY_ARGS = ["--batch-size", "16", "--channels", "4", "--limit-batches", "2", "--no-progress", "--rs-samples", "2"]
+
+
+def tiny_cells(space: str) -> int:
+    return 1 if space == "nb201" else 3
+
+
+def write_tiny_cifar10(root: str, per_batch: int = 12, test: int = 16, seed: int = 0) -> str:
+    """A CIFAR-10 python-pickle release with ``per_batch`` images in each of the 5 training batches;
+    returns the parent folder to pass as ``--data-dir``."""
+    rng = np.random.RandomState(seed)
+    folder = os.path.join(root, "cifar-10-batches-py")
+    os.makedirs(folder, exist_ok=True)
+
+    def dump(name: str, n: int) -> None:
+        d = {
+            b"batch_label": name.encode(),
+            b"labels": rng.randint(0, 10, size=n).tolist(),
+            b"data": rng.randint(0, 256, size=(n, 3072)).astype(np.uint8),
+            b"filenames": [f"{i}.png".encode() for i in range(n)],
+        }
+        with open(os.path.join(folder, name), "wb") as f:
+            pickle.dump(d, f)
+
+    for i in range(1, 6):
+        dump(f"data_batch_{i}", per_batch)
+    dump("test_batch", test)
+    return root
+
+
+def snapshot(path: str) -> dict[str, bytes]:
+    """Every file under ``path`` with its bytes."""
+    out = {}
+    for dirpath, _, files in os.walk(path):
+        for f in files:
+            p = os.path.join(dirpath, f)
+            with open(p, "rb") as fh:
+                out[os.path.relpath(p, path)] = fh.read()
+    return out
+
+
+def load_checkpoint(out: str) -> dict:
+    return torch.load(os.path.join(out, "checkpoint.pt"), map_location="cpu", weights_only=True)
+
+
+TIMING_KEYS = ("images_per_sec", "train_seconds")
+
+
+def assert_same_state(a: dict, b: dict, path: str = "") -> None:
+    """Checkpoint contents equal bit for bit (tensors by torch.equal), timings excepted."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), f"{path} differs"
+    elif isinstance(a, dict):
+        assert set(a) == set(b), f"{path}: keys {sorted(a)} != {sorted(b)}"
+        for k in a:
+            if k in TIMING_KEYS:
+                continue
+            assert_same_state(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), f"{path}: lengths {len(a)} != {len(b)}"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_state(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, f"{path}: {a!r} != {b!r}"
