@@ -165,7 +165,10 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as e:  # --help
+            return int(e.code or 0)
         run_search(config_from_args(args))
     except (_UsageError, SearchError) as e:
         message = " ".join(str(e).split())  # one line

@@ -1,0 +1,326 @@
+"""``fastnas search`` end to end: outputs, CIFAR pickles, the NB201 table, resume, and every bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from search_helpers import TINY_ARGS, assert_same_state, load_checkpoint, snapshot, write_tiny_cifar10
+
+from fastnas.__main__ import main as fastnas_main
+from fastnas.search.cli import main as search_main
+from fastnas.spaces import darts, nb201
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    rc = fastnas_main(["search", *args])
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+def test_end_to_end_on_tiny_cifar10(tmp_path, capsys):
+    data = write_tiny_cifar10(str(tmp_path / "data"))
+    out = tmp_path / "run"
+    rc, stdout, err = run_cli(
+        [
+            "--dataset",
+            "cifar10",
+            "--data-dir",
+            data,
+            "--out",
+            str(out),
+            "--epochs",
+            "2",
+            "--cells",
+            "1",
+            "--batch-size",
+            "8",
+            "--channels",
+            "4",
+            "--no-progress",
+            "--algorithm",
+            "gaea-darts",
+        ],
+        capsys,
+    )
+    assert rc == 0, err
+    assert {"config.json", "checkpoint.pt", "history.json", "arch.txt", "result.json", "arch_weights.png"} <= set(
+        os.listdir(out)
+    )
+    assert not [f for f in os.listdir(out) if ".tmp" in f], "a temporary file was left behind"
+    arch = (out / "arch.txt").read_text().strip()
+    assert nb201.parse_arch_string(arch)
+    history = json.loads((out / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2]
+    for h in history:
+        for key in ("train_loss", "train_acc", "test_loss", "test_acc", "entropy", "images_per_sec"):
+            assert isinstance(h[key], float)
+        w = torch.tensor(h["arch_weights"]["cell"])
+        assert w.shape == (6, 5)
+        torch.testing.assert_close(w.sum(-1), torch.ones(6))
+        ent = -(w * w.log()).sum(-1).mean().item()
+        assert h["entropy"] == pytest.approx(ent, rel=1e-5)
+    assert (out / "arch_weights.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    result = json.loads((out / "result.json").read_text())
+    assert result["arch"] == arch and result["finished"]
+    ckpt = load_checkpoint(str(out))
+    assert ckpt["epoch"] == 2 and ckpt["arch"] == arch
+    # one line per epoch on stdout, with losses, accuracies, entropy and images/s
+    lines = [ln for ln in stdout.splitlines() if ln.startswith("epoch ")]
+    assert len(lines) == 2 and all("img/s" in ln and "entropy" in ln and "acc" in ln for ln in lines)
+
+
+def test_darts_space_exports_a_genotype(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc, _, err = run_cli(
+        [
+            "--space",
+            "darts",
+            "--algorithm",
+            "gaea-pc-darts",
+            "--mode",
+            "erm",
+            "--cells",
+            "3",
+            "--epochs",
+            "1",
+            "--out",
+            str(out),
+            *TINY_ARGS,
+        ],
+        capsys,
+    )
+    assert rc == 0, err
+    g = darts.parse_genotype((out / "arch.txt").read_text().strip())
+    assert len(g.normal) == 8 and len(g.reduce) == 8
+    assert (out / "arch_weights.png").exists()
+
+
+def test_python_dash_m_entry_point(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastnas", "search", "--out", str(out), "--epochs", "1", *TINY_ARGS],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "architecture: |" in proc.stdout and (out / "arch.txt").exists()
+
+
+def test_nb201_table_reports_the_benchmark_accuracy(tmp_path, capsys):
+    out = tmp_path / "run"
+    # a table of every cell the run could find would be 15,625 rows; the run is seeded, so find its
+    # answer first, then look it up from a table that holds it among other rows
+    rc, _, err = run_cli(["--out", str(tmp_path / "probe"), "--epochs", "1", *TINY_ARGS], capsys)
+    assert rc == 0, err
+    arch = (tmp_path / "probe" / "arch.txt").read_text().strip()
+    table = tmp_path / "nb201.csv"
+    table.write_text(
+        "arch,cifar10_test_acc,cifar100_test_acc\n"
+        "|none~0|+|none~0|none~1|+|none~0|none~1|none~2|,10.0,1.0\n"
+        f"{arch},93.25,70.5\n"
+    )
+    rc, stdout, err = run_cli(["--out", str(out), "--epochs", "1", "--nb201-table", str(table), *TINY_ARGS], capsys)
+    assert rc == 0, err
+    result = json.loads((out / "result.json").read_text())
+    assert result["benchmark"] == {"cifar10_test_acc": 93.25, "cifar100_test_acc": 70.5}
+    assert "cifar10_test_acc 93.25" in stdout
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def _args(out, epochs=2, extra=()):
+    return [
+        "--out",
+        str(out),
+        "--epochs",
+        str(epochs),
+        "--batch-size",
+        "16",
+        "--channels",
+        "4",
+        "--limit-batches",
+        "3",
+        "--no-progress",
+        *extra,
+    ]
+
+
+@pytest.mark.parametrize("algorithm,mode", [("gaea-gdas", "erm"), ("darts", "bilevel")])
+def test_stop_and_resume_is_bit_identical(tmp_path, capsys, algorithm, mode):
+    extra = ["--algorithm", algorithm, "--mode", mode]
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert run_cli(_args(full, extra=extra), capsys)[0] == 0
+    rc, stdout, _ = run_cli(_args(part, extra=[*extra, "--stop-after", "1"]), capsys)
+    assert rc == 0 and "continue with --resume" in stdout
+    assert load_checkpoint(str(part))["epoch"] == 1 and not (part / "result.json").exists()
+    rc, stdout, err = run_cli([*_args(part, extra=extra), "--resume"], capsys)
+    assert rc == 0, err
+    assert "resuming after epoch 1" in stdout
+    a, b = load_checkpoint(str(full)), load_checkpoint(str(part))
+    assert_same_state(a, b)  # model, both optimizers, scheduler, RNG, history: bit for bit
+    assert (full / "arch.txt").read_text() == (part / "arch.txt").read_text()
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path, capsys):
+    """SIGKILL a real run once its first checkpoint exists, resume it, compare with an uninterrupted run."""
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    args = _args(killed, epochs=4, extra=["--algorithm", "gaea-darts", "--limit-batches", "4"])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fastnas", "search", *args],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    ckpt = killed / "checkpoint.pt"
+    deadline = time.time() + 240
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    epochs_done = load_checkpoint(str(killed))["epoch"]
+    assert 1 <= epochs_done < 4
+    rc, stdout, err = run_cli([*args, "--resume"], capsys)
+    assert rc == 0, err
+    assert run_cli(_args(full, epochs=4, extra=["--algorithm", "gaea-darts", "--limit-batches", "4"]), capsys)[0] == 0
+    a, b = load_checkpoint(str(full)), load_checkpoint(str(killed))
+    assert_same_state(a["model"], b["model"])
+    assert_same_state(a["arch_optimizer"], b["arch_optimizer"])
+    assert_same_state(a["weight_optimizer"], b["weight_optimizer"])
+    assert (full / "arch.txt").read_text() == (killed / "arch.txt").read_text()
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _expect_error(args, capsys, needle, watched=None):
+    before = snapshot(watched) if watched else None
+    rc, stdout, err = run_cli(args, capsys)
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("fastnas search: error: "), err
+    assert needle in lines[0], lines[0]
+    assert "Traceback" not in err
+    if watched:
+        assert snapshot(watched) == before, "a rejected command changed the output directory"
+
+
+def test_bad_names(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    _expect_error(["--space", "mobilenet", "--out", out], capsys, "unknown space 'mobilenet'")
+    _expect_error(["--algorithm", "enas", "--out", out], capsys, "unknown algorithm 'enas'")
+    _expect_error(["--algorithm", "pc-darts", "--out", out], capsys, "pc-darts needs --space darts")
+    _expect_error(["--mode", "trilevel", "--out", out], capsys, "unknown mode")
+    _expect_error(["--dataset", "mnist", "--out", out], capsys, "unknown data set 'mnist'")
+    _expect_error(["--amp", "fp8", "--out", out], capsys, "unknown --amp")
+    _expect_error(["--epochs", "zero", "--out", out], capsys, "invalid int value")
+    _expect_error(["--epochs", "0", "--out", out], capsys, "--epochs must be at least 1")
+    _expect_error(["--bogus-flag", "--out", out], capsys, "unrecognized arguments")
+    _expect_error(["--device", "tpu", "--out", out], capsys, "--device")
+    assert not os.path.exists(out)
+
+
+def test_missing_and_corrupt_data(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    _expect_error(["--dataset", "cifar10", "--out", out], capsys, "needs --data-dir")
+    _expect_error(
+        ["--dataset", "cifar10", "--data-dir", str(tmp_path / "nowhere"), "--out", out], capsys, "is not a directory"
+    )
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _expect_error(["--dataset", "cifar10", "--data-dir", str(empty), "--out", out], capsys, "no cifar10 data")
+    data = write_tiny_cifar10(str(tmp_path / "data"))
+    batch = os.path.join(data, "cifar-10-batches-py", "data_batch_3")
+    with open(batch, "wb") as f:
+        f.write(b"\x80\x04 this is not a pickle")
+    _expect_error(["--dataset", "cifar10", "--data-dir", data, "--out", out], capsys, "corrupt data file")
+    with open(batch, "wb") as f:
+        pickle.dump({b"data": [[1, 2, 3]], b"labels": [0]}, f)
+    _expect_error(["--dataset", "cifar10", "--data-dir", data, "--out", out], capsys, "corrupt data file")
+    os.remove(batch)
+    _expect_error(["--dataset", "cifar10", "--data-dir", data, "--out", out], capsys, "missing data file")
+    assert not os.path.exists(out)
+
+
+def test_occupied_output_and_bad_checkpoints(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_cli(_args(out, epochs=1, extra=["--limit-batches", "1"]), capsys)[0] == 0
+    # another run into the same directory is refused, and nothing there changes
+    _expect_error(_args(out, epochs=1), capsys, "already holds a search run", watched=str(out))
+    # resuming with another configuration
+    _expect_error(
+        [*_args(out, epochs=1, extra=["--algorithm", "darts"]), "--resume"],
+        capsys,
+        "from another run: algorithm",
+        watched=str(out),
+    )
+    _expect_error(
+        [*_args(out, epochs=1, extra=["--limit-batches", "1", "--seed", "3"]), "--resume"],
+        capsys,
+        "from another run: seed",
+        watched=str(out),
+    )
+    # nothing to resume
+    _expect_error([*_args(tmp_path / "fresh", epochs=1), "--resume"], capsys, "nothing to resume")
+    assert not (tmp_path / "fresh").exists()
+    # corrupt checkpoints: truncated, not a torch file, a torch file of something else
+    ckpt = out / "checkpoint.pt"
+    good = ckpt.read_bytes()
+    for payload in (good[: len(good) // 2], b"garbage"):
+        ckpt.write_bytes(payload)
+        _expect_error(
+            [*_args(out, epochs=1, extra=["--limit-batches", "1"]), "--resume"],
+            capsys,
+            "corrupt checkpoint",
+            watched=str(out),
+        )
+    torch.save({"weights": torch.zeros(3)}, ckpt)
+    _expect_error(
+        [*_args(out, epochs=1, extra=["--limit-batches", "1"]), "--resume"],
+        capsys,
+        "not a fastnas search checkpoint",
+        watched=str(out),
+    )
+    # a checkpoint whose tensors do not fit the network
+    ckpt.write_bytes(good)
+    bad = torch.load(ckpt, weights_only=True)
+    bad["model"] = {k: v[..., :1] if v.dim() else v for k, v in bad["model"].items()}
+    torch.save(bad, ckpt)
+    _expect_error(
+        [*_args(out, epochs=1, extra=["--limit-batches", "1"]), "--resume"],
+        capsys,
+        "does not fit this run",
+        watched=str(out),
+    )
+
+
+def test_bad_nb201_table(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    _expect_error(["--out", out, "--nb201-table", str(tmp_path / "missing.csv")], capsys, "does not exist")
+    bad = tmp_path / "bad.csv"
+    bad.write_text("arch,acc\n|none~0|+|none~0|none~1|+|none~0|none~1|none~2|,high\n")
+    _expect_error(["--out", out, "--nb201-table", str(bad)], capsys, "non-numeric accuracy")
+    _expect_error(["--space", "darts", "--out", out, "--nb201-table", str(bad)], capsys, "needs --space nb201")
+    assert not os.path.exists(out)
+
+
+def test_top_level_usage(capsys):
+    assert fastnas_main([]) == 2
+    assert fastnas_main(["train"]) == 2
+    assert "unknown command" in capsys.readouterr().err
+    assert search_main(["--help"]) == 0
+    assert "--nb201-table" in capsys.readouterr().out
