@@ -471,15 +471,17 @@ class _Search:
         self.weight_params = list(self.net.weight_parameters())
         self.model: nn.Module = self.net
         if ddp.active:
-            names = {id(p): n for n, p in self.net.named_parameters()}
-            nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-                self.net, [names[id(p)] for p in self.arch_params]
-            )
+            # DDP registers only the parameters that require grad when it is built: the architecture
+            # parameters stay out of its buckets (their gradients are all-reduced by hand)
+            for p in self.arch_params:
+                p.requires_grad_(False)
             self.model = nn.parallel.DistributedDataParallel(
                 self.net,
                 device_ids=[device.index] if device.type == "cuda" else None,
                 find_unused_parameters=alg.sampler is not None,
             )
+            for p in self.arch_params:
+                p.requires_grad_(True)
         self.w_opt = torch.optim.SGD(
             self.weight_params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
         )
