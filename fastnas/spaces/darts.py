@@ -463,7 +463,7 @@ class Network(_arch.ArchMixin, nn.Module):
         b_normal = b_reduce = None
         if self.partial_channels > 1:
             b_normal, b_reduce = self._edge_weights(self.betas_normal), self._edge_weights(self.betas_reduce)
-        s0 = s1 = self.stem(x.contiguous(memory_format=preferred_memory_format(x.device)))
+        s0 = s1 = self.stem(x.contiguous(memory_format=preferred_memory_format(x)))
         for cell in self.cells:
             if cell.reduction:
                 s0, s1 = s1, cell(s0, s1, w_reduce, sel_reduce, b_reduce)

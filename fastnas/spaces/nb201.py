@@ -403,7 +403,7 @@ class Network(_arch.ArchMixin, nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         weights, selected = self._op_weights(self.alphas)
-        feature = self.stem(x.contiguous(memory_format=preferred_memory_format(x.device)))
+        feature = self.stem(x.contiguous(memory_format=preferred_memory_format(x)))
         for cell in self.cells:
             feature = cell(feature, weights, selected) if isinstance(cell, SearchCell) else cell(feature)
         out = self.global_pooling(self.lastact(feature))

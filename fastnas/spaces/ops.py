@@ -66,10 +66,13 @@ class Identity(nn.Module):
         return x
 
 
-def preferred_memory_format(device: torch.device) -> torch.memory_format:
-    """The layout the supernets run in: channels_last on CPU (oneDNN convolutions, pooling and the
-    box filter are markedly faster in NHWC there), the usual contiguous NCHW elsewhere."""
-    return torch.channels_last if device.type == "cpu" else torch.contiguous_format
+def preferred_memory_format(x: Tensor) -> torch.memory_format:
+    """The layout the supernets run ``x`` in: channels_last for float32/16-bit CPU tensors (oneDNN's
+    convolutions, pooling and the box filter are markedly faster in NHWC there), the usual contiguous
+    NCHW otherwise (float64 has no oneDNN path: NHWC would be slower)."""
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 # --------------------------------------------------------------------------- BatchNorm that keeps its output
