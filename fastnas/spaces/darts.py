@@ -324,7 +324,7 @@ class Cell(nn.Module):
         self.last_computed = []
         device = weights.device
         offset = 0
-        for i in range(self._steps):
+        for _ in range(self._steps):
             outs, pairs, passes = [], [], []
             for j, h in enumerate(states):
                 e = offset + j

@@ -93,9 +93,7 @@ class POOLING(nn.Module):
         self, C_in: int, C_out: int, stride: int, mode: str, affine: bool = True, track_running_stats: bool = True
     ):
         super().__init__()
-        self.preprocess = (
-            None if C_in == C_out else ReLUConvBN(C_in, C_out, 1, 1, 0, 1, affine, track_running_stats)
-        )
+        self.preprocess = None if C_in == C_out else ReLUConvBN(C_in, C_out, 1, 1, 0, 1, affine, track_running_stats)
         if mode == "avg":
             self.op = nn.AvgPool2d(3, stride=stride, padding=1, count_include_pad=False)
         elif mode == "max":
@@ -127,9 +125,7 @@ class FactorizedReduce(nn.Module):
         self.relu = nn.ReLU(inplace=False)
         if stride == 2:
             C_outs = [C_out // 2, C_out - C_out // 2]
-            self.convs = nn.ModuleList(
-                nn.Conv2d(C_in, c, 1, stride=stride, padding=0, bias=not affine) for c in C_outs
-            )
+            self.convs = nn.ModuleList(nn.Conv2d(C_in, c, 1, stride=stride, padding=0, bias=not affine) for c in C_outs)
             self.pad = nn.ConstantPad2d((0, 1, 0, 1), 0)
         elif stride == 1:
             self.conv = nn.Conv2d(C_in, C_out, 1, stride=stride, padding=0, bias=not affine)
@@ -239,7 +235,9 @@ class SearchCell(nn.Module):
         for i in range(1, max_nodes):
             for j in range(i):
                 s, c = (stride, C_in) if j == 0 else (1, C_out)
-                self.edges[f"{i}<-{j}"] = nn.ModuleList(OPS[n](c, C_out, s, affine, track_running_stats) for n in op_names)
+                self.edges[f"{i}<-{j}"] = nn.ModuleList(
+                    OPS[n](c, C_out, s, affine, track_running_stats) for n in op_names
+                )
         self.edge_keys = sorted(self.edges.keys())
         self.edge2index = {key: i for i, key in enumerate(self.edge_keys)}
         self.num_edges = len(self.edges)

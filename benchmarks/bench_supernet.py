@@ -1,0 +1,170 @@
+"""One supernet training step of fastnas.spaces against the eager supernet: time and memory.
+
+A step is ``zero_grad``, forward, cross-entropy, backward to every weight and architecture
+parameter (DARTS softmax weighting). The eager supernet (``benchmarks/eager_supernets.py``) computes
+the way DARTS's ``model_search.py`` and xautodl's ``NAS201SearchCell`` do: every op its own module,
+``none`` a real zero tensor, ``sum(w * op(x))`` per edge, NCHW. Both networks hold the same
+parameters (the state_dict is copied).
+
+Sizes: NAS-Bench-201 at C=16, N=5, batch 64, 32x32 everywhere; DARTS at C=16, 8 layers, 32x32, batch
+64 on a GPU and batch 8 on a CPU.
+
+What is measured:
+
+* ``median_s``: median wall time of a step, fastnas and eager in interleaved rounds (a shared, noisy
+  machine drifts for both alike).
+* ``peak_MiB``: on CUDA, ``torch.cuda.max_memory_allocated`` during a step minus what was allocated
+  before it. On CPU (no allocator statistics), the peak of the bytes allocated and not yet freed
+  during a step, from the torch profiler's memory events (allocations per op, frees as they happen),
+  at op granularity: the same quantity, measured from outside the allocator.
+* ``saved_MiB``: bytes of the distinct tensors autograd keeps for the backward (parameters excluded),
+  via ``torch.autograd.graph.saved_tensors_hooks`` — what the forward leaves alive for the backward,
+  which is what the peak of a training step is made of.
+
+Run:  pytest benchmarks/bench_supernet.py --benchmark-only     (results in each benchmark's extra_info)
+      python benchmarks/bench_supernet.py [--rounds 5] [--space nb201|darts]   (prints a table)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from eager_supernets import EagerDartsNetwork, EagerNB201Network  # noqa: E402
+from timing import interleaved_medians, synchronize  # noqa: E402
+
+import fastnas  # noqa: E402
+from fastnas.spaces import darts, nb201  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SIZES = {  # space -> (network kwargs, batch on cuda, batch on cpu)
+    "nb201": (dict(C=16, N=5), 64, 64),
+    "darts": (dict(C=16, layers=8), 64, 8),
+}
+ROUNDS = 10 if DEVICE == "cuda" else 5
+
+
+def build(space: str, device: str = DEVICE, seed: int = 0) -> tuple[nn.Module, nn.Module, torch.Tensor, torch.Tensor]:
+    """(fastnas network, eager network with the same parameters, images, labels) at the space's size."""
+    kwargs, batch_cuda, batch_cpu = SIZES[space]
+    torch.manual_seed(seed)
+    fast_cls, eager_cls = (nb201.Network, EagerNB201Network) if space == "nb201" else (darts.Network, EagerDartsNetwork)
+    fast = fast_cls(**kwargs).to(device)
+    eager = eager_cls(**kwargs).to(device)
+    eager.load_state_dict(fast.state_dict())
+    batch = batch_cuda if torch.device(device).type == "cuda" else batch_cpu
+    x = torch.randn(batch, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    return fast, eager, x, y
+
+
+def train_step(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+    """Forward, loss and backward to every weight and architecture parameter."""
+    net.zero_grad(set_to_none=True)
+    F.cross_entropy(net(x), y).backward()
+
+
+def peak_bytes(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
+    """Peak bytes allocated during one step beyond what was allocated before it (see module docstring)."""
+    net.zero_grad(set_to_none=True)
+    if x.device.type == "cuda":
+        synchronize(x.device)
+        torch.cuda.reset_peak_memory_stats(x.device)
+        before = torch.cuda.memory_allocated(x.device)
+        train_step(net, x, y)
+        synchronize(x.device)
+        return torch.cuda.max_memory_allocated(x.device) - before
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        train_step(net, x, y)
+    live = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += event.self_cpu_memory_usage  # an op's own allocations, or a "[memory]" free (negative)
+        peak = max(peak, live)
+    return peak
+
+
+def saved_bytes(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
+    """Bytes of the distinct non-parameter tensors autograd saves for the backward of one step."""
+    params = {p.untyped_storage().data_ptr() for p in net.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    net.zero_grad(set_to_none=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = F.cross_entropy(net(x), y)
+    loss.backward()
+    return sum(seen.values())
+
+
+def measure(space: str, rounds: int = ROUNDS, device: str = DEVICE) -> dict:
+    """Side-by-side numbers of one space (see the module docstring)."""
+    fast, eager, x, y = build(space, device)
+    medians = interleaved_medians(
+        {"fastnas": lambda: train_step(fast, x, y), "eager": lambda: train_step(eager, x, y)},
+        device,
+        rounds=rounds,
+        warmup=1,
+    )
+    info = {
+        "space": space,
+        "device": device,
+        "threads": torch.get_num_threads(),
+        "mixed_sum_backend": fastnas.get_backend(device),
+        "batch": x.shape[0],
+        **{k: v for k, v in SIZES[space][0].items()},
+        "median_s": {k: round(v, 4) for k, v in medians.items()},
+        "speedup": round(medians["eager"] / medians["fastnas"], 3),
+    }
+    for name, measure_fn in (("peak_MiB", peak_bytes), ("saved_MiB", saved_bytes)):
+        values = {"fastnas": measure_fn(fast, x, y), "eager": measure_fn(eager, x, y)}
+        info[name] = {k: round(v / 2**20, 1) for k, v in values.items()}
+        info[name.replace("MiB", "ratio")] = round(values["fastnas"] / values["eager"], 3)
+    return info
+
+
+@pytest.mark.parametrize("space", list(SIZES))
+def test_supernet_step(benchmark, space):
+    """fastnas against eager, interleaved; the benchmark's own timing is the fastnas step."""
+    info = measure(space)
+    benchmark.extra_info.update(info)
+    fast, _, x, y = build(space)
+    benchmark.pedantic(lambda: (train_step(fast, x, y), synchronize(DEVICE)), rounds=2, iterations=1, warmup_rounds=1)
+
+
+def _table(rows: list[dict]) -> str:
+    lines = [
+        "| space | batch | device | fastnas s | eager s | speedup | peak MiB fastnas / eager (ratio) "
+        "| saved MiB fastnas / eager (ratio) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['space']} | {r['batch']} | {r['device']} ({r['threads']} threads) | {r['median_s']['fastnas']} "
+            f"| {r['median_s']['eager']} | {r['speedup']}x | {r['peak_MiB']['fastnas']} / {r['peak_MiB']['eager']} "
+            f"({r['peak_ratio']}) | {r['saved_MiB']['fastnas']} / {r['saved_MiB']['eager']} ({r['saved_ratio']}) |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--space", choices=list(SIZES), action="append")
+    parser.add_argument("--rounds", type=int, default=ROUNDS)
+    parser.add_argument("--device", default=DEVICE)
+    args = parser.parse_args()
+    rows = [measure(space, args.rounds, args.device) for space in (args.space or list(SIZES))]
+    print(_table(rows))
