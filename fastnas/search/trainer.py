@@ -795,6 +795,13 @@ class _Search:
                 p.copy_(w)
         return self.net.export(), best_acc
 
+    def _op_names(self) -> list[str]:
+        if self.cfg.space == "nb201":
+            from fastnas.spaces.nb201 import PRIMITIVES
+        else:
+            from fastnas.spaces.darts import PRIMITIVES
+        return list(PRIMITIVES)
+
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
         if self.is_main:
@@ -827,7 +834,7 @@ class _Search:
             if cfg.stop_after is not None and done_now >= cfg.stop_after and epoch + 1 < cfg.epochs:
                 if self.is_main:
                     self.log(f"stopping after {done_now} epochs as asked; continue with --resume")
-                    plot_arch_weights(self.history, os.path.join(cfg.out, "arch_weights.png"))
+                    plot_arch_weights(self.history, os.path.join(cfg.out, "arch_weights.png"), self._op_names())
                 return {"arch": self.net.export(), "epochs_done": epoch + 1, "finished": False, "history": self.history}
         result: dict[str, Any] = {"arch": self.net.export(), "epochs_done": cfg.epochs, "finished": True}
         if self.alg.sampler == "uniform":
@@ -855,28 +862,29 @@ class _Search:
             self.log(f"architecture: {result['arch']}")
             _atomic_write_text(os.path.join(cfg.out, "arch.txt"), result["arch"] + "\n")
             _atomic_write_text(os.path.join(cfg.out, "result.json"), json.dumps(result, indent=1))
-            plot_arch_weights(self.history, os.path.join(cfg.out, "arch_weights.png"))
+            plot_arch_weights(self.history, os.path.join(cfg.out, "arch_weights.png"), self._op_names())
         result["history"] = self.history
         return result
 
 
-def plot_arch_weights(history: list[dict[str, Any]], path: str) -> None:
-    """PNG of every edge's op weights over the epochs, one panel per edge, one figure row per cell type."""
+def plot_arch_weights(history: list[dict[str, Any]], path: str, op_names: list[str] | None = None) -> None:
+    """PNG of every edge's op weights over the epochs: one panel per edge, one line per op (named by
+    ``op_names``), the panels of each cell type in their own rows. Written atomically."""
     if not history:
         return
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     cells = list(history[0]["arch_weights"])
     epochs = [h["epoch"] for h in history]
     n_edges = max(len(history[0]["arch_weights"][c]) for c in cells)
     cols = min(n_edges, 7)
     rows_per_cell = math.ceil(n_edges / cols)
-    fig, axes = plt.subplots(
-        rows_per_cell * len(cells), cols, figsize=(2.2 * cols, 1.9 * rows_per_cell * len(cells)), squeeze=False
-    )
+    height = 1.9 * rows_per_cell * len(cells) + 0.5
+    fig, axes = plt.subplots(rows_per_cell * len(cells), cols, figsize=(2.2 * cols, height), squeeze=False)
     for ci, cell in enumerate(cells):
         w = np.array([h["arch_weights"][cell] for h in history])  # [epochs, edges, ops]
         for e in range(rows_per_cell * cols):
@@ -885,13 +893,14 @@ def plot_arch_weights(history: list[dict[str, Any]], path: str) -> None:
                 ax.axis("off")
                 continue
             for k in range(w.shape[2]):
-                ax.plot(epochs, w[:, e, k], label=str(k))
+                ax.plot(epochs, w[:, e, k], label=op_names[k] if op_names else str(k))
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_ylim(0, 1)
             ax.set_title(f"{cell} edge {e}", fontsize=8)
             ax.tick_params(labelsize=6)
     axes[0][0].legend(fontsize=5, loc="upper left")
-    fig.suptitle("architecture weights over epochs (one line per op, in PRIMITIVES order)", fontsize=9)
-    fig.tight_layout()
+    fig.suptitle("architecture weights over the epochs (one panel per edge, one line per op)", fontsize=9)
+    fig.subplots_adjust(left=0.04, right=0.99, bottom=0.3 / height, top=1 - 0.55 / height, wspace=0.3, hspace=0.6)
     tmp = f"{path}.tmp.{os.getpid()}.png"
     fig.savefig(tmp, dpi=80)
     plt.close(fig)
