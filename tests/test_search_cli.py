@@ -32,23 +32,8 @@ def test_end_to_end_on_tiny_cifar10(tmp_path, capsys):
     out = tmp_path / "run"
     rc, stdout, err = run_cli(
         [
-            "--dataset",
-            "cifar10",
-            "--data-dir",
-            data,
-            "--out",
-            str(out),
-            "--epochs",
-            "2",
-            "--cells",
-            "1",
-            "--batch-size",
-            "8",
-            "--channels",
-            "4",
-            "--no-progress",
-            "--algorithm",
-            "gaea-darts",
+            *("--dataset", "cifar10", "--data-dir", data, "--out", str(out), "--epochs", "2", "--cells", "1"),
+            *("--batch-size", "8", "--channels", "4", "--no-progress", "--algorithm", "gaea-darts", "--threads", "1"),
         ],
         capsys,
     )
