@@ -216,6 +216,8 @@ def test_bad_names(tmp_path, capsys):
     _expect_error(["--epochs", "0", "--out", out], capsys, "--epochs must be at least 1")
     _expect_error(["--bogus-flag", "--out", out], capsys, "unrecognized arguments")
     _expect_error(["--device", "tpu", "--out", out], capsys, "--device")
+    _expect_error(["--entropy-weight", "20", "--out", out], capsys, "must be below 1 for GAEA")
+    _expect_error(["--arch-lr", "-1", "--out", out], capsys, "--arch-lr must be a finite number >= 0")
     assert not os.path.exists(out)
 
 

@@ -155,6 +155,11 @@ def _resolve(cfg: SearchConfig) -> tuple[SearchConfig, Algorithm]:
         v = getattr(cfg, name)
         if v is not None and not (math.isfinite(v) and v >= 0):
             raise SearchError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v}")
+    if alg.arch_optimizer == "gaea":
+        lr = alg.arch_lr if cfg.arch_lr is None else cfg.arch_lr
+        lam = alg.entropy_weight if cfg.entropy_weight is None else cfg.entropy_weight
+        if lr * lam >= 1.0:
+            raise SearchError(f"--arch-lr times --entropy-weight must be below 1 for GAEA, got {lr} * {lam}")
     if cfg.space == "darts" and cfg.cells < 3:
         raise SearchError(f"--cells (layers) of the darts space must be at least 3, got {cfg.cells}")
     if cfg.nb201_table is not None and cfg.space != "nb201":
