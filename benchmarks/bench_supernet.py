@@ -14,9 +14,11 @@ What is measured:
 * ``median_s``: median wall time of a step, fastnas and eager in interleaved rounds (a shared, noisy
   machine drifts for both alike).
 * ``peak_MiB``: on CUDA, ``torch.cuda.max_memory_allocated`` during a step minus what was allocated
-  before it. On CPU (no allocator statistics), the peak of the bytes allocated and not yet freed
-  during a step, from the torch profiler's memory events (allocations per op, frees as they happen),
-  at op granularity: the same quantity, measured from outside the allocator.
+  before it. On CPU (torch keeps no allocator statistics there), the peak over the step of the heap
+  in use (glibc ``mallinfo2``: bytes handed out by malloc, mmapped blocks included) minus its value
+  before the step, sampled after every ATen or custom op of the forward and the backward: the same
+  quantity at op granularity, and it sees allocations made inside C++ kernels, which the torch
+  profiler's memory events miss. -1 where glibc's ``mallinfo2`` is unavailable.
 * ``saved_MiB``: bytes of the distinct tensors autograd keeps for the backward (parameters excluded),
   via ``torch.autograd.graph.saved_tensors_hooks`` — what the forward leaves alive for the backward,
   which is what the peak of a training step is made of.
@@ -28,6 +30,8 @@ Run:  pytest benchmarks/bench_supernet.py --benchmark-only     (results in each 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import os
 import sys
 
@@ -35,6 +39,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from eager_supernets import EagerDartsNetwork, EagerNB201Network  # noqa: E402
@@ -71,6 +76,41 @@ def train_step(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
     F.cross_entropy(net(x), y).backward()
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                     "keepcost")
+    ]  # fmt: skip
+
+
+def _heap_in_use() -> int:
+    """Bytes malloc has handed out and not taken back (glibc ``mallinfo2``: heap in use + mmapped)."""
+    info = _LIBC.mallinfo2()
+    return info.uordblks + info.hblkhd
+
+
+try:
+    _LIBC = ctypes.CDLL("libc.so.6")
+    _LIBC.mallinfo2.restype = _MallInfo2
+except (OSError, AttributeError):  # not glibc >= 2.33
+    _LIBC = None
+
+
+class _HeapPeak(TorchDispatchMode):
+    """Samples the heap in use after every ATen/custom op (forward and backward)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.base = _heap_in_use()
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.peak = max(self.peak, _heap_in_use() - self.base)
+        return out
+
+
 def peak_bytes(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
     """Peak bytes allocated during one step beyond what was allocated before it (see module docstring)."""
     net.zero_grad(set_to_none=True)
@@ -81,15 +121,16 @@ def peak_bytes(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
         train_step(net, x, y)
         synchronize(x.device)
         return torch.cuda.max_memory_allocated(x.device) - before
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        train_step(net, x, y)
-    live = peak = 0
-    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
-        live += event.self_cpu_memory_usage  # an op's own allocations, or a "[memory]" free (negative)
-        peak = max(peak, live)
-    return peak
+    if _LIBC is None:
+        return -1
+    gc.collect()  # no garbage of earlier steps freed (and counted negative) during this one
+    gc.disable()
+    try:
+        with _HeapPeak() as mode:
+            train_step(net, x, y)
+    finally:
+        gc.enable()
+    return mode.peak
 
 
 def saved_bytes(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:

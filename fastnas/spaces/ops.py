@@ -126,10 +126,10 @@ class _LeanBatchNormSplit(torch.autograd.Function):
     def forward(ctx, x: Tensor, eps: float, parts: int):
         mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)  # biased variance, one pass
         invstd = torch.rsqrt(var + eps)
-        shift = -mean * invstd
+        shift, scale = (-mean * invstd).to(x.dtype), invstd.to(x.dtype)  # 16-bit inputs: stats in float32
         ys = [
             torch.addcmul(s[None, :, None, None], xc, i[None, :, None, None])
-            for xc, s, i in zip(x.chunk(parts, dim=1), shift.chunk(parts), invstd.chunk(parts))
+            for xc, s, i in zip(x.chunk(parts, dim=1), shift.chunk(parts), scale.chunk(parts))
         ]
         ctx.eps = eps
         ctx.save_for_backward(invstd, *ys)
