@@ -291,3 +291,23 @@ def test_network_float32_channels_last_path(sampler):
     torch.testing.assert_close(lf, le, rtol=1e-4, atol=1e-5)
     for k in gf:  # fp32 rounding through batch statistics: tolerance relative to each gradient's scale
         torch.testing.assert_close(gf[k], ge[k], rtol=1e-3, atol=1e-3 * ge[k].abs().max().item() + 1e-5)
+
+
+def test_search_cell_select_and_dynamic_match_reference():
+    torch.manual_seed(12)
+    fast = nb201.SearchCell(4, 4, 1, 4, nb201.PRIMITIVES).double()
+    eager = EagerNB201Cell(4).double()
+    eager.load_state_dict(fast.state_dict())
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    w = torch.randn(6, 5, dtype=torch.float64)
+    ones = torch.ones(6, 5, dtype=torch.float64)
+    best = w.argmax(-1).tolist()
+    torch.testing.assert_close(fast.forward_select(x, w), eager(x, ones, best), **TOL)
+    torch.testing.assert_close(fast.forward_joint(x, w.softmax(-1)), eager(x, w.softmax(-1)), **TOL)
+    nodes = nb201.parse_arch_string(
+        "|nor_conv_3x3~0|+|avg_pool_3x3~0|skip_connect~1|+|nor_conv_1x1~0|none~1|skip_connect~2|"
+    )
+    index = [nb201.PRIMITIVES.index(op) for node in nodes for op, _ in node]  # edge_keys order = this order here
+    order = [fast.edge2index[f"{i}<-{j}"] for i, node in enumerate(nodes, start=1) for _, j in node]
+    by_edge = [index[order.index(e)] for e in range(6)]
+    torch.testing.assert_close(fast.forward_dynamic(x, nodes), eager(x, ones, by_edge), **TOL)

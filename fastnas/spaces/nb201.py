@@ -280,6 +280,27 @@ class SearchCell(nn.Module):
         ``[num_edges, 1]``."""
         return self.forward(inputs, hardwts, [[int(k)] for k in index.reshape(-1).tolist()])
 
+    def forward_joint(self, inputs: Tensor, weightss: Tensor) -> Tensor:
+        """xautodl's ``forward_joint``: the same weighted sum as :meth:`forward`."""
+        return self.forward(inputs, weightss)
+
+    def forward_select(self, inputs: Tensor, weightss: Tensor) -> Tensor:
+        """Only the argmax op of each edge, unweighted (no gradient to ``weightss``)."""
+        ones = torch.ones(self.num_edges, len(self.op_names), dtype=inputs.dtype, device=inputs.device)
+        return self.forward(inputs, ones, [[int(k)] for k in weightss.argmax(dim=-1).tolist()])
+
+    def forward_dynamic(self, inputs: Tensor, structure) -> Tensor:
+        """A fixed architecture, unweighted: ``structure.nodes`` (xautodl's ``Structure``) or the nodes
+        themselves (as :func:`parse_arch_string` returns them), node ``i`` listing its ``(op, j)`` inputs;
+        edges it does not list are not computed."""
+        nodes = getattr(structure, "nodes", structure)
+        selected: list[list[int]] = [[] for _ in range(self.num_edges)]
+        for i, node in enumerate(nodes, start=1):
+            for op_name, j in node:
+                selected[self.edge2index[f"{i}<-{j}"]].append(self.op_names.index(op_name))
+        ones = torch.ones(self.num_edges, len(self.op_names), dtype=inputs.dtype, device=inputs.device)
+        return self.forward(inputs, ones, selected)
+
     def _emit(self, j: int, x: Tensor, selected, pending) -> None:
         """Compute every needed op of every edge leaving node ``j`` and queue it for its target node."""
         relu: list[Tensor] = []
