@@ -151,15 +151,15 @@ def saved_bytes(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
     return sum(seen.values())
 
 
-def measure(space: str, rounds: int = ROUNDS, device: str = DEVICE) -> dict:
-    """Side-by-side numbers of one space (see the module docstring)."""
+def measure(space: str, rounds: int = ROUNDS, device: str = DEVICE, with_nhwc: bool = False) -> dict:
+    """Side-by-side numbers of one space (see the module docstring). ``with_nhwc`` also times the
+    eager supernet fed a channels_last batch (``eager-nhwc``), the layout fastnas runs in on CPU."""
     fast, eager, x, y = build(space, device)
-    medians = interleaved_medians(
-        {"fastnas": lambda: train_step(fast, x, y), "eager": lambda: train_step(eager, x, y)},
-        device,
-        rounds=rounds,
-        warmup=1,
-    )
+    fns = {"fastnas": lambda: train_step(fast, x, y), "eager": lambda: train_step(eager, x, y)}
+    if with_nhwc:
+        x_nhwc = x.contiguous(memory_format=torch.channels_last)
+        fns["eager-nhwc"] = lambda: train_step(eager, x_nhwc, y)
+    medians = interleaved_medians(fns, device, rounds=rounds, warmup=1)
     info = {
         "space": space,
         "device": device,
@@ -170,6 +170,8 @@ def measure(space: str, rounds: int = ROUNDS, device: str = DEVICE) -> dict:
         "median_s": {k: round(v, 4) for k, v in medians.items()},
         "speedup": round(medians["eager"] / medians["fastnas"], 3),
     }
+    if with_nhwc:
+        info["speedup_vs_eager_nhwc"] = round(medians["eager-nhwc"] / medians["fastnas"], 3)
     for name, measure_fn in (("peak_MiB", peak_bytes), ("saved_MiB", saved_bytes)):
         values = {"fastnas": measure_fn(fast, x, y), "eager": measure_fn(eager, x, y)}
         info[name] = {k: round(v / 2**20, 1) for k, v in values.items()}
@@ -206,6 +208,15 @@ if __name__ == "__main__":
     parser.add_argument("--space", choices=list(SIZES), action="append")
     parser.add_argument("--rounds", type=int, default=ROUNDS)
     parser.add_argument("--device", default=DEVICE)
+    parser.add_argument(
+        "--with-nhwc", action="store_true", help="also time the eager supernet on a channels_last batch"
+    )
     args = parser.parse_args()
-    rows = [measure(space, args.rounds, args.device) for space in (args.space or list(SIZES))]
+    rows = [measure(space, args.rounds, args.device, args.with_nhwc) for space in (args.space or list(SIZES))]
     print(_table(rows))
+    for r in rows:
+        if "speedup_vs_eager_nhwc" in r:
+            print(
+                f"{r['space']}: eager on a channels_last batch {r['median_s']['eager-nhwc']} s, "
+                f"fastnas {r['speedup_vs_eager_nhwc']}x faster"
+            )
