@@ -38,6 +38,7 @@ from fastnas.spaces.ops import (
     avg_pool_3x3,
     batch_norm,
     batch_norm_stats,
+    index_tensor,
     lean_bn_eligible,
     preferred_memory_format,
     run_tail,
@@ -246,7 +247,7 @@ class MixedOp(nn.Module):
             raise ValueError(f"weights must have shape [{len(self._ops)}], got {tuple(weights.shape)}")
         ops = [k for k in range(len(self._ops)) if k != _NONE]
         outs = self.candidates(x, ops)
-        return fastnas.mixed_sum(outs, weights[torch.tensor(ops, device=weights.device)])
+        return fastnas.mixed_sum(outs, weights[index_tensor(tuple(ops), weights.device)])
 
 
 def channel_shuffle(x: Tensor, groups: int) -> Tensor:
@@ -352,8 +353,8 @@ class Cell(nn.Module):
     def _node_sum(outs, pairs, weights, edge_weights, offset, shape, device, like) -> Tensor:
         if not outs:  # every sampled op is 'none': the node is zero
             return like.new_zeros(shape)
-        e_idx = torch.tensor([e for e, _ in pairs], device=device)
-        w = weights[e_idx, torch.tensor([q for _, q in pairs], device=device)]
+        e_idx = index_tensor(tuple(e for e, _ in pairs), device)
+        w = weights[e_idx, index_tensor(tuple(q for _, q in pairs), device)]
         if edge_weights is not None:
             w = w * edge_weights[e_idx - offset]
         return fastnas.mixed_sum(outs, w)

@@ -36,6 +36,7 @@ from fastnas.spaces.ops import (
     avg_pool_3x3,
     batch_norm,
     batch_norm_split,
+    index_tensor,
     lean_bn_eligible,
     preferred_memory_format,
     run_tail,
@@ -266,7 +267,8 @@ class SearchCell(nn.Module):
             self._emit(j, nodes[j], selected, pending)
             outs, e_idx, k_idx = pending.pop(j + 1, ([], [], []))
             if outs:
-                w = weightss[torch.tensor(e_idx, device=weightss.device), torch.tensor(k_idx, device=weightss.device)]
+                device = weightss.device
+                w = weightss[index_tensor(tuple(e_idx), device), index_tensor(tuple(k_idx), device)]
                 nodes.append(fastnas.mixed_sum(outs, w))
             else:  # every computed op of this node is 'none'
                 B, _, H, W = inputs.shape

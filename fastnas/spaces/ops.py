@@ -66,6 +66,13 @@ class Identity(nn.Module):
         return x
 
 
+@functools.lru_cache(maxsize=4096)
+def index_tensor(values: tuple[int, ...], device: torch.device) -> Tensor:
+    """A cached int64 tensor of ``values`` on ``device``: after its first use no host-to-device copy
+    (on CUDA a blocking one, which would stall the CPU at every node) is made. Never modify it."""
+    return torch.tensor(values, dtype=torch.long, device=device)
+
+
 def preferred_memory_format(x: Tensor) -> torch.memory_format:
     """The layout the supernets run ``x`` in: channels_last for float32/16-bit CPU tensors (oneDNN's
     convolutions, pooling and the box filter are markedly faster in NHWC there), the usual contiguous
