@@ -315,7 +315,7 @@ class Cell(nn.Module):
             weights: ``[num_edges, len(PRIMITIVES)]`` op weights (differentiable), e.g. a softmax.
             selected: per edge, the op indices to compute (GDAS: the sampled one); None: every op.
                 ``none`` is skipped either way.
-            edge_weights: ``[num_edges]`` PC-DARTS edge weights (normalised per node), or None.
+            edge_weights: ``[num_edges]`` PC-DARTS edge weights (normalised per node), or None (all 1).
 
         Returns ``[B, multiplier * C, H', W']`` (``H' = H/2`` in a reduction cell).
         """
@@ -343,7 +343,9 @@ class Cell(nn.Module):
             ew = None if edge_weights is None else edge_weights[offset : offset + len(states)]
             node = self._node_sum(outs, pairs, weights, ew, offset, shape, device, states[0])
             if k > 1:
-                node = channel_shuffle(torch.cat([node, fastnas.mixed_sum(passes, ew)], dim=1), k)
+                ones = torch.ones(len(passes), dtype=weights.dtype, device=device)
+                bypass = fastnas.mixed_sum(passes, ones if ew is None else ew)
+                node = channel_shuffle(torch.cat([node, bypass], dim=1), k)
             offset += len(states)
             states.append(node)
             shared.append({})
