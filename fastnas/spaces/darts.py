@@ -233,10 +233,11 @@ class MixedOp(nn.Module):
         if not lean_bn_eligible(bn):
             return bn(pooled)
         hit = shared.get((key, "bn", bn.eps))
-        if hit is None:
-            y, mean, invstd = batch_norm_stats(pooled, bn.eps)
-            hit = shared[(key, "bn", bn.eps)] = (y, mean, invstd, pooled.numel() // pooled.shape[1])
-        y, mean, invstd, count = hit
+        if hit is None:  # the first edge computes it (its running statistics updated by the kernel) ...
+            y, mean, invstd = batch_norm_stats(pooled, bn)
+            shared[(key, "bn", bn.eps)] = (y, mean, invstd, pooled.numel() // pooled.shape[1])
+            return y
+        y, mean, invstd, count = hit  # ... the others reuse it and update their own statistics
         update_running_stats(bn, mean, invstd, count)
         return y
 

@@ -109,11 +109,12 @@ def _bn_backward_from_output(grad: Tensor, y: Tensor, invstd: Tensor, eps: float
 
 
 class _LeanBatchNorm(torch.autograd.Function):
-    """``y = (x - mean_c) * invstd_c`` with batch statistics; saves ``y`` and ``invstd`` only."""
+    """``y = (x - mean_c) * invstd_c`` with batch statistics; saves ``y`` and ``invstd`` only. Running
+    statistics, when given, are updated in place by the native kernel (as ``F.batch_norm`` does)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, eps: float):
-        y, mean, invstd = torch.native_batch_norm(x, None, None, None, None, True, 0.0, eps)
+    def forward(ctx, x: Tensor, eps: float, running_mean: Tensor | None, running_var: Tensor | None, factor: float):
+        y, mean, invstd = torch.native_batch_norm(x, None, None, running_mean, running_var, True, factor, eps)
         ctx.eps = eps
         ctx.save_for_backward(y, invstd)
         ctx.mark_non_differentiable(mean, invstd)
@@ -122,7 +123,21 @@ class _LeanBatchNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor, _gm, _gi):
         y, invstd = ctx.saved_tensors
-        return _bn_backward_from_output(grad, y, invstd, ctx.eps), None
+        return _bn_backward_from_output(grad, y, invstd, ctx.eps), None, None, None, None
+
+
+def _claim_running_stats(bn: nn.BatchNorm2d | None) -> tuple[Tensor | None, Tensor | None, float]:
+    """``(running_mean, running_var, factor)`` for the native kernel to update in place as ``bn``'s own
+    forward would (``num_batches_tracked`` is counted here); ``(None, None, 0.0)`` when there is nothing
+    to update."""
+    if bn is None or not (bn.training and bn.track_running_stats) or bn.running_mean is None:
+        return None, None, 0.0
+    factor = bn.momentum if bn.momentum is not None else 0.0
+    if bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:  # cumulative moving average
+            factor = 1.0 / float(bn.num_batches_tracked)
+    return bn.running_mean, bn.running_var, factor
 
 
 class _LeanBatchNormSplit(torch.autograd.Function):
@@ -171,10 +186,13 @@ def update_running_stats(bn: nn.BatchNorm2d, mean: Tensor, invstd: Tensor, count
     bn.running_var.mul_(1 - factor).add_(unbiased.to(bn.running_var.dtype), alpha=factor)
 
 
-def batch_norm_stats(x: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+def batch_norm_stats(x: Tensor, bn: nn.BatchNorm2d | float) -> tuple[Tensor, Tensor, Tensor]:
     """``(y, mean, invstd)`` of an ``affine=False`` batch-statistics BatchNorm of ``x`` ``[B, C, H, W]``;
-    only ``y`` is differentiable and only ``y`` (with ``invstd``) is kept for the backward."""
-    return _LeanBatchNorm.apply(x, eps)
+    only ``y`` is differentiable and only ``y`` (with ``invstd``) is kept for the backward. ``bn``: the
+    module, whose running statistics are updated, or just an ``eps``."""
+    if isinstance(bn, nn.BatchNorm2d):
+        return _LeanBatchNorm.apply(x, bn.eps, *_claim_running_stats(bn))
+    return _LeanBatchNorm.apply(x, float(bn), None, None, 0.0)
 
 
 def batch_norm(x: Tensor, bn: nn.BatchNorm2d | Sequence[nn.BatchNorm2d]) -> Tensor:
@@ -190,9 +208,9 @@ def batch_norm(x: Tensor, bn: nn.BatchNorm2d | Sequence[nn.BatchNorm2d]) -> Tens
         if len(bns) == 1:
             return bns[0](x)
         raise ValueError("bn: a shared BatchNorm needs batch statistics and affine=False on every module")
-    y, mean, invstd = _LeanBatchNorm.apply(x, bns[0].eps)
+    y, mean, invstd = batch_norm_stats(x, bns[0])
     count = x.numel() // max(x.shape[1], 1)
-    for b in bns:
+    for b in bns[1:]:
         update_running_stats(b, mean, invstd, count)
     return y
 
