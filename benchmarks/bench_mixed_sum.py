@@ -81,19 +81,19 @@ def forward_fn(provider: str):
 
 
 def step_fn(provider: str, which: str, outputs, weights, grad):
-    """A no-argument callable running one pass of `which` ("fwd", "bwd", "fwd+bwd") for provider."""
+    """A no-argument callable running one pass of `which` ("fwd", "bwd", "fwd+bwd") for provider.
+
+    The backward is ``torch.autograd.grad`` (the gradients are returned, as they would flow on into a
+    supernet's op backward), not ``.backward()``, which would add each step's gradients into ``.grad``
+    and time that accumulation too."""
     forward = forward_fn(provider)
+    inputs = [weights, *outputs]
     if which == "fwd":
         return lambda: forward(outputs, weights)
     if which == "fwd+bwd":
-        return lambda: forward(outputs, weights).backward(grad)
-    holder = {}
-
-    def backward_only():
-        holder["y"].backward(grad, retain_graph=True)
-
-    holder["y"] = forward(outputs, weights)
-    return backward_only
+        return lambda: torch.autograd.grad(forward(outputs, weights), inputs, grad)
+    y = forward(outputs, weights)
+    return lambda: torch.autograd.grad(y, inputs, grad, retain_graph=True)
 
 
 def bytes_moved(which: str, K: int, numel: int, element_size: int) -> int:

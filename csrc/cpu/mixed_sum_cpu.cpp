@@ -1,6 +1,6 @@
 // CPU kernels of the mixed sum (contract: csrc/mixed_sum.h), registered for the CPU dispatch key.
 //
-// Forward, one pass: per tile of kTile elements, y = sum_k w_k * o_k is accumulated in an L1-resident
+// Forward, one pass: per tile of kTile elements, y = sum_k w_k * o_k is accumulated in a cache-resident
 // tile (float32, or float64 for float64 inputs) and stored once.
 // Backward, one pass: per tile, g is read once; for each k, d o_k = w_k * g is written and the tile's
 // <g, o_k> added to the chunk's sum. Each fixed chunk of kChunk elements yields K partial sums;
@@ -19,16 +19,21 @@
 #include <type_traits>
 #include <vector>
 
+#include <unistd.h>
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
+
 #include "cpu/block_pool.h"
 #include "mixed_sum.h"
 
 namespace fastnas {
 namespace {
 
-constexpr int64_t kTile = 2048;                // elements per tile: a tile of every stream stays in L1
-constexpr int64_t kTilesPerChunk = 16;         // 32768 elements per partial sum of d w
+constexpr int64_t kTile = 8192;                // elements per tile: long runs per stream for the prefetcher, L2-resident
+constexpr int64_t kTilesPerChunk = 4;          // 32768 elements per partial sum of d w
 constexpr int64_t kChunk = kTile * kTilesPerChunk;
-constexpr int64_t kForwardGrainTiles = 8;      // ~16K elements per thread at least
+constexpr int64_t kForwardGrainTiles = 2;      // ~16K elements per thread at least
 
 // The leaf loops below are compiled for several instruction sets and picked at load time (GCC/Clang
 // function multiversioning), so a portable build still runs AVX2/AVX-512 code where the CPU has it.
@@ -124,6 +129,80 @@ inline const acc_t* as_acc(const scalar_t* src, acc_t* buf, int64_t n) {
   }
 }
 
+// ---- results written past the cache (non-temporal stores)
+//
+// When a call touches more memory than the last-level cache holds, its results are written with
+// non-temporal stores: an ordinary store first reads each destination line from memory (a third of
+// the backward's traffic), a non-temporal one does not, and it does not evict the inputs still to be
+// read. Smaller calls keep ordinary stores so their results stay in cache for the next op.
+
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx512f"))) void stream_bytes_avx512(char* dst, const char* src, int64_t bytes) {
+  for (; bytes >= 64; bytes -= 64, dst += 64, src += 64) {
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(dst), _mm512_loadu_si512(src));
+  }
+  std::memcpy(dst, src, bytes);
+}
+__attribute__((target("avx"))) void stream_bytes_avx(char* dst, const char* src, int64_t bytes) {
+  for (; bytes >= 32; bytes -= 32, dst += 32, src += 32) {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(dst), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
+  }
+  std::memcpy(dst, src, bytes);
+}
+void stream_bytes_sse2(char* dst, const char* src, int64_t bytes) {
+  for (; bytes >= 16; bytes -= 16, dst += 16, src += 16) {
+    _mm_stream_si128(reinterpret_cast<__m128i*>(dst), _mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+  }
+  std::memcpy(dst, src, bytes);
+}
+using StreamFn = void (*)(char*, const char*, int64_t);
+StreamFn pick_stream_bytes() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f")) return stream_bytes_avx512;
+  if (__builtin_cpu_supports("avx")) return stream_bytes_avx;
+  return stream_bytes_sse2;
+}
+constexpr bool kCanStream = true;
+#else
+constexpr bool kCanStream = false;
+#endif
+
+// Copies one tile to dst (any alignment: the unaligned head is copied normally).
+template <typename scalar_t>
+void stream_tile(scalar_t* dst, const scalar_t* src, int64_t n) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const StreamFn stream_bytes = pick_stream_bytes();
+  char* d = reinterpret_cast<char*>(dst);
+  const char* s = reinterpret_cast<const char*>(src);
+  int64_t bytes = n * static_cast<int64_t>(sizeof(scalar_t));
+  const int64_t head = std::min<int64_t>(bytes, (64 - reinterpret_cast<uintptr_t>(d) % 64) % 64);
+  std::memcpy(d, s, head);
+  stream_bytes(d + head, s + head, bytes - head);
+#else
+  std::copy(src, src + n, dst);
+#endif
+}
+
+// Non-temporal stores are weakly ordered: fence before the results are read by another thread.
+inline void stream_fence() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  _mm_sfence();
+#endif
+}
+
+int64_t last_level_cache_bytes() {
+  static const int64_t bytes = [] {
+    long l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
+    return l3 > 0 ? static_cast<int64_t>(l3) : int64_t(32) << 20;
+  }();
+  return bytes;
+}
+
+// Whether a call that reads and writes `bytes_touched` in all should stream its results.
+inline bool should_stream(int64_t bytes_touched) {
+  return kCanStream && bytes_touched > last_level_cache_bytes();
+}
+
 template <typename scalar_t>
 void forward_kernel(const std::vector<const scalar_t*>& inputs, const at::opmath_type<scalar_t>* w,
                     scalar_t* out, int64_t numel) {
@@ -131,23 +210,31 @@ void forward_kernel(const std::vector<const scalar_t*>& inputs, const at::opmath
   constexpr bool kSameType = std::is_same_v<scalar_t, acc_t>;
   const int64_t K = static_cast<int64_t>(inputs.size());
   const int64_t num_tiles = (numel + kTile - 1) / kTile;
+  const bool stream = should_stream((K + 1) * numel * static_cast<int64_t>(sizeof(scalar_t)));
   at::parallel_for(0, num_tiles, kForwardGrainTiles, [&](int64_t tile_begin, int64_t tile_end) {
-    alignas(64) acc_t acc_buf[kWidenBuffer<scalar_t>];
+    alignas(64) acc_t acc_buf[kTile];
     alignas(64) acc_t widened[kWidenBuffer<scalar_t>];
+    alignas(64) scalar_t narrowed[kWidenBuffer<scalar_t>];
     for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
       const int64_t start = tile * kTile;
       const int64_t n = std::min(kTile, numel - start);
-      // float32/float64 accumulate in the output tile itself (it stays in L1 across k)
-      acc_t* acc;
+      // float32/float64 accumulate in the output tile itself (it stays in L1 across k), unless streamed
+      acc_t* acc = acc_buf;
       if constexpr (kSameType) {
-        acc = out + start;
-      } else {
-        acc = acc_buf;
+        if (!stream) acc = out + start;
       }
       scale(acc, w[0], as_acc(inputs[0] + start, widened, n), n);
       for (int64_t k = 1; k < K; ++k) axpy(acc, w[k], as_acc(inputs[k] + start, widened, n), n);
-      if constexpr (!kSameType) narrow(out + start, acc, n);
+      if constexpr (kSameType) {
+        if (stream) stream_tile(out + start, acc, n);
+      } else if (stream) {
+        narrow(narrowed, acc, n);
+        stream_tile(out + start, narrowed, n);
+      } else {
+        narrow(out + start, acc, n);
+      }
     }
+    if (stream) stream_fence();
   });
 }
 
@@ -160,10 +247,13 @@ void backward_kernel(const scalar_t* g, const std::vector<const scalar_t*>& inpu
   const bool want_outputs_grad = !grads.empty();
   const bool want_weights_grad = !inputs.empty();
   const int64_t num_chunks = (numel + kChunk - 1) / kChunk;
+  const int64_t streams = 1 + (want_outputs_grad ? K : 0) + (want_weights_grad ? K : 0);
+  const bool stream = want_outputs_grad && should_stream(streams * numel * static_cast<int64_t>(sizeof(scalar_t)));
   at::parallel_for(0, num_chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
     alignas(64) acc_t g_buf[kWidenBuffer<scalar_t>];
     alignas(64) acc_t o_buf[kWidenBuffer<scalar_t>];
-    alignas(64) acc_t scaled[kWidenBuffer<scalar_t>];
+    alignas(64) acc_t scaled[kTile];
+    alignas(64) scalar_t narrowed[kWidenBuffer<scalar_t>];
     std::vector<acc_t> chunk_sums(want_weights_grad ? K : 0);
     for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
       std::fill(chunk_sums.begin(), chunk_sums.end(), acc_t(0));
@@ -174,10 +264,20 @@ void backward_kernel(const scalar_t* g, const std::vector<const scalar_t*>& inpu
         for (int64_t k = 0; k < K; ++k) {
           if (want_outputs_grad) {
             if constexpr (kSameType) {
-              scale(grads[k] + start, w[k], gt, n);
+              if (stream) {
+                scale(scaled, w[k], gt, n);
+                stream_tile(grads[k] + start, scaled, n);
+              } else {
+                scale(grads[k] + start, w[k], gt, n);
+              }
             } else {
               scale(scaled, w[k], gt, n);
-              narrow(grads[k] + start, scaled, n);
+              if (stream) {
+                narrow(narrowed, scaled, n);
+                stream_tile(grads[k] + start, narrowed, n);
+              } else {
+                narrow(grads[k] + start, scaled, n);
+              }
             }
           }
           if (want_weights_grad) chunk_sums[k] += dot(gt, as_acc(inputs[k] + start, o_buf, n), n);
@@ -185,6 +285,7 @@ void backward_kernel(const scalar_t* g, const std::vector<const scalar_t*>& inpu
       }
       for (int64_t k = 0; k < K && want_weights_grad; ++k) partials[chunk * K + k] = chunk_sums[k];
     }
+    if (stream) stream_fence();
   });
 }
 
