@@ -406,3 +406,25 @@ def test_cpu_result_cache_reuses_blocks_without_aliasing_live_tensors():
             assert torch.equal(g, torch.full_like(g, w.item()))
     finally:
         fastnas.set_backend(None)
+
+
+@pytest.mark.skipif(not backend.load_extension(), reason="fastnas._C is not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_kernel_streamed_results_past_the_cache(dtype):
+    """Calls larger than the last-level cache write their results with non-temporal stores."""
+    fastnas.set_backend("cpu")
+    try:
+        K, shape = 4, (2, 4_000_037)  # 32 MB per float32 input: past any last-level cache we know of
+        outputs, weights = random_inputs(K, shape, dtype, "cpu")
+        grad = torch.randn(shape, dtype=dtype)
+        y = fastnas.mixed_sum(outputs, weights)
+        outputs_grad, weights_grad = torch.ops.fastnas.mixed_sum_backward(grad, outputs, weights, True)
+        y_ref = reference.mixed_sum_forward_reference(outputs, weights)
+        outputs_grad_ref, weights_grad_ref = reference.mixed_sum_backward_reference(grad, outputs, weights, True)
+        tol = TOLERANCES[dtype]
+        torch.testing.assert_close(y, y_ref, rtol=tol["rtol"], atol=tol["atol"] * K)
+        for a, b in zip(outputs_grad, outputs_grad_ref):
+            assert torch.equal(a, b)  # one multiply, rounded once: exact
+        torch.testing.assert_close(weights_grad, weights_grad_ref, rtol=1e-4, atol=1e-2)
+    finally:
+        fastnas.set_backend(None)

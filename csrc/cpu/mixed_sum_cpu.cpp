@@ -190,6 +190,24 @@ inline void stream_fence() {
 #endif
 }
 
+// dst[i] = w * g[i], streamed, in L1-sized pieces (the scaled values make one trip through L1).
+template <typename scalar_t, typename acc_t>
+void scale_and_stream(scalar_t* dst, acc_t w, const acc_t* g, int64_t n) {
+  constexpr int64_t kPiece = 1024;
+  alignas(64) acc_t scaled[kPiece];
+  alignas(64) scalar_t narrowed[std::is_same_v<scalar_t, acc_t> ? 1 : kPiece];
+  for (int64_t i = 0; i < n; i += kPiece) {
+    const int64_t m = std::min(kPiece, n - i);
+    scale(scaled, w, g + i, m);
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      stream_tile(dst + i, scaled, m);
+    } else {
+      narrow(narrowed, scaled, m);
+      stream_tile(dst + i, narrowed, m);
+    }
+  }
+}
+
 int64_t last_level_cache_bytes() {
   static const int64_t bytes = [] {
     long l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
@@ -252,8 +270,7 @@ void backward_kernel(const scalar_t* g, const std::vector<const scalar_t*>& inpu
   at::parallel_for(0, num_chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
     alignas(64) acc_t g_buf[kWidenBuffer<scalar_t>];
     alignas(64) acc_t o_buf[kWidenBuffer<scalar_t>];
-    alignas(64) acc_t scaled[kTile];
-    alignas(64) scalar_t narrowed[kWidenBuffer<scalar_t>];
+    alignas(64) acc_t scaled[kWidenBuffer<scalar_t>];
     std::vector<acc_t> chunk_sums(want_weights_grad ? K : 0);
     for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
       std::fill(chunk_sums.begin(), chunk_sums.end(), acc_t(0));
@@ -263,21 +280,13 @@ void backward_kernel(const scalar_t* g, const std::vector<const scalar_t*>& inpu
         const acc_t* gt = as_acc(g + start, g_buf, n);
         for (int64_t k = 0; k < K; ++k) {
           if (want_outputs_grad) {
-            if constexpr (kSameType) {
-              if (stream) {
-                scale(scaled, w[k], gt, n);
-                stream_tile(grads[k] + start, scaled, n);
-              } else {
-                scale(grads[k] + start, w[k], gt, n);
-              }
+            if (stream) {
+              scale_and_stream(grads[k] + start, w[k], gt, n);
+            } else if constexpr (kSameType) {
+              scale(grads[k] + start, w[k], gt, n);
             } else {
               scale(scaled, w[k], gt, n);
-              if (stream) {
-                narrow(narrowed, scaled, n);
-                stream_tile(grads[k] + start, narrowed, n);
-              } else {
-                narrow(grads[k] + start, scaled, n);
-              }
+              narrow(grads[k] + start, scaled, n);
             }
           }
           if (want_weights_grad) chunk_sums[k] += dot(gt, as_acc(inputs[k] + start, o_buf, n), n);
