@@ -11,10 +11,13 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from typing import NamedTuple  # noqa: E402
+
 import pytest  # noqa: E402
 
 import fastnas  # noqa: E402
 from fastnas import backend  # noqa: E402
+from fastnas.ops import reference  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -63,3 +66,37 @@ TOLERANCES = {
     torch.float16: dict(rtol=2e-3, atol=2e-3),
     torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2),
 }
+
+
+class Oracle(NamedTuple):
+    """Float64 results of the mixed sum and the magnitudes that bound a kernel's rounding errors."""
+
+    y: torch.Tensor
+    outputs_grad: list
+    weights_grad: torch.Tensor
+    y_scale: torch.Tensor  # sum_k |w_k| |o_k|, elementwise
+    weights_grad_scale: torch.Tensor  # sum |g| |o_k|, per k
+
+
+def float64_oracle(outputs, weights, grad) -> Oracle:
+    o64 = [o.detach().double() for o in outputs]
+    w64, g64 = weights.detach().double(), grad.detach().double()
+    y = reference.mixed_sum_forward_reference(o64, w64)
+    outputs_grad, weights_grad = reference.mixed_sum_backward_reference(g64, o64, w64, True)
+    y_scale = sum(w.abs() * o.abs() for w, o in zip(w64, o64))
+    weights_grad_scale = torch.stack([(g64 * o).abs().sum() for o in o64])
+    return Oracle(y, outputs_grad, weights_grad, y_scale, weights_grad_scale)
+
+
+@pytest.fixture
+def mixed_sum_calls(monkeypatch):
+    """The number of inputs of every fastnas.mixed_sum call made during the test."""
+    calls = []
+    real = fastnas.mixed_sum
+
+    def spy(outputs, weights):
+        calls.append(len(outputs))
+        return real(outputs, weights)
+
+    monkeypatch.setattr(fastnas, "mixed_sum", spy)
+    return calls

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import float64_oracle
 
 import fastnas
 from fastnas import backend
@@ -91,17 +92,6 @@ def poison(device: str, like: torch.Tensor, count: int) -> None:
     if device == "cuda":
         blocks = [torch.full_like(like, float("nan")) for _ in range(count)]
         del blocks
-
-
-def exact(outputs, weights, grad):
-    """Float64 reference results and the magnitudes that bound the rounding errors."""
-    o64 = [o.double() for o in outputs]
-    w64, g64 = weights.double(), grad.double()
-    y = reference.mixed_sum_forward_reference(o64, w64)
-    _, weights_grad = reference.mixed_sum_backward_reference(g64, o64, w64, False)
-    y_scale = sum(w.abs() * o.abs() for w, o in zip(w64, o64))
-    dw_scale = torch.stack([(g64 * o).abs().sum() for o in o64])
-    return y, weights_grad, y_scale, dw_scale
 
 
 def assert_within(actual: torch.Tensor, expected: torch.Tensor, bound: torch.Tensor, what: str) -> None:
@@ -185,7 +175,7 @@ def test_cuda_build_registers_cuda_kernels(monkeypatch):
 @pytest.mark.parametrize("k", KS)
 def test_forward_backward_match_reference(device, k, shape, dtype):
     outputs, weights, grad = make_inputs(shape, k, dtype, device, seed=1000 * k + len(shape))
-    y_exact, dw_exact, y_scale, dw_scale = exact(outputs, weights, grad)
+    y_exact, _, dw_exact, y_scale, dw_scale = float64_oracle(outputs, weights, grad)
     poison(device, grad, 1)
     check_forward(forward(outputs, weights), outputs, y_exact, y_scale)
     poison(device, grad, k)
@@ -200,7 +190,7 @@ def test_forward_backward_match_reference(device, k, shape, dtype):
 def test_several_grid_sweeps(device, k, dtype):
     """More elements than one sweep of the resident grid: the grid-stride loops and the partials."""
     outputs, weights, grad = make_inputs((2, 3, 515, 517), k, dtype, device, seed=k)
-    y_exact, dw_exact, y_scale, dw_scale = exact(outputs, weights, grad)
+    y_exact, _, dw_exact, y_scale, dw_scale = float64_oracle(outputs, weights, grad)
     check_forward(forward(outputs, weights), outputs, y_exact, y_scale)
     outputs_grad, weights_grad = backward(grad, outputs, weights, True)
     check_outputs_grad(outputs_grad, grad, weights)
@@ -218,7 +208,7 @@ def test_misaligned_pointers_take_the_scalar_path(device, k, dtype):
     shifted = [misaligned(o, 1 + 2 * (j % 3)) for j, o in enumerate(outputs)]  # odd offsets
     grad_shifted = misaligned(grad, 1)
     assert all(o.data_ptr() % 16 for o in shifted) and grad_shifted.data_ptr() % 16
-    y_exact, dw_exact, y_scale, dw_scale = exact(outputs, weights, grad)
+    y_exact, _, dw_exact, y_scale, dw_scale = float64_oracle(outputs, weights, grad)
     y = forward(shifted, weights)
     check_forward(y, outputs, y_exact, y_scale)
     y_aligned = forward(outputs, weights)
@@ -235,7 +225,7 @@ def test_partly_aligned_inputs(device, dtype):
     """One misaligned input among aligned ones sends the whole call down the scalar path."""
     outputs, weights, grad = make_inputs((4099,), 6, dtype, device, seed=7)
     mixed = outputs[:3] + [misaligned(outputs[3], 1)] + outputs[4:]
-    y_exact, dw_exact, y_scale, dw_scale = exact(outputs, weights, grad)
+    y_exact, _, dw_exact, y_scale, dw_scale = float64_oracle(outputs, weights, grad)
     check_forward(forward(mixed, weights), outputs, y_exact, y_scale)
     outputs_grad, weights_grad = backward(grad, mixed, weights, True)
     check_outputs_grad(outputs_grad, grad, weights)
@@ -249,7 +239,7 @@ def test_channels_last(device, k, dtype):
     """Dense non-contiguous inputs are flat arrays in memory order; results keep their strides."""
     outputs, weights, grad = make_inputs((2, 6, 5, 7), k, dtype, device, seed=k, memory_format=torch.channels_last)
     assert not outputs[0].is_contiguous()
-    y_exact, dw_exact, y_scale, dw_scale = exact(outputs, weights, grad)
+    y_exact, _, dw_exact, y_scale, dw_scale = float64_oracle(outputs, weights, grad)
     y = forward(outputs, weights)
     assert y.is_contiguous(memory_format=torch.channels_last)
     check_forward(y, outputs, y_exact, y_scale)
@@ -264,7 +254,7 @@ def test_backward_variants(device, dtype):
     """Weights grad only; outputs grad only (inputs not kept); neither."""
     k = 4
     outputs, weights, grad = make_inputs((3, 7, 33), k, dtype, device, seed=3)
-    _, dw_exact, _, dw_scale = exact(outputs, weights, grad)
+    _, _, dw_exact, _, dw_scale = float64_oracle(outputs, weights, grad)
     outputs_grad, weights_grad = backward(grad, outputs, weights, False)
     assert outputs_grad == []
     check_weights_grad(weights_grad, grad, dw_exact, dw_scale)
@@ -333,7 +323,7 @@ def test_mixed_sum_autograd_uses_native_kernels(device, dtype, native_backend):
     assert fastnas.get_backend(device) == device
     k = 5
     outputs, weights, grad = make_inputs((3, 7, 33), k, dtype, device, seed=9)
-    y_exact, dw_exact, y_scale, dw_scale = exact(outputs, weights, grad)
+    y_exact, _, dw_exact, y_scale, dw_scale = float64_oracle(outputs, weights, grad)
     leaves = [o.clone().requires_grad_() for o in outputs]
     w = weights.clone().requires_grad_()
     y = fastnas.mixed_sum(leaves, w)

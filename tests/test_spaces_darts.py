@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import fastnas
 from fastnas.spaces import darts
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -21,20 +20,6 @@ def assert_close_dicts(a: dict, b: dict, **tol) -> None:
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k].double(), b[k].double(), msg=lambda m, k=k: f"{k}: {m}", **tol)
-
-
-@pytest.fixture
-def mixed_sum_calls(monkeypatch):
-    """The number of inputs of every fastnas.mixed_sum call."""
-    calls = []
-    real = fastnas.mixed_sum
-
-    def spy(outputs, weights):
-        calls.append(len(outputs))
-        return real(outputs, weights)
-
-    monkeypatch.setattr(fastnas, "mixed_sum", spy)
-    return calls
 
 
 def test_primitives_and_parameters():

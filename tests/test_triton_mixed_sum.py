@@ -14,6 +14,7 @@ import os
 
 import pytest
 import torch
+from conftest import float64_oracle
 
 import fastnas
 from fastnas.ops import reference
@@ -76,17 +77,6 @@ def make_inputs(shape, k: int, dtype: torch.dtype, seed: int = 0, memory_format=
     return outputs, weights, grad
 
 
-def exact(outputs, weights, grad):
-    """Float64 reference results and the magnitudes that bound the rounding errors."""
-    o64 = [o.double() for o in outputs]
-    w64, g64 = weights.double(), grad.double()
-    y = reference.mixed_sum_forward_reference(o64, w64)
-    outputs_grad, weights_grad = reference.mixed_sum_backward_reference(g64, o64, w64, True)
-    y_scale = sum(w.abs() * o.abs() for w, o in zip(w64, o64))
-    dw_scale = torch.stack([(g64 * o).abs().sum() for o in o64])
-    return y, outputs_grad, weights_grad, y_scale, dw_scale
-
-
 def assert_within(actual, expected, bound, what: str) -> None:
     """|actual - expected| <= bound elementwise (bound broadcasts); the message names the worst element."""
     err = (actual.double() - expected).abs().flatten()
@@ -138,7 +128,7 @@ def check_backward(outputs_grad, weights_grad, grad, outputs_grad_exact, weights
 @pytest.mark.parametrize("k", KS)
 def test_forward_backward_match_reference(k, shape, dtype):
     outputs, weights, grad = make_inputs(shape, k, dtype, seed=k)
-    y_exact, dos_exact, dw_exact, y_scale, dw_scale = exact(outputs, weights, grad)
+    y_exact, dos_exact, dw_exact, y_scale, dw_scale = float64_oracle(outputs, weights, grad)
     check_forward(tk.mixed_sum_forward(outputs, weights), outputs, weights, y_exact, y_scale)
     outputs_grad, weights_grad = tk.mixed_sum_backward(grad, outputs, weights, True)
     assert len(outputs_grad) == k and weights_grad.shape == (k,)
@@ -148,21 +138,21 @@ def test_forward_backward_match_reference(k, shape, dtype):
 @pytest.mark.parametrize("k", [1, 8])
 def test_float64_accumulates_in_float64(k):
     outputs, weights, grad = make_inputs((1023,), k, torch.float64)
-    y_exact, dos_exact, dw_exact, y_scale, dw_scale = exact(outputs, weights, grad)
+    y_exact, dos_exact, dw_exact, y_scale, dw_scale = float64_oracle(outputs, weights, grad)
     check_forward(tk.mixed_sum_forward(outputs, weights), outputs, weights, y_exact, y_scale)
     check_backward(*tk.mixed_sum_backward(grad, outputs, weights, True), grad, dos_exact, dw_exact, dw_scale)
 
 
 def test_single_element():
     outputs, weights, grad = make_inputs((1,), 3, torch.float32)
-    y_exact, dos_exact, dw_exact, y_scale, dw_scale = exact(outputs, weights, grad)
+    y_exact, dos_exact, dw_exact, y_scale, dw_scale = float64_oracle(outputs, weights, grad)
     check_forward(tk.mixed_sum_forward(outputs, weights), outputs, weights, y_exact, y_scale)
     check_backward(*tk.mixed_sum_backward(grad, outputs, weights, True), grad, dos_exact, dw_exact, dw_scale)
 
 
 def test_compute_outputs_grad_false_returns_only_weights_grad():
     outputs, weights, grad = make_inputs((3, 7, 33), 5, torch.float32)
-    _, _, dw_exact, _, dw_scale = exact(outputs, weights, grad)
+    _, _, dw_exact, _, dw_scale = float64_oracle(outputs, weights, grad)
     outputs_grad, weights_grad = tk.mixed_sum_backward(grad, outputs, weights, False)
     assert outputs_grad == []
     check_backward([], weights_grad, grad, [], dw_exact, dw_scale)
@@ -170,7 +160,7 @@ def test_compute_outputs_grad_false_returns_only_weights_grad():
 
 def test_empty_outputs_list_returns_no_weights_grad():
     outputs, weights, grad = make_inputs((3, 7, 33), 5, torch.float16)
-    _, dos_exact, _, _, _ = exact(outputs, weights, grad)
+    _, dos_exact, _, _, _ = float64_oracle(outputs, weights, grad)
     outputs_grad, weights_grad = tk.mixed_sum_backward(grad, [], weights, True)
     assert weights_grad.numel() == 0 and weights_grad.dtype == weights.dtype
     assert len(outputs_grad) == 5
@@ -218,7 +208,7 @@ def test_backend_is_selected(triton_backend, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_channels_last_through_autograd(triton_backend, dtype):
     outputs, weights, grad = make_inputs((2, 6, 5, 3), 5, dtype, memory_format=torch.channels_last)
-    y_exact, dos_exact, dw_exact, y_scale, dw_scale = exact(outputs, weights, grad)
+    y_exact, dos_exact, dw_exact, y_scale, dw_scale = float64_oracle(outputs, weights, grad)
     leaves = [o.detach().requires_grad_() for o in outputs]
     w = weights.detach().requires_grad_()
     y = fastnas.mixed_sum(leaves, w)
@@ -230,7 +220,7 @@ def test_channels_last_through_autograd(triton_backend, dtype):
 
 def test_frozen_weights_or_outputs_through_autograd(triton_backend):
     outputs, weights, grad = make_inputs((1023,), 3, torch.float32)
-    _, dos_exact, dw_exact, _, dw_scale = exact(outputs, weights, grad)
+    _, dos_exact, dw_exact, _, dw_scale = float64_oracle(outputs, weights, grad)
     leaves = [o.detach().requires_grad_() for o in outputs]
     fastnas.mixed_sum(leaves, weights).backward(grad)  # weights frozen: outputs not saved, no dL/dw
     check_backward([o.grad for o in leaves], None, grad, dos_exact, None, None)
@@ -242,7 +232,7 @@ def test_frozen_weights_or_outputs_through_autograd(triton_backend):
 def test_backward_op_without_outputs_grad(triton_backend):
     """What the autograd calls when the K inputs are frozen (compute_outputs_grad False)."""
     outputs, weights, grad = make_inputs((1023,), 3, torch.float16)
-    _, _, dw_exact, _, dw_scale = exact(outputs, weights, grad)
+    _, _, dw_exact, _, dw_scale = float64_oracle(outputs, weights, grad)
     outputs_grad, weights_grad = torch.ops.fastnas.mixed_sum_backward(grad, outputs, weights, False)
     assert outputs_grad == []
     check_backward([], weights_grad, grad, [], dw_exact, dw_scale)
@@ -297,7 +287,7 @@ def test_weights_grad_sums_exactly_the_rows_each_config_writes(config):
     program and only those rows are summed, so rows left by another configuration (NaN here, a
     stale autotuning trial in practice) never reach the result."""
     outputs, weights, grad = make_inputs((5000,), 5, torch.float32)
-    _, _, dw_exact, _, dw_scale = exact(outputs, weights, grad)
+    _, _, dw_exact, _, dw_scale = float64_oracle(outputs, weights, grad)
     rows = math.ceil(5000 / min(c.kwargs["BLOCK"] for c in tk.CONFIGS))
     partials = torch.full((rows, 5), float("nan"), device=DEVICE)
     weights_grad = tk._backward_launch(grad, outputs, [], weights, config=config, partials=partials)
@@ -329,7 +319,7 @@ def test_autotuning_trials_do_not_leak(monkeypatch):
     y, dos, dw = results["with_trials"]
     y1, dos1, dw1 = results["once"]
     assert torch.equal(y, y1) and torch.equal(dw, dw1) and all(torch.equal(a, b) for a, b in zip(dos, dos1))
-    y_exact, dos_exact, dw_exact, y_scale, dw_scale = exact(outputs, weights, grad)
+    y_exact, dos_exact, dw_exact, y_scale, dw_scale = float64_oracle(outputs, weights, grad)
     check_forward(y, outputs, weights, y_exact, y_scale)
     check_backward(dos, dw, grad, dos_exact, dw_exact, dw_scale)
 
@@ -365,7 +355,7 @@ def test_auto_picks_triton_without_the_cuda_extension():
 @pytest.mark.parametrize("shape,k", [((64, 16, 32, 32), 8), ((4097, 1029), 5), (((1 << 24) + 3,), 2)], ids=str)
 def test_large_shapes_on_cuda(shape, k, dtype):
     outputs, weights, grad = make_inputs(shape, k, dtype, seed=1)
-    y_exact, dos_exact, dw_exact, y_scale, dw_scale = exact(outputs, weights, grad)
+    y_exact, dos_exact, dw_exact, y_scale, dw_scale = float64_oracle(outputs, weights, grad)
     check_forward(tk.mixed_sum_forward(outputs, weights), outputs, weights, y_exact, y_scale)
     check_backward(*tk.mixed_sum_backward(grad, outputs, weights, True), grad, dos_exact, dw_exact, dw_scale)
 
@@ -384,7 +374,7 @@ def test_real_autotuning_on_cuda(k, monkeypatch):
     y = tk.mixed_sum_forward(outputs, weights)
     dos, dw = tk.mixed_sum_backward(grad, outputs, weights, True)
     assert len(tk._mixed_sum_bwd_kernel.cache) > 0  # the autotuner ran
-    y_exact, dos_exact, dw_exact, y_scale, dw_scale = exact(outputs, weights, grad)
+    y_exact, dos_exact, dw_exact, y_scale, dw_scale = float64_oracle(outputs, weights, grad)
     check_forward(y, outputs, weights, y_exact, y_scale)
     check_backward(dos, dw, grad, dos_exact, dw_exact, dw_scale)
     assert torch.equal(y, tk.mixed_sum_forward(outputs, weights))
