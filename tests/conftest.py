@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 # Triton must see TRITON_INTERPRET before it is first imported: without a GPU its kernels run on CPU
 # tensors under the interpreter. torch itself does not import triton at import time.
@@ -20,6 +22,9 @@ from fastnas import backend  # noqa: E402
 from fastnas.ops import reference  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
+
+# the eager reference supernets live with the benchmarks, which time against them
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 
 def backend_cases() -> list:
@@ -100,3 +105,12 @@ def mixed_sum_calls(monkeypatch):
 
     monkeypatch.setattr(fastnas, "mixed_sum", spy)
     return calls
+
+
+TOL = dict(rtol=1e-9, atol=1e-10)  # supernets against their eager references, float64 throughout
+
+
+def assert_close_dicts(a: dict, b: dict, **tol) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k].double(), b[k].double(), msg=lambda m, k=k: f"{k}: {m}", **tol)

@@ -2,24 +2,12 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from conftest import TOL, assert_close_dicts
+from eager_supernets import EagerDartsNetwork, EagerMixedOp, run_step
 
 from fastnas.spaces import darts
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from eager_supernets import EagerDartsNetwork, EagerMixedOp, run_step  # noqa: E402
-
-TOL = dict(rtol=1e-9, atol=1e-10)  # float64 throughout
-
-
-def assert_close_dicts(a: dict, b: dict, **tol) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k].double(), b[k].double(), msg=lambda m, k=k: f"{k}: {m}", **tol)
 
 
 def test_primitives_and_parameters():
