@@ -114,3 +114,18 @@ def assert_close_dicts(a: dict, b: dict, **tol) -> None:
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k].double(), b[k].double(), msg=lambda m, k=k: f"{k}: {m}", **tol)
+
+
+def assert_fp32_step_close(fast, eager, x) -> None:
+    """One training step of a fastnas supernet and its eager reference in float32: logits and every
+    parameter's gradient equal within fp32 tolerance (gradients relative to their own scale, since
+    rounding passes through batch statistics)."""
+    from eager_supernets import run_step
+
+    eager.load_state_dict(fast.state_dict())
+    logits_fast, grads_fast = run_step(fast, x)
+    logits_eager, grads_eager = run_step(eager, x)
+    torch.testing.assert_close(logits_fast, logits_eager, rtol=1e-4, atol=1e-5)
+    for k in grads_fast:
+        scale = grads_eager[k].abs().max().item()
+        torch.testing.assert_close(grads_fast[k], grads_eager[k], rtol=1e-3, atol=1e-3 * scale + 1e-5)

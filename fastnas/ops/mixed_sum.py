@@ -33,7 +33,6 @@ from fastnas import backend
 from fastnas.ops.reference import accumulation_dtype
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_WEIGHT_DTYPES = SUPPORTED_DTYPES
 
 
 # --------------------------------------------------------------------------- validation
@@ -68,7 +67,7 @@ def _validate(outputs: Sequence[Tensor], weights: Tensor) -> None:
         if o.device != first.device:
             raise ValueError(f"outputs[{k}] is on {o.device} but outputs[0] is on {first.device}")
     _check_tensor(weights, "weights")
-    if weights.dtype not in _WEIGHT_DTYPES:
+    if weights.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"weights must be a real floating-point tensor, got dtype {weights.dtype}")
     if weights.dim() != 1:
         raise ValueError(f"weights must be 1-D of length K={len(outputs)}, got shape {tuple(weights.shape)}")
