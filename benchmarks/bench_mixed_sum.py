@@ -8,7 +8,12 @@ Two kinds of benchmark:
   dtype and pass, timed by pytest-benchmark. ``extra_info`` holds provider, shape, dtype, K, pass and
   bytes moved ((K+1)·N forward, (2K+1)·N backward, 2·K·N for the copy), for ``benchmarks/report.py``.
 * ``test_side_by_side``: every provider in interleaved rounds (medians), forward+backward, with the
-  copy of K·N elements into an existing tensor timed in the same rounds. Its ``extra_info`` holds each
+  copy of K·N elements into an existing tensor timed in the same rounds.
+
+Every timed call starts with the caches flushed (``timing.CacheFlush``, untimed). Without it a
+provider run right after another one on the same inputs found them in the last-level cache: at
+[64, 16, 32, 32], K = 8, the 32 MB of inputs nearly fit this CPU's 32 MB L3, and the order of the
+providers moved their times by a quarter. Its ``extra_info`` holds each
   provider's median, the speed-ups of fastnas over eager and compile, and fastnas's bandwidth as a
   fraction of the copy's; the terminal summary prints them as a table.
 """
@@ -17,7 +22,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from timing import SUMMARY_ROWS, interleaved_medians
+from timing import SUMMARY_ROWS, CacheFlush, interleaved_medians
 
 import fastnas
 from fastnas import backend
@@ -141,7 +146,7 @@ def test_provider(benchmark, provider, which, shape, K, dtype):
         if DEVICE == "cuda":
             torch.cuda.synchronize()
 
-    benchmark.pedantic(run, rounds=ROUNDS, iterations=1, warmup_rounds=2)
+    benchmark.pedantic(run, setup=CacheFlush(DEVICE), rounds=ROUNDS, iterations=1, warmup_rounds=2)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
@@ -155,7 +160,7 @@ def test_side_by_side(benchmark, shape, K, dtype):
     destination = torch.empty_like(source)
     fns = {p: step_fn(p, "fwd+bwd", outputs, weights, grad) for p in PROVIDERS}
     fns["copy"] = lambda: destination.copy_(source)
-    medians = interleaved_medians(fns, DEVICE, rounds=ROUNDS)
+    medians = interleaved_medians(fns, DEVICE, rounds=ROUNDS, flush_cache=True)
     element_size = grad.element_size()
     copy_bandwidth = bytes_moved("copy", K, numel, element_size) / medians["copy"]
     info = {

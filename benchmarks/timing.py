@@ -23,17 +23,38 @@ def time_once(fn: Callable[[], object], device: torch.device | str) -> float:
     return time.perf_counter() - start
 
 
+class CacheFlush:
+    """Evicts the caches by writing a buffer larger than any last-level cache (256 MB, as
+    triton.testing.do_bench does), so that a timed call does not find its inputs left in cache by
+    the call before it (which would favour whichever provider runs second on the same inputs)."""
+
+    def __init__(self, device: torch.device | str, megabytes: int = 256):
+        self.device = torch.device(device)
+        self.buffer = torch.empty(megabytes << 18, dtype=torch.float32, device=self.device)
+
+    def __call__(self) -> None:
+        self.buffer.fill_(1.0)
+        synchronize(self.device)
+
+
 def interleaved_medians(
-    fns: dict[str, Callable[[], object]], device: torch.device | str, rounds: int, warmup: int = 3
+    fns: dict[str, Callable[[], object]],
+    device: torch.device | str,
+    rounds: int,
+    warmup: int = 3,
+    flush_cache: bool = False,
 ) -> dict[str, float]:
     """Median seconds of each fn, measured in interleaved rounds (one call of each per round), so
-    that drift of a shared, noisy machine hits every provider alike."""
+    that drift of a shared, noisy machine hits every provider alike. With ``flush_cache`` every
+    call starts from evicted caches (the flush itself is not timed)."""
+    flush = CacheFlush(device) if flush_cache else (lambda: None)
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
+            flush()
             samples[name].append(time_once(fn, device))
     return {name: statistics.median(values) for name, values in samples.items()}
 

@@ -13,6 +13,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from contextlib import contextmanager  # noqa: E402
 from typing import NamedTuple  # noqa: E402
 
 import pytest  # noqa: E402
@@ -27,8 +28,31 @@ HAS_CUDA = torch.cuda.is_available()
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 
+ISA_LEVELS = ("avx512", "avx2", "portable")
+
+
+def cpu_isa_levels() -> list[str]:
+    """Instruction-set levels of the CPU kernels that this machine runs (best first), each tested."""
+    if not backend.load_extension():
+        return []
+    best, _ = torch.ops.fastnas._cpu_settings()
+    return list(ISA_LEVELS[ISA_LEVELS.index(best) :])
+
+
+@contextmanager
+def cpu_kernel_settings(isa: str | None = None, stream_above_bytes: int | None = None):
+    """Run the CPU kernels at one instruction-set level and/or streaming threshold, then restore."""
+    previous_isa, previous_threshold = torch.ops.fastnas._cpu_settings()
+    torch.ops.fastnas._cpu_settings(isa, stream_above_bytes)
+    try:
+        yield
+    finally:
+        torch.ops.fastnas._cpu_settings(previous_isa, previous_threshold)
+
+
 def backend_cases() -> list:
-    """(backend, device) pairs every kernel test runs on, each skipped with its reason if unavailable."""
+    """(backend, device, CPU instruction-set level) triples every kernel test runs on, each skipped
+    with its reason if unavailable. The CPU kernel runs once per level this machine has."""
     cases = []
     for device in ("cpu", "cuda"):
         for name in ("reference", "cpu", "cuda", "triton"):
@@ -37,7 +61,11 @@ def backend_cases() -> list:
             reason = "no CUDA device here" if device == "cuda" and not HAS_CUDA else None
             reason = reason or backend.unavailable_reason(name, device)
             marks = [pytest.mark.skip(reason=f"backend {name} on {device}: {reason}")] if reason else []
-            cases.append(pytest.param((name, device), id=f"{name}-{device}", marks=marks))
+            if name == "cpu" and not reason:
+                for isa in cpu_isa_levels():
+                    cases.append(pytest.param((name, device, isa), id=f"{name}-{isa}-{device}"))
+            else:
+                cases.append(pytest.param((name, device, None), id=f"{name}-{device}", marks=marks))
     return cases
 
 
@@ -48,11 +76,15 @@ def interpreted(name: str, device: str) -> bool:
 
 @pytest.fixture(params=backend_cases())
 def backend_device(request):
-    """Force one backend for the test; yields (backend name, device)."""
-    name, device = request.param
+    """Force one backend (and CPU instruction-set level) for the test; yields (backend name, device)."""
+    name, device, isa = request.param
     fastnas.set_backend(name)
     try:
-        yield name, device
+        if isa is None:
+            yield name, device
+        else:
+            with cpu_kernel_settings(isa=isa):
+                yield name, device
     finally:
         fastnas.set_backend(None)
 

@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import TOLERANCES, float64_oracle, interpreted
+from conftest import TOLERANCES, cpu_isa_levels, cpu_kernel_settings, float64_oracle, interpreted
 from torch.library import opcheck
 
 import fastnas
@@ -188,10 +188,9 @@ def test_bit_identical_across_runs(backend_device):
     assert torch.equal(fastnas.mixed_sum(outputs, weights), fastnas.mixed_sum(outputs, weights))
 
 
+@pytest.mark.parametrize("isa", cpu_isa_levels())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpu_kernel_bit_identical_across_thread_counts(dtype):
-    if backend.unavailable_reason("cpu", "cpu"):
-        pytest.skip(f"cpu backend: {backend.unavailable_reason('cpu', 'cpu')}")
+def test_cpu_kernel_bit_identical_across_thread_counts(dtype, isa):
     fastnas.set_backend("cpu")
     threads = torch.get_num_threads()
     try:
@@ -200,8 +199,9 @@ def test_cpu_kernel_bit_identical_across_thread_counts(dtype):
         results = []
         for n in (1, 2, 3):
             torch.set_num_threads(n)
-            y = fastnas.mixed_sum(outputs, weights)
-            outputs_grad, weights_grad = torch.ops.fastnas.mixed_sum_backward(grad, outputs, weights, True)
+            with cpu_kernel_settings(isa=isa):
+                y = fastnas.mixed_sum(outputs, weights)
+                outputs_grad, weights_grad = torch.ops.fastnas.mixed_sum_backward(grad, outputs, weights, True)
             results.append((y, outputs_grad, weights_grad))
         for y, outputs_grad, weights_grad in results[1:]:
             assert torch.equal(y, results[0][0])
@@ -399,23 +399,45 @@ def test_cpu_result_cache_reuses_blocks_without_aliasing_live_tensors():
         fastnas.set_backend(None)
 
 
-@pytest.mark.skipif(not backend.load_extension(), reason="fastnas._C is not built")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpu_kernel_streamed_results_past_the_cache(dtype):
-    """Calls larger than the last-level cache write their results with non-temporal stores."""
+@pytest.mark.parametrize("isa", cpu_isa_levels())
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_cpu_kernel_streamed_results_equal_cached_ones(dtype, isa):
+    """Calls larger than the last-level cache write their results with non-temporal stores: the
+    same values as ordinary stores, bit for bit, at every K, size and level (forced here with a
+    streaming threshold of 0 bytes, as real sizes would take a third of a gigabyte of inputs)."""
     fastnas.set_backend("cpu")
     try:
-        K, shape = 4, (2, 4_000_037)  # 32 MB per float32 input: past any last-level cache we know of
-        outputs, weights = random_inputs(K, shape, dtype, "cpu")
-        grad = torch.randn(shape, dtype=dtype)
-        y = fastnas.mixed_sum(outputs, weights)
-        outputs_grad, weights_grad = torch.ops.fastnas.mixed_sum_backward(grad, outputs, weights, True)
-        y_ref = reference.mixed_sum_forward_reference(outputs, weights)
-        outputs_grad_ref, weights_grad_ref = reference.mixed_sum_backward_reference(grad, outputs, weights, True)
-        tol = TOLERANCES[dtype]
-        torch.testing.assert_close(y, y_ref, rtol=tol["rtol"], atol=tol["atol"] * K)
-        for a, b in zip(outputs_grad, outputs_grad_ref):
-            assert torch.equal(a, b)  # one multiply, rounded once: exact
-        torch.testing.assert_close(weights_grad, weights_grad_ref, rtol=1e-4, atol=1e-2)
+        for K, shape in CASES:
+            outputs, weights = random_inputs(K, shape, dtype, "cpu")
+            weights = weights.to(torch.float64 if dtype == torch.float64 else torch.float32)
+            grad = torch.randn(shape, dtype=dtype)
+            results = {}
+            for stream_above_bytes in (1 << 62, 0):
+                with cpu_kernel_settings(isa=isa, stream_above_bytes=stream_above_bytes):
+                    y = fastnas.mixed_sum(outputs, weights)
+                    outputs_grad, weights_grad = torch.ops.fastnas.mixed_sum_backward(grad, outputs, weights, True)
+                    only_outputs_grad, _ = torch.ops.fastnas.mixed_sum_backward(grad, [], weights, True)
+                results[stream_above_bytes] = (y, outputs_grad, weights_grad, only_outputs_grad)
+            cached, streamed = results.values()
+            assert torch.equal(cached[0], streamed[0]) and torch.equal(cached[2], streamed[2])
+            for a, b, c in zip(cached[1], streamed[1], streamed[3]):
+                assert torch.equal(a, b) and torch.equal(a, c)
+            oracle = float64_oracle(outputs, weights, grad)
+            assert_close(streamed[0], oracle.y, dtype, oracle.y_scale)
+            for actual, expected in zip(streamed[1], oracle.outputs_grad):
+                assert_close(actual, expected, dtype, grad.double().abs())
+            assert_close(streamed[2], oracle.weights_grad, weights.dtype, oracle.weights_grad_scale)
     finally:
         fastnas.set_backend(None)
+
+
+@pytest.mark.skipif(not backend.load_extension(), reason="fastnas._C is not built")
+def test_cpu_settings_reject_unknown_levels_and_report_the_active_one():
+    best = cpu_isa_levels()[0]
+    with pytest.raises(ValueError, match="isa must be"):
+        torch.ops.fastnas._cpu_settings("sse9")
+    with pytest.raises(ValueError, match="stream_above_bytes"):
+        torch.ops.fastnas._cpu_settings(None, -1)
+    with cpu_kernel_settings(isa="portable"):
+        assert torch.ops.fastnas._cpu_settings()[0] == "portable"
+    assert torch.ops.fastnas._cpu_settings()[0] == best

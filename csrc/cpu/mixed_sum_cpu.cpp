@@ -1,5 +1,9 @@
 // CPU kernels of the mixed sum (contract: csrc/mixed_sum.h), registered for the CPU dispatch key.
 //
+// On x86 CPUs with AVX2 or AVX-512 the work of each thread goes to the register-blocked kernels of
+// csrc/cpu/mixed_sum_simd.cpp (picked at run time, capped by FASTNAS_CPU_ISA). The portable kernels
+// below serve every other CPU, and FASTNAS_CPU_ISA=portable. Both split the work the same way:
+//
 // Forward, one pass: per tile of kTile elements, y = sum_k w_k * o_k is accumulated in a cache-resident
 // tile (float32, or float64 for float64 inputs) and stored once.
 // Backward, one pass: per tile, g is read once; for each k, d o_k = w_k * g is written and the tile's
@@ -14,8 +18,13 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cstdio>
+#include <cstdlib>
 #include <cstdint>
 #include <cstring>
+#include <optional>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -25,6 +34,7 @@
 #endif
 
 #include "cpu/block_pool.h"
+#include "cpu/mixed_sum_simd.h"
 #include "mixed_sum.h"
 
 namespace fastnas {
@@ -208,17 +218,57 @@ void scale_and_stream(scalar_t* dst, acc_t w, const acc_t* g, int64_t n) {
   }
 }
 
+// Size of the last-level cache that this CPU's core 0 sees, from sysfs. sysconf(_SC_LEVEL3_CACHE_SIZE)
+// is not used: glibc derives it from CPUID, which under a hypervisor can describe the host's whole
+// package (it reports 320 MB on the 2-core EPYC VM whose sysfs, like lscpu, says 32 MB).
 int64_t last_level_cache_bytes() {
-  static const int64_t bytes = [] {
-    long l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
-    return l3 > 0 ? static_cast<int64_t>(l3) : int64_t(32) << 20;
-  }();
+  int64_t bytes = 0;
+  int best_level = 0;
+  for (int index = 0; index < 8; ++index) {
+    const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index) + "/";
+    std::FILE* level_file = std::fopen((dir + "level").c_str(), "r");
+    if (level_file == nullptr) break;
+    int level = 0;
+    const bool have_level = std::fscanf(level_file, "%d", &level) == 1;
+    std::fclose(level_file);
+    std::FILE* size_file = std::fopen((dir + "size").c_str(), "r");
+    if (size_file == nullptr) continue;
+    long long size = 0;
+    char unit = 0;
+    const int fields = std::fscanf(size_file, "%lld%c", &size, &unit);
+    std::fclose(size_file);
+    if (!have_level || fields < 1 || level < best_level) continue;
+    best_level = level;
+    bytes = size << (unit == 'K' ? 10 : unit == 'M' ? 20 : unit == 'G' ? 30 : 0);
+  }
+  if (bytes <= 0) {
+    const long l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
+    bytes = l3 > 0 ? static_cast<int64_t>(l3) : int64_t(32) << 20;
+  }
   return bytes;
+}
+
+// Calls touching more bytes than this stream their results: the last-level cache size by default,
+// FASTNAS_CPU_STREAM_BYTES when set, or what the tests set through fastnas::_cpu_settings.
+std::atomic<int64_t>& stream_threshold() {
+  static std::atomic<int64_t> threshold{[] {
+    const char* env = std::getenv("FASTNAS_CPU_STREAM_BYTES");
+    return env != nullptr ? static_cast<int64_t>(std::strtoll(env, nullptr, 10)) : last_level_cache_bytes();
+  }()};
+  return threshold;
 }
 
 // Whether a call that reads and writes `bytes_touched` in all should stream its results.
 inline bool should_stream(int64_t bytes_touched) {
-  return kCanStream && bytes_touched > last_level_cache_bytes();
+  return kCanStream && bytes_touched > stream_threshold().load(std::memory_order_relaxed);
+}
+
+template <typename scalar_t>
+constexpr simd::Dtype simd_dtype() {
+  if constexpr (std::is_same_v<scalar_t, double>) return simd::Dtype::kFloat64;
+  if constexpr (std::is_same_v<scalar_t, at::Half>) return simd::Dtype::kFloat16;
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) return simd::Dtype::kBFloat16;
+  return simd::Dtype::kFloat32;
 }
 
 template <typename scalar_t>
@@ -229,7 +279,15 @@ void forward_kernel(const std::vector<const scalar_t*>& inputs, const at::opmath
   const int64_t K = static_cast<int64_t>(inputs.size());
   const int64_t num_tiles = (numel + kTile - 1) / kTile;
   const bool stream = should_stream((K + 1) * numel * static_cast<int64_t>(sizeof(scalar_t)));
+  const simd::Isa isa = simd::active_isa();
   at::parallel_for(0, num_tiles, kForwardGrainTiles, [&](int64_t tile_begin, int64_t tile_end) {
+    const int64_t begin = tile_begin * kTile;
+    const int64_t end = std::min(numel, tile_end * kTile);
+    if (simd::forward(isa, simd_dtype<scalar_t>(), reinterpret_cast<const void* const*>(inputs.data()), K, w, out,
+                      begin, end - begin, stream)) {
+      if (stream) stream_fence();
+      return;
+    }
     alignas(64) acc_t acc_buf[kTile];
     alignas(64) acc_t widened[kWidenBuffer<scalar_t>];
     alignas(64) scalar_t narrowed[kWidenBuffer<scalar_t>];
@@ -267,7 +325,20 @@ void backward_kernel(const scalar_t* g, const std::vector<const scalar_t*>& inpu
   const int64_t num_chunks = (numel + kChunk - 1) / kChunk;
   const int64_t streams = 1 + (want_outputs_grad ? K : 0) + (want_weights_grad ? K : 0);
   const bool stream = want_outputs_grad && should_stream(streams * numel * static_cast<int64_t>(sizeof(scalar_t)));
+  const simd::Isa isa = simd::active_isa();
   at::parallel_for(0, num_chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+    if (isa != simd::Isa::kPortable) {
+      for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+        const int64_t start = chunk * kChunk;
+        simd::backward(isa, simd_dtype<scalar_t>(), g,
+                       want_weights_grad ? reinterpret_cast<const void* const*>(inputs.data()) : nullptr, K, w,
+                       want_outputs_grad ? reinterpret_cast<void* const*>(grads.data()) : nullptr,
+                       want_weights_grad ? partials + chunk * K : nullptr, start, std::min(kChunk, numel - start),
+                       stream);
+      }
+      if (stream) stream_fence();
+      return;
+    }
     alignas(64) acc_t g_buf[kWidenBuffer<scalar_t>];
     alignas(64) acc_t o_buf[kWidenBuffer<scalar_t>];
     alignas(64) acc_t scaled[kWidenBuffer<scalar_t>];
@@ -358,7 +429,30 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> mixed_sum_backward_cpu(const at:
   return {outputs_grad, weights_grad};
 }
 
+// Settings of the CPU kernels, for tests and benchmarks: the instruction-set level ("avx512", "avx2" or
+// "portable", capped by what the CPU has) and the size above which results are streamed. Returns
+// the settings in force after the call.
+std::tuple<std::string, int64_t> cpu_settings(std::optional<std::string> isa, std::optional<int64_t> stream_above_bytes) {
+  if (isa.has_value()) {
+    const std::string& name = *isa;
+    TORCH_CHECK_VALUE(name == "avx512" || name == "avx2" || name == "portable",
+                      "fastnas::_cpu_settings: isa must be 'avx512', 'avx2' or 'portable', got '", name, "'");
+    simd::set_isa_limit(name == "avx512" ? simd::Isa::kAvx512
+                        : name == "avx2" ? simd::Isa::kAvx2
+                                         : simd::Isa::kPortable);
+  }
+  if (stream_above_bytes.has_value()) {
+    TORCH_CHECK_VALUE(*stream_above_bytes >= 0, "fastnas::_cpu_settings: stream_above_bytes must be >= 0");
+    stream_threshold().store(*stream_above_bytes, std::memory_order_relaxed);
+  }
+  return {simd::isa_name(simd::active_isa()), stream_threshold().load(std::memory_order_relaxed)};
+}
+
 }  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fastnas, m) {
+  m.def("_cpu_settings(str? isa=None, int? stream_above_bytes=None) -> (str, int)", &cpu_settings);
+}
 
 TORCH_LIBRARY_IMPL(fastnas, CPU, m) {
   m.impl("_mixed_sum_forward", &mixed_sum_forward_cpu);
