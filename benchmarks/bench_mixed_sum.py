@@ -11,9 +11,10 @@ Two kinds of benchmark:
   copy of K·N elements into an existing tensor timed in the same rounds.
 
 Every timed call starts with the caches flushed (``timing.CacheFlush``, untimed). Without it a
-provider run right after another one on the same inputs found them in the last-level cache: at
-[64, 16, 32, 32], K = 8, the 32 MB of inputs nearly fit this CPU's 32 MB L3, and the order of the
-providers moved their times by a quarter. Its ``extra_info`` holds each
+call found part of its inputs in the last-level cache when the call before it had read them: at
+[64, 16, 32, 32], K = 8, the 32 MB of inputs nearly fit the 32 MB L3 of the 2-core EPYC, and a
+second forward+backward on the same inputs ran 9 to 11% faster than the first (fastnas and
+torch.compile alike), so the order of the providers would have leaked into their ratios. Its ``extra_info`` holds each
   provider's median, the speed-ups of fastnas over eager and compile, and fastnas's bandwidth as a
   fraction of the copy's; the terminal summary prints them as a table.
 """
@@ -179,3 +180,43 @@ def test_side_by_side(benchmark, shape, K, dtype):
     benchmark.extra_info.update(info)
     SUMMARY_ROWS.append(info)
     benchmark.pedantic(lambda: [fn() for fn in fns.values()], rounds=3, iterations=1)
+
+
+CPU_LEVEL_DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.mark.skipif(DEVICE != "cpu" or "fastnas-cpu" not in PROVIDERS, reason="the CPU kernels' levels, on CPU")
+@pytest.mark.parametrize("dtype", CPU_LEVEL_DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_cpu_kernel_levels(benchmark, dtype):
+    """The CPU kernels alone (no autograd) at [64,16,32,32], K=8, at every instruction-set level
+    this CPU has: the register-blocked AVX-512/AVX2 kernels against the portable ones."""
+    shape, K = (64, 16, 32, 32), 8
+    outputs = [torch.randn(shape, dtype=dtype) for _ in range(K)]
+    weights = torch.softmax(torch.randn(K), 0)
+    grad = torch.randn(shape, dtype=dtype)
+    best, threshold = torch.ops.fastnas._cpu_settings()
+    levels = ["avx512", "avx2", "portable"][["avx512", "avx2", "portable"].index(best) :]
+    fns = {}
+    for level in levels:
+
+        def forward(level=level):
+            torch.ops.fastnas._cpu_settings(level)
+            torch.ops.fastnas._mixed_sum_forward(outputs, weights)
+
+        def backward(level=level):
+            torch.ops.fastnas._cpu_settings(level)
+            torch.ops.fastnas._mixed_sum_backward(grad, outputs, weights, True)
+
+        fns[f"{level} fwd"], fns[f"{level} bwd"] = forward, backward
+    try:
+        medians = interleaved_medians(fns, DEVICE, rounds=ROUNDS, flush_cache=True)
+    finally:
+        torch.ops.fastnas._cpu_settings(best, threshold)
+    info = {
+        "shape": list(shape), "K": K, "dtype": str(dtype).removeprefix("torch."), "device": DEVICE,
+        "pass": "cpu kernel levels", "level_ms": {name: round(t * 1e3, 4) for name, t in medians.items()},
+    }
+    benchmark.extra_info.update(info)
+    SUMMARY_ROWS.append(info)
+    benchmark.pedantic(lambda: [fn() for fn in fns.values()], rounds=1, iterations=1)
+    torch.ops.fastnas._cpu_settings(best, threshold)

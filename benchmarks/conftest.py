@@ -20,10 +20,23 @@ def machine_name() -> str:
 
 
 def pytest_terminal_summary(terminalreporter):
+    write = terminalreporter.write_line
+    level_rows = [r for r in SUMMARY_ROWS if "level_ms" in r]
+    if level_rows:
+        write("")
+        write(f"CPU kernels alone, caches flushed, interleaved medians on {machine_name()}")
+        write("| shape | K | dtype | level | forward ms | backward ms |")
+        write("|---|---|---|---|---|---|")
+        for r in level_rows:
+            shape = "x".join(map(str, r["shape"]))
+            for level in dict.fromkeys(name.split()[0] for name in r["level_ms"]):
+                write(
+                    f"| {shape} | {r['K']} | {r['dtype']} | {level} | "
+                    f"{r['level_ms'][level + ' fwd']:.3f} | {r['level_ms'][level + ' bwd']:.3f} |"
+                )
     rows = [r for r in SUMMARY_ROWS if "median_ms" in r]
     if not rows:
         return
-    write = terminalreporter.write_line
     write("")
     write(f"mixed_sum forward+backward, interleaved medians on {machine_name()} (torch {torch.__version__})")
     write("| shape | K | dtype | provider | ms | x eager | x compile | GB/s | of copy |")

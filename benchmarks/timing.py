@@ -24,16 +24,18 @@ def time_once(fn: Callable[[], object], device: torch.device | str) -> float:
 
 
 class CacheFlush:
-    """Evicts the caches by writing a buffer larger than any last-level cache (256 MB, as
-    triton.testing.do_bench does), so that a timed call does not find its inputs left in cache by
-    the call before it (which would favour whichever provider runs second on the same inputs)."""
+    """Evicts the caches by reading a buffer larger than any last-level cache (256 MB), so that a
+    timed call does not find its inputs left in cache by the call before it, which would favour
+    whichever provider runs second on the same inputs. Reading leaves clean lines behind; writing
+    (as triton.testing.do_bench does on GPUs) would leave dirty ones, and the timed call would pay
+    for writing them back."""
 
     def __init__(self, device: torch.device | str, megabytes: int = 256):
         self.device = torch.device(device)
-        self.buffer = torch.empty(megabytes << 18, dtype=torch.float32, device=self.device)
+        self.buffer = torch.ones(megabytes << 18, dtype=torch.float32, device=self.device)
 
     def __call__(self) -> None:
-        self.buffer.fill_(1.0)
+        self.buffer.sum()
         synchronize(self.device)
 
 

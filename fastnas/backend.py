@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 
 BACKENDS = ("auto", "cuda", "triton", "cpu", "reference")
+COMPILED_BACKENDS = ("cpu", "cuda")  # kernels of the compiled extension fastnas._C, with a C++ autograd node
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
 
 _selected: str | None = None  # set_backend's choice; None means "read FASTNAS_BACKEND"

@@ -124,6 +124,40 @@ def test_gradcheck_float64(backend_device):
     assert torch.autograd.gradcheck(lambda *args: fastnas.mixed_sum(args[:-1], args[-1]), (*outputs, weights))
 
 
+def test_gradients_reach_only_the_inputs_that_require_them(backend_device):
+    name, device = backend_device
+    outputs, weights = random_inputs(3, (5, 7), torch.float32, device)
+    outputs[1].requires_grad_()
+    grad = torch.randn(5, 7, device=device)
+    fastnas.mixed_sum(outputs, weights).backward(grad)
+    assert outputs[0].grad is None and outputs[2].grad is None and weights.grad is None
+    assert_close(outputs[1].grad, weights[1].double() * grad.double(), torch.float32, grad.double().abs())
+
+
+def test_inference_mode_and_no_grad(backend_device):
+    name, device = backend_device
+    outputs, weights = random_inputs(3, (4, 9), torch.float32, device, requires_grad=True)
+    expected = float64_oracle(outputs, weights, torch.zeros(4, 9, device=device)).y
+    with torch.inference_mode():
+        y_inference = fastnas.mixed_sum(outputs, weights)
+    with torch.no_grad():
+        y_no_grad = fastnas.mixed_sum(outputs, weights)
+    for y in (y_inference, y_no_grad):
+        assert not y.requires_grad
+        assert_close(y, expected, torch.float32, torch.tensor(10.0))
+
+
+def test_double_backward_raises_a_clear_error(backend_device):
+    name, device = backend_device
+    outputs, weights = random_inputs(3, (4, 9), torch.float64, device, requires_grad=True)
+    weights = weights.detach().double().requires_grad_()
+    # the compiled backends refuse create_graph at once; the Python ones when differentiated again
+    with pytest.raises(RuntimeError, match="double backward|once_differentiable"):
+        (weights_grad,) = torch.autograd.grad(fastnas.mixed_sum(outputs, weights).square().sum(), weights,
+                                              create_graph=True)
+        weights_grad.sum().backward()
+
+
 # --------------------------------------------------------------------------- layouts
 
 
@@ -143,6 +177,13 @@ def test_channels_last_is_preserved_without_copies(backend_device):
     for o, expected in zip(outputs, outputs_grad64):
         assert o.grad.is_contiguous(memory_format=torch.channels_last)
         assert_close(o.grad, expected, torch.float32, torch.tensor(10.0))
+    # an upstream gradient in another layout (contiguous) is brought to the inputs' one
+    contiguous_grad = torch.randn(y.shape, device=device)
+    outputs_grad = torch.autograd.grad(fastnas.mixed_sum(outputs, weights), [*outputs, weights], contiguous_grad)
+    _, outputs_grad64, weights_grad64 = float64_oracle(outputs, weights, contiguous_grad)[:3]
+    for actual, expected in zip(outputs_grad[:3], outputs_grad64):
+        assert_close(actual, expected, torch.float32, torch.tensor(10.0))
+    assert_close(outputs_grad[3], weights_grad64, torch.float32, torch.tensor(1000.0))
 
 
 def test_non_contiguous_views_and_mixed_layouts(backend_device):
@@ -284,8 +325,9 @@ def test_registered_op_and_eager_function_agree(backend_device):
 
 
 @pytest.mark.parametrize("call", ["function", "op"])
-def test_frozen_weights_do_not_keep_outputs_alive(call):
-    outputs, weights = random_inputs(4, (64, 64), torch.float32, "cpu")
+def test_frozen_weights_do_not_keep_outputs_alive(backend_device, call):
+    name, device = backend_device
+    outputs, weights = random_inputs(4, (64, 64), torch.float32, device)
     for o in outputs:
         o.requires_grad_()
     saved = []

@@ -45,6 +45,8 @@ namespace avx512 {
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
 
+constexpr int kBackwardGroup = 8;  // 8 weights + 8 sums + 2 vectors of g in 32 registers
+
 struct F32 {
   using scalar = float;
   using acc = float;
@@ -139,6 +141,8 @@ struct BF16 : Half16Base {
 namespace avx2 {
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
+
+constexpr int kBackwardGroup = 4;  // 4 weights + 4 sums + up to 4 vectors of g fit in 16 registers; 8 spilled
 
 inline float reduce8(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));

@@ -2,9 +2,10 @@
 //
 // Each vector of results reads its slice of all K inputs at once: the forward is one FMA chain
 // per vector, the backward writes the K scaled copies of g and keeps the K inner products in
-// registers. This runs at about twice the speed of accumulating input by input through a
-// cache-resident tile (measured on a 2-core EPYC: 0.8 against 1.9 ms for the forward at K = 8,
-// 1M elements, float32), because every input is streamed once and nothing is re-read from L2.
+// registers. Every input is streamed once and nothing is re-read from L2: on a 2-core EPYC at
+// K = 8, 1M float32 elements, caches flushed, the forward took 1.31 ms and the backward 2.20 ms,
+// against 2.05 and 2.97 ms for the portable kernels, which accumulate input by input through a
+// cache-resident tile.
 //
 // The translation unit behind this header includes no ATen header: its functions are compiled for
 // instruction sets the baseline build does not assume, and inline functions of shared headers

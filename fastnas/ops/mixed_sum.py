@@ -203,8 +203,10 @@ _mixed_sum_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 class _MixedSumFunction(torch.autograd.Function):
-    """Eager autograd of the mixed sum: the same implementation as the registered operators, without
-    their dispatch overhead (tens of microseconds a call, which small GPU tensors would feel)."""
+    """Eager autograd of the mixed sum on the Python backends (triton, reference): the same
+    implementation as the registered operators, without their dispatch overhead (tens of
+    microseconds a call, which small GPU tensors would feel). The compiled backends have theirs in
+    C++, ``fastnas::_mixed_sum_autograd``."""
 
     @staticmethod
     def forward(ctx, weights: Tensor, *outputs: Tensor) -> Tensor:
@@ -276,4 +278,7 @@ def mixed_sum(outputs: OutputsLike, weights: Tensor) -> Tensor:
     _validate(outputs, weights)
     if torch.compiler.is_compiling():
         return torch.ops.fastnas.mixed_sum(outputs, weights)  # traced as one opaque op
+    if backend.get_backend(outputs[0].device) in backend.COMPILED_BACKENDS:
+        # autograd node in C++ (csrc/mixed_sum_autograd.cpp): the backward never enters Python
+        return torch.ops.fastnas._mixed_sum_autograd(weights, shared_dense_layout(outputs))
     return _MixedSumFunction.apply(weights, *outputs)

@@ -450,7 +450,12 @@ def run_search(cfg: SearchConfig) -> dict[str, Any]:
         torch.set_num_threads(threads)
     ddp.init(device)
     try:
-        return _Search(cfg, alg, ddp, device, data, w_idx, a_idx, table, ckpt).run()
+        result = _Search(cfg, alg, ddp, device, data, w_idx, a_idx, table, ckpt).run()
+        # every rank finishes before any tears its connections down: without this, a rank that left
+        # first sometimes made another abort in gloo's teardown ("terminate called without an active
+        # exception", about 1 run in 6 of tests/test_search_distributed.py on a 2-core machine)
+        ddp.barrier()
+        return result
     finally:
         torch.set_num_threads(threads_before)
         if ddp.active:

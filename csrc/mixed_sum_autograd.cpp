@@ -1,0 +1,121 @@
+// Eager autograd of the mixed sum on the compiled backends (cpu, cuda), in C++.
+//
+//   _mixed_sum_autograd(Tensor weights, Tensor[] outputs) -> Tensor
+//
+// fastnas.mixed_sum calls this op for CPU and CUDA tensors outside torch.compile, after validating
+// its arguments and bringing the K inputs to one dense layout (fastnas/ops/mixed_sum.py). Its node
+// runs the backward without entering Python: with a Python autograd.Function the interpreter's
+// share of a forward+backward at [64, 16, 32, 32], K = 8, was about 0.6 ms of 4 ms on the 2-core
+// EPYC once the kernels had evicted the interpreter's own data from the caches.
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <tuple>
+#include <vector>
+
+#include "mixed_sum.h"
+
+namespace fastnas {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+at::Tensor native_forward(at::TensorList outputs, const at::Tensor& weights) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fastnas::_mixed_sum_forward", "")
+                             .typed<at::Tensor(at::TensorList, const at::Tensor&)>();
+  return op.call(outputs, weights);
+}
+
+std::tuple<std::vector<at::Tensor>, at::Tensor> native_backward(const at::Tensor& grad, at::TensorList outputs,
+                                                                const at::Tensor& weights, bool compute_outputs_grad) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("fastnas::_mixed_sum_backward", "")
+          .typed<std::tuple<std::vector<at::Tensor>, at::Tensor>(const at::Tensor&, at::TensorList, const at::Tensor&,
+                                                                 bool)>();
+  return op.call(grad, outputs, weights, compute_outputs_grad);
+}
+
+// The weights in the kernels' accumulation dtype (float64 for float64 inputs, float32 otherwise).
+at::Tensor accumulation_weights(const at::Tensor& weights, const at::Tensor& like) {
+  return weights.to(accumulation_type(like.scalar_type())).contiguous();
+}
+
+class MixedSum : public torch::autograd::Function<MixedSum> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& weights, at::TensorList outputs) {
+    const at::Tensor w = accumulation_weights(weights, outputs[0]);
+    bool needs_outputs_grad = false;
+    for (const at::Tensor& o : outputs) needs_outputs_grad = needs_outputs_grad || o.requires_grad();
+    const bool needs_weights_grad = weights.requires_grad();
+    ctx->saved_data["needs_outputs_grad"] = needs_outputs_grad;
+    ctx->saved_data["needs_weights_grad"] = needs_weights_grad;
+    ctx->saved_data["weights_dtype"] = static_cast<int64_t>(weights.scalar_type());
+    ctx->saved_data["sizes"] = outputs[0].sizes().vec();
+    ctx->saved_data["strides"] = outputs[0].strides().vec();
+    // the K inputs are needed only for dL/dw: not kept alive when the weights are frozen
+    std::vector<at::Tensor> saved{w};
+    if (needs_weights_grad) saved.insert(saved.end(), outputs.begin(), outputs.end());
+    ctx->save_for_backward(saved);
+    return native_forward(outputs, w);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "fastnas.mixed_sum does not support double backward (create_graph=True): its backward is not "
+                "differentiable");
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor& w = saved[0];
+    const std::vector<at::Tensor> outputs(saved.begin() + 1, saved.end());
+    const bool needs_outputs_grad = ctx->saved_data["needs_outputs_grad"].toBool();
+    const bool needs_weights_grad = ctx->saved_data["needs_weights_grad"].toBool();
+    const int64_t K = w.size(0);
+
+    // the kernels take grad laid out like the inputs (autograd may hand over any strides, even 0)
+    at::Tensor grad = grad_outputs[0];
+    const std::vector<int64_t> sizes = ctx->saved_data["sizes"].toIntVector();
+    const std::vector<int64_t> strides = ctx->saved_data["strides"].toIntVector();
+    if (grad.strides() != at::IntArrayRef(strides)) {
+      at::Tensor dense = at::empty_strided(sizes, strides, grad.options());
+      dense.copy_(grad);
+      grad = dense;
+    }
+    auto [outputs_grad, weights_grad] = native_backward(grad, outputs, w, needs_outputs_grad);
+
+    variable_list result;
+    result.reserve(K + 1);
+    const auto weights_dtype = static_cast<at::ScalarType>(ctx->saved_data["weights_dtype"].toInt());
+    result.push_back(needs_weights_grad ? weights_grad.to(weights_dtype) : at::Tensor());
+    for (int64_t k = 0; k < K; ++k) result.push_back(needs_outputs_grad ? outputs_grad[k] : at::Tensor());
+    return result;
+  }
+};
+
+at::Tensor mixed_sum_autograd(const at::Tensor& weights, at::TensorList outputs) {
+  TORCH_CHECK_VALUE(!outputs.empty(), "fastnas::_mixed_sum_autograd: outputs must hold K >= 1 tensors");
+  return MixedSum::apply(weights, outputs);
+}
+
+// Without autograd (inference mode): the forward kernel alone.
+at::Tensor mixed_sum_no_autograd(const at::Tensor& weights, at::TensorList outputs) {
+  TORCH_CHECK_VALUE(!outputs.empty(), "fastnas::_mixed_sum_autograd: outputs must hold K >= 1 tensors");
+  return native_forward(outputs, accumulation_weights(weights, outputs[0]));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fastnas, m) {
+  m.def("_mixed_sum_autograd(Tensor weights, Tensor[] outputs) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fastnas, Autograd, m) {
+  m.impl("_mixed_sum_autograd", &mixed_sum_autograd);
+}
+
+TORCH_LIBRARY_IMPL(fastnas, CompositeExplicitAutograd, m) {
+  m.impl("_mixed_sum_autograd", &mixed_sum_no_autograd);
+}
+
+}  // namespace fastnas
