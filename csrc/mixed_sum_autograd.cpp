@@ -2,11 +2,11 @@
 //
 //   _mixed_sum_autograd(Tensor weights, Tensor[] outputs) -> Tensor
 //
-// fastnas.mixed_sum calls this op for CPU and CUDA tensors outside torch.compile, after validating
-// its arguments and bringing the K inputs to one dense layout (fastnas/ops/mixed_sum.py). Its node
-// runs the backward without entering Python: with a Python autograd.Function the interpreter's
-// share of a forward+backward at [64, 16, 32, 32], K = 8, was about 0.6 ms of 4 ms on the 2-core
-// EPYC once the kernels had evicted the interpreter's own data from the caches.
+// fastnas.mixed_sum calls this op for CPU and CUDA tensors outside torch.compile. It checks its
+// arguments, brings the K inputs to one dense layout and records a node whose backward runs without
+// entering Python: with a Python autograd.Function and Python checks, the interpreter's share of a
+// forward+backward at [64, 16, 32, 32], K = 8, was about 0.6 ms of 4 ms on the 2-core EPYC once the
+// kernels had evicted the interpreter's own data from the caches.
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -93,15 +93,66 @@ class MixedSum : public torch::autograd::Function<MixedSum> {
   }
 };
 
+bool same_layout(const at::Tensor& a, const at::Tensor& b) {
+  if (a.sizes() != b.sizes()) return false;
+  for (int64_t d = 0; d < a.dim(); ++d) {
+    if (a.size(d) != 1 && a.stride(d) != b.stride(d)) return false;
+  }
+  return true;
+}
+
+// What the kernels cannot check once the weights are converted. fastnas.mixed_sum re-validates in
+// Python when this op raises, for messages that name the argument; the kernels check the rest.
+void check_arguments(const at::Tensor& weights, at::TensorList outputs) {
+  const char* op = "fastnas::_mixed_sum_autograd";
+  TORCH_CHECK_VALUE(!outputs.empty(), op, ": outputs must hold K >= 1 tensors");
+  TORCH_CHECK_TYPE(weights.layout() == at::kStrided && outputs[0].layout() == at::kStrided, op,
+                   ": weights and outputs must be dense tensors");
+  TORCH_CHECK_TYPE(at::isFloatingType(weights.scalar_type()), op, ": weights must be real floating point");
+  TORCH_CHECK_VALUE(weights.dim() == 1 && weights.size(0) == static_cast<int64_t>(outputs.size()), op,
+                    ": weights must be 1-D of length K = ", outputs.size());
+  TORCH_CHECK_VALUE(weights.device() == outputs[0].device(), op, ": weights must be on the outputs' device");
+  for (const at::Tensor& o : outputs) {
+    TORCH_CHECK_VALUE(o.sizes() == outputs[0].sizes() && o.device() == outputs[0].device() &&
+                          o.scalar_type() == outputs[0].scalar_type() && o.layout() == at::kStrided,
+                      op, ": outputs must share one shape, dtype, device and dense layout");
+  }
+}
+
+// The K inputs in one shared dense layout: as they are when they share one, else copied (with
+// autograd recording the copies) into the first one's layout, or contiguous when it is not dense.
+std::vector<at::Tensor> shared_dense_layout(at::TensorList outputs) {
+  const at::Tensor& first = outputs[0];
+  const bool first_dense = first.is_non_overlapping_and_dense();
+  bool shared = first_dense;
+  for (size_t k = 1; k < outputs.size() && shared; ++k) shared = same_layout(outputs[k], first);
+  if (shared) return outputs.vec();
+  const at::Tensor like = first_dense ? first : first.contiguous();
+  std::vector<at::Tensor> result;
+  result.reserve(outputs.size());
+  for (const at::Tensor& o : outputs) {
+    if (same_layout(o, like)) {
+      result.push_back(o);
+    } else {
+      at::Tensor copy = at::empty_like(like);
+      copy.copy_(o);
+      result.push_back(copy);
+    }
+  }
+  return result;
+}
+
 at::Tensor mixed_sum_autograd(const at::Tensor& weights, at::TensorList outputs) {
-  TORCH_CHECK_VALUE(!outputs.empty(), "fastnas::_mixed_sum_autograd: outputs must hold K >= 1 tensors");
-  return MixedSum::apply(weights, outputs);
+  check_arguments(weights, outputs);
+  const std::vector<at::Tensor> inputs = shared_dense_layout(outputs);
+  return MixedSum::apply(weights, at::TensorList(inputs));
 }
 
 // Without autograd (inference mode): the forward kernel alone.
 at::Tensor mixed_sum_no_autograd(const at::Tensor& weights, at::TensorList outputs) {
-  TORCH_CHECK_VALUE(!outputs.empty(), "fastnas::_mixed_sum_autograd: outputs must hold K >= 1 tensors");
-  return native_forward(outputs, accumulation_weights(weights, outputs[0]));
+  check_arguments(weights, outputs);
+  const std::vector<at::Tensor> inputs = shared_dense_layout(outputs);
+  return native_forward(inputs, accumulation_weights(weights, inputs[0]));
 }
 
 }  // namespace

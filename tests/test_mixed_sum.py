@@ -188,17 +188,29 @@ def test_channels_last_is_preserved_without_copies(backend_device):
 
 def test_non_contiguous_views_and_mixed_layouts(backend_device):
     name, device = backend_device
-    base = torch.randn(4, 8, 6, 10, device=device)
+    base = torch.randn(4, 8, 6, 10, device=device, requires_grad=True)
+    channels_last = torch.randn(4, 4, 6, 10, device=device).to(memory_format=torch.channels_last).requires_grad_()
+    contiguous = torch.randn(4, 4, 6, 10, device=device, requires_grad=True)
     views = [
         base[:, ::2],  # strided slice
         base.transpose(1, 3)[:, :, :, 2:6].transpose(1, 3),  # permuted slice
-        torch.randn(4, 4, 6, 10, device=device).to(memory_format=torch.channels_last),
-        torch.randn(4, 4, 6, 10, device=device),
+        channels_last,
+        contiguous,
     ]
-    weights = torch.randn(4, device=device)
+    weights = torch.randn(4, device=device, requires_grad=True)
     y = fastnas.mixed_sum(views, weights)
-    y64 = reference.mixed_sum_forward_reference([v.double() for v in views], weights.double())
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    y64, outputs_grad64, weights_grad64 = float64_oracle(views, weights, grad)[:3]
     assert_close(y, y64, torch.float32, torch.tensor(10.0))
+    # the gradients reach the tensors the views were taken from, through any layout copies
+    base_grad64 = torch.zeros(base.shape, dtype=torch.float64, device=device)
+    base_grad64[:, ::2] += outputs_grad64[0]
+    base_grad64.transpose(1, 3)[:, :, :, 2:6].transpose(1, 3).add_(outputs_grad64[1])
+    assert_close(base.grad, base_grad64, torch.float32, torch.tensor(10.0))
+    assert_close(channels_last.grad, outputs_grad64[2], torch.float32, torch.tensor(10.0))
+    assert_close(contiguous.grad, outputs_grad64[3], torch.float32, torch.tensor(10.0))
+    assert_close(weights.grad, weights_grad64, torch.float32, torch.tensor(1000.0))
 
 
 def test_outputs_as_one_stacked_tensor(backend_device):

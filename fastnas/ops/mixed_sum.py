@@ -275,10 +275,20 @@ def mixed_sum(outputs: OutputsLike, weights: Tensor) -> Tensor:
         outputs = list(outputs)
     else:
         raise TypeError(f"outputs must be a list or tuple of tensors or one tensor, got {type(outputs).__name__}")
-    _validate(outputs, weights)
     if torch.compiler.is_compiling():
+        _validate(outputs, weights)
         return torch.ops.fastnas.mixed_sum(outputs, weights)  # traced as one opaque op
-    if backend.get_backend(outputs[0].device) in backend.COMPILED_BACKENDS:
-        # autograd node in C++ (csrc/mixed_sum_autograd.cpp): the backward never enters Python
-        return torch.ops.fastnas._mixed_sum_autograd(weights, shared_dense_layout(outputs))
+    if (
+        outputs
+        and isinstance(outputs[0], Tensor)
+        and backend.get_backend(outputs[0].device) in backend.COMPILED_BACKENDS
+    ):
+        # checks, layout and autograd node in C++ (csrc/mixed_sum_autograd.cpp): the backward never
+        # enters Python. When the op refuses its arguments, the Python checks say which and why.
+        try:
+            return torch.ops.fastnas._mixed_sum_autograd(weights, outputs)
+        except (RuntimeError, TypeError, ValueError):
+            _validate(outputs, weights)
+            raise
+    _validate(outputs, weights)
     return _MixedSumFunction.apply(weights, *outputs)
