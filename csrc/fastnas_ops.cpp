@@ -20,6 +20,8 @@ namespace {
 
 bool is_non_overlapping_and_dense(const at::Tensor& t) { return t.is_non_overlapping_and_dense(); }
 
+}  // namespace
+
 bool same_layout(const at::Tensor& a, const at::Tensor& b) {
   if (a.sizes() != b.sizes()) return false;
   for (int64_t d = 0; d < a.dim(); ++d) {
@@ -27,8 +29,6 @@ bool same_layout(const at::Tensor& a, const at::Tensor& b) {
   }
   return true;
 }
-
-}  // namespace
 
 int64_t check_native_inputs(const at::Tensor& grad, at::TensorList outputs, const at::Tensor& weights,
                             c10::DeviceType device_type, const char* op_name) {

@@ -22,6 +22,9 @@ namespace fastnas {
 int64_t check_native_inputs(const at::Tensor& grad, at::TensorList outputs, const at::Tensor& weights,
                             c10::DeviceType device_type, const char* op_name);
 
+// Same sizes, and the same strides wherever a dimension has more than one element.
+bool same_layout(const at::Tensor& a, const at::Tensor& b);
+
 inline at::ScalarType accumulation_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }

@@ -93,14 +93,6 @@ class MixedSum : public torch::autograd::Function<MixedSum> {
   }
 };
 
-bool same_layout(const at::Tensor& a, const at::Tensor& b) {
-  if (a.sizes() != b.sizes()) return false;
-  for (int64_t d = 0; d < a.dim(); ++d) {
-    if (a.size(d) != 1 && a.stride(d) != b.stride(d)) return false;
-  }
-  return true;
-}
-
 // What the kernels cannot check once the weights are converted. fastnas.mixed_sum re-validates in
 // Python when this op raises, for messages that name the argument; the kernels check the rest.
 void check_arguments(const at::Tensor& weights, at::TensorList outputs) {
