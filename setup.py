@@ -19,6 +19,7 @@ import sys
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+README = os.path.join(ROOT, "README.md")
 
 
 def _find_cuda_home() -> str | None:
@@ -70,8 +71,9 @@ def extensions():
             CUDAExtension(
                 sources=sources + sorted(glob.glob("csrc/cuda/*.cu")),
                 extra_compile_args={
-                    "cxx": cpu_flags + ["-DFASTNAS_WITH_CUDA"],
-                    "nvcc": ["-O3", "--use_fast_math", "-lineinfo", "-DFASTNAS_WITH_CUDA"],
+                    "cxx": cpu_flags,
+                    # no --use_fast_math: it flushes float32 subnormals, and the CPU kernels keep them
+                    "nvcc": ["-O3", "-lineinfo"],
                 },
                 **common,
             )
@@ -90,7 +92,7 @@ setup(
     name="fastnas",
     version="0.1.0",
     description="Fused kernels, a slim supernet and the GAEA optimizer for weight-sharing NAS",
-    long_description=open(os.path.join(ROOT, "README.md")).read() if os.path.exists("README.md") else "",
+    long_description=open(README).read() if os.path.exists(README) else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["fastnas", "fastnas.*"]) + ["fastnas.kernels"],

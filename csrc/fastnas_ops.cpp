@@ -16,22 +16,20 @@ PyObject* PyInit__C(void) {
 
 namespace fastnas {
 
-namespace {
-
-bool is_non_overlapping_and_dense(const at::Tensor& t) { return t.is_non_overlapping_and_dense(); }
-
-}  // namespace
-
-bool same_layout(const at::Tensor& a, const at::Tensor& b) {
-  if (a.sizes() != b.sizes()) return false;
-  for (int64_t d = 0; d < a.dim(); ++d) {
-    if (a.size(d) != 1 && a.stride(d) != b.stride(d)) return false;
+bool same_strides(at::IntArrayRef sizes, at::IntArrayRef a, at::IntArrayRef b) {
+  for (size_t d = 0; d < sizes.size(); ++d) {
+    if (sizes[d] != 1 && a[d] != b[d]) return false;
   }
   return true;
 }
 
+bool same_layout(const at::Tensor& a, const at::Tensor& b) {
+  return a.sizes() == b.sizes() && same_strides(a.sizes(), a.strides(), b.strides());
+}
+
 int64_t check_native_inputs(const at::Tensor& grad, at::TensorList outputs, const at::Tensor& weights,
                             c10::DeviceType device_type, const char* op_name) {
+  TORCH_CHECK_VALUE(grad.defined() || !outputs.empty(), op_name, ": outputs must hold K >= 1 tensors");
   TORCH_CHECK(weights.dim() == 1 && weights.is_contiguous(), op_name, ": weights must be 1-D and contiguous");
   const int64_t K = weights.size(0);
   TORCH_CHECK_VALUE(K >= 1, op_name, ": weights must hold K >= 1 values");
@@ -43,7 +41,7 @@ int64_t check_native_inputs(const at::Tensor& grad, at::TensorList outputs, cons
                    accumulation_type(dtype), " for ", dtype, " inputs, got ", weights.scalar_type());
   TORCH_CHECK(like.device().type() == device_type && weights.device() == like.device(), op_name,
               ": tensors must all be on one ", c10::DeviceTypeName(device_type), " device");
-  TORCH_CHECK(is_non_overlapping_and_dense(like), op_name, ": inputs must be non-overlapping and dense");
+  TORCH_CHECK(like.is_non_overlapping_and_dense(), op_name, ": inputs must be non-overlapping and dense");
   TORCH_CHECK_VALUE(outputs.empty() || static_cast<int64_t>(outputs.size()) == K, op_name, ": got ",
                     outputs.size(), " outputs for ", K, " weights");
   for (size_t k = 0; k < outputs.size(); ++k) {
@@ -53,6 +51,24 @@ int64_t check_native_inputs(const at::Tensor& grad, at::TensorList outputs, cons
                 grad.defined() ? "grad" : "outputs[0]");
   }
   return K;
+}
+
+BackwardResults allocate_backward_results(const at::Tensor& grad, at::TensorList outputs, const at::Tensor& weights,
+                                          bool compute_outputs_grad, at::Tensor (*empty_like)(const at::Tensor&)) {
+  const int64_t K = weights.size(0);
+  BackwardResults results;
+  if (compute_outputs_grad) {
+    for (int64_t k = 0; k < K; ++k) results.outputs_grad.push_back(empty_like(grad));
+  }
+  const bool no_elements = grad.numel() == 0;
+  if (outputs.empty()) {
+    results.weights_grad = weights.new_empty({0});
+    results.done = !compute_outputs_grad || no_elements;
+  } else {
+    results.weights_grad = no_elements ? at::zeros_like(weights) : at::empty({K}, weights.options());
+    results.done = no_elements;
+  }
+  return results;
 }
 
 TORCH_LIBRARY_FRAGMENT(fastnas, m) {

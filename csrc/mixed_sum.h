@@ -22,6 +22,20 @@ namespace fastnas {
 int64_t check_native_inputs(const at::Tensor& grad, at::TensorList outputs, const at::Tensor& weights,
                             c10::DeviceType device_type, const char* op_name);
 
+// The results of a backward call, allocated as the contract says: K outputs gradients laid out like
+// grad (when compute_outputs_grad; by `empty_like`, the backend's allocator) and weights_grad, [K]
+// when outputs are given, else empty. `done` when nothing is left to compute (no elements, or
+// nothing asked): weights_grad then holds its final value (zeros when there are no elements).
+struct BackwardResults {
+  std::vector<at::Tensor> outputs_grad;
+  at::Tensor weights_grad;
+  bool done;
+};
+BackwardResults allocate_backward_results(const at::Tensor& grad, at::TensorList outputs, const at::Tensor& weights,
+                                          bool compute_outputs_grad, at::Tensor (*empty_like)(const at::Tensor&));
+
+// Strides a and b agree wherever a dimension of `sizes` has more than one element.
+bool same_strides(at::IntArrayRef sizes, at::IntArrayRef a, at::IntArrayRef b);
 // Same sizes, and the same strides wherever a dimension has more than one element.
 bool same_layout(const at::Tensor& a, const at::Tensor& b);
 

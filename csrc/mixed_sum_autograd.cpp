@@ -2,11 +2,9 @@
 //
 //   _mixed_sum_autograd(Tensor weights, Tensor[] outputs) -> Tensor
 //
-// fastnas.mixed_sum calls this op for CPU and CUDA tensors outside torch.compile. It checks its
-// arguments, brings the K inputs to one dense layout and records a node whose backward runs without
-// entering Python: with a Python autograd.Function and Python checks, the interpreter's share of a
-// forward+backward at [64, 16, 32, 32], K = 8, was about 0.6 ms of 4 ms on the 2-core EPYC once the
-// kernels had evicted the interpreter's own data from the caches.
+// fastnas.mixed_sum calls this op when the cpu or cuda backend runs, outside torch.compile. It checks
+// its arguments, brings the K inputs to one dense layout and records a node whose backward runs
+// without entering Python (README, "The CPU kernel", for what that saved).
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -52,8 +50,6 @@ class MixedSum : public torch::autograd::Function<MixedSum> {
     const bool needs_weights_grad = weights.requires_grad();
     ctx->saved_data["needs_outputs_grad"] = needs_outputs_grad;
     ctx->saved_data["needs_weights_grad"] = needs_weights_grad;
-    ctx->saved_data["weights_dtype"] = static_cast<int64_t>(weights.scalar_type());
-    ctx->saved_data["sizes"] = outputs[0].sizes().vec();
     ctx->saved_data["strides"] = outputs[0].strides().vec();
     // the K inputs are needed only for dL/dw: not kept alive when the weights are frozen
     std::vector<at::Tensor> saved{w};
@@ -75,19 +71,18 @@ class MixedSum : public torch::autograd::Function<MixedSum> {
 
     // the kernels take grad laid out like the inputs (autograd may hand over any strides, even 0)
     at::Tensor grad = grad_outputs[0];
-    const std::vector<int64_t> sizes = ctx->saved_data["sizes"].toIntVector();
     const std::vector<int64_t> strides = ctx->saved_data["strides"].toIntVector();
-    if (grad.strides() != at::IntArrayRef(strides)) {
-      at::Tensor dense = at::empty_strided(sizes, strides, grad.options());
+    if (!same_strides(grad.sizes(), grad.strides(), strides)) {
+      at::Tensor dense = at::empty_strided(grad.sizes(), strides, grad.options());
       dense.copy_(grad);
       grad = dense;
     }
     auto [outputs_grad, weights_grad] = native_backward(grad, outputs, w, needs_outputs_grad);
 
+    // weights_grad is in the accumulation dtype; autograd casts it to the weights' own dtype
     variable_list result;
     result.reserve(K + 1);
-    const auto weights_dtype = static_cast<at::ScalarType>(ctx->saved_data["weights_dtype"].toInt());
-    result.push_back(needs_weights_grad ? weights_grad.to(weights_dtype) : at::Tensor());
+    result.push_back(needs_weights_grad ? weights_grad : at::Tensor());
     for (int64_t k = 0; k < K; ++k) result.push_back(needs_outputs_grad ? outputs_grad[k] : at::Tensor());
     return result;
   }
@@ -120,9 +115,9 @@ std::vector<at::Tensor> shared_dense_layout(at::TensorList outputs) {
   for (size_t k = 1; k < outputs.size() && shared; ++k) shared = same_layout(outputs[k], first);
   if (shared) return outputs.vec();
   const at::Tensor like = first_dense ? first : first.contiguous();
-  std::vector<at::Tensor> result;
+  std::vector<at::Tensor> result{like};
   result.reserve(outputs.size());
-  for (const at::Tensor& o : outputs) {
+  for (const at::Tensor& o : outputs.slice(1)) {
     if (same_layout(o, like)) {
       result.push_back(o);
     } else {

@@ -147,30 +147,12 @@ inline const acc_t* as_acc(const scalar_t* src, acc_t* buf, int64_t n) {
 // read. Smaller calls keep ordinary stores so their results stay in cache for the next op.
 
 #if defined(__x86_64__) && defined(__GNUC__)
-__attribute__((target("avx512f"))) void stream_bytes_avx512(char* dst, const char* src, int64_t bytes) {
-  for (; bytes >= 64; bytes -= 64, dst += 64, src += 64) {
-    _mm512_stream_si512(reinterpret_cast<__m512i*>(dst), _mm512_loadu_si512(src));
-  }
-  std::memcpy(dst, src, bytes);
-}
-__attribute__((target("avx"))) void stream_bytes_avx(char* dst, const char* src, int64_t bytes) {
-  for (; bytes >= 32; bytes -= 32, dst += 32, src += 32) {
-    _mm256_stream_si256(reinterpret_cast<__m256i*>(dst), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
-  }
-  std::memcpy(dst, src, bytes);
-}
-void stream_bytes_sse2(char* dst, const char* src, int64_t bytes) {
+// 16-byte stores (SSE2, the x86-64 baseline): one sequential stream fills whole lines anyway.
+void stream_bytes(char* dst, const char* src, int64_t bytes) {
   for (; bytes >= 16; bytes -= 16, dst += 16, src += 16) {
     _mm_stream_si128(reinterpret_cast<__m128i*>(dst), _mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
   }
   std::memcpy(dst, src, bytes);
-}
-using StreamFn = void (*)(char*, const char*, int64_t);
-StreamFn pick_stream_bytes() {
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f")) return stream_bytes_avx512;
-  if (__builtin_cpu_supports("avx")) return stream_bytes_avx;
-  return stream_bytes_sse2;
 }
 constexpr bool kCanStream = true;
 #else
@@ -181,7 +163,6 @@ constexpr bool kCanStream = false;
 template <typename scalar_t>
 void stream_tile(scalar_t* dst, const scalar_t* src, int64_t n) {
 #if defined(__x86_64__) && defined(__GNUC__)
-  static const StreamFn stream_bytes = pick_stream_bytes();
   char* d = reinterpret_cast<char*>(dst);
   const char* s = reinterpret_cast<const char*>(src);
   int64_t bytes = n * static_cast<int64_t>(sizeof(scalar_t));
@@ -283,8 +264,9 @@ void forward_kernel(const std::vector<const scalar_t*>& inputs, const at::opmath
   at::parallel_for(0, num_tiles, kForwardGrainTiles, [&](int64_t tile_begin, int64_t tile_end) {
     const int64_t begin = tile_begin * kTile;
     const int64_t end = std::min(numel, tile_end * kTile);
-    if (simd::forward(isa, simd_dtype<scalar_t>(), reinterpret_cast<const void* const*>(inputs.data()), K, w, out,
-                      begin, end - begin, stream)) {
+    if (isa != simd::Isa::kPortable) {
+      simd::forward(isa, simd_dtype<scalar_t>(), reinterpret_cast<const void* const*>(inputs.data()), K, w, out,
+                    begin, end - begin, stream);
       if (stream) stream_fence();
       return;
     }
@@ -378,7 +360,6 @@ std::vector<const scalar_t*> data_pointers(at::TensorList tensors) {
 }
 
 at::Tensor mixed_sum_forward_cpu(at::TensorList outputs, const at::Tensor& weights) {
-  TORCH_CHECK_VALUE(!outputs.empty(), "fastnas::_mixed_sum_forward: outputs must hold K >= 1 tensors");
   check_native_inputs(at::Tensor(), outputs, weights, c10::DeviceType::CPU, "fastnas::_mixed_sum_forward");
   at::Tensor out = pooled_empty_like(outputs[0]);
   if (out.numel() == 0) return out;
@@ -396,18 +377,13 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> mixed_sum_backward_cpu(const at:
   const int64_t K =
       check_native_inputs(grad, outputs, weights, c10::DeviceType::CPU, "fastnas::_mixed_sum_backward");
   const int64_t numel = grad.numel();
-  std::vector<at::Tensor> outputs_grad;
-  if (compute_outputs_grad) {
-    for (int64_t k = 0; k < K; ++k) outputs_grad.push_back(pooled_empty_like(grad));
-  }
-  if (outputs.empty()) {
-    if (!compute_outputs_grad || numel == 0) return {outputs_grad, weights.new_empty({0})};
-  } else if (numel == 0) {
-    return {outputs_grad, at::zeros_like(weights)};
-  }
+  BackwardResults results =
+      allocate_backward_results(grad, outputs, weights, compute_outputs_grad, &pooled_empty_like);
+  if (results.done) return {results.outputs_grad, results.weights_grad};
+  std::vector<at::Tensor>& outputs_grad = results.outputs_grad;  // named, not bound: lambdas capture them
+  at::Tensor& weights_grad = results.weights_grad;
   const int64_t num_chunks = (numel + kChunk - 1) / kChunk;
   at::Tensor partials = outputs.empty() ? at::Tensor() : at::empty({num_chunks, K}, weights.options());
-  at::Tensor weights_grad = outputs.empty() ? weights.new_empty({0}) : at::empty({K}, weights.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "mixed_sum_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     std::vector<scalar_t*> grad_pointers;
@@ -434,12 +410,10 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> mixed_sum_backward_cpu(const at:
 // the settings in force after the call.
 std::tuple<std::string, int64_t> cpu_settings(std::optional<std::string> isa, std::optional<int64_t> stream_above_bytes) {
   if (isa.has_value()) {
-    const std::string& name = *isa;
-    TORCH_CHECK_VALUE(name == "avx512" || name == "avx2" || name == "portable",
-                      "fastnas::_cpu_settings: isa must be 'avx512', 'avx2' or 'portable', got '", name, "'");
-    simd::set_isa_limit(name == "avx512" ? simd::Isa::kAvx512
-                        : name == "avx2" ? simd::Isa::kAvx2
-                                         : simd::Isa::kPortable);
+    simd::Isa level;
+    TORCH_CHECK_VALUE(simd::isa_from_name(isa->c_str(), &level),
+                      "fastnas::_cpu_settings: isa must be 'avx512', 'avx2' or 'portable', got '", *isa, "'");
+    simd::set_isa_limit(level);
   }
   if (stream_above_bytes.has_value()) {
     TORCH_CHECK_VALUE(*stream_above_bytes >= 0, "fastnas::_cpu_settings: stream_above_bytes must be >= 0");

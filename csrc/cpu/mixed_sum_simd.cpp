@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include <atomic>
+#include <initializer_list>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(FASTNAS_NO_SIMD)
 #define FASTNAS_X86_SIMD 1
@@ -263,14 +264,36 @@ Isa detect_isa() { return Isa::kPortable; }
 
 #endif  // FASTNAS_X86_SIMD
 
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512: return "avx512";
+    case Isa::kAvx2: return "avx2";
+    default: return "portable";
+  }
+}
+
+bool isa_from_name(const char* name, Isa* isa) {
+  for (Isa level : {Isa::kAvx512, Isa::kAvx2, Isa::kPortable}) {
+    if (name != nullptr && strcmp(name, isa_name(level)) == 0) {
+      *isa = level;
+      return true;
+    }
+  }
+  return false;
+}
+
 namespace {
 
-Isa parse_isa_limit(const char* text, Isa fallback) {
-  if (text == nullptr) return fallback;
-  if (strcmp(text, "avx512") == 0) return Isa::kAvx512;
-  if (strcmp(text, "avx2") == 0) return Isa::kAvx2;
-  if (strcmp(text, "portable") == 0) return Isa::kPortable;
-  return fallback;  // unknown names are ignored, as an unset variable
+// The best level this CPU supports and this build compiled, capped by FASTNAS_CPU_ISA (unknown
+// names are ignored, as an unset variable).
+Isa supported_isa() {
+  static const Isa isa = [] {
+    const Isa detected = detect_isa();
+    Isa cap = Isa::kAvx512;
+    isa_from_name(getenv("FASTNAS_CPU_ISA"), &cap);
+    return static_cast<int>(cap) < static_cast<int>(detected) ? cap : detected;
+  }();
+  return isa;
 }
 
 std::atomic<int>& isa_limit() {
@@ -280,23 +303,6 @@ std::atomic<int>& isa_limit() {
 
 }  // namespace
 
-const char* isa_name(Isa isa) {
-  switch (isa) {
-    case Isa::kAvx512: return "avx512";
-    case Isa::kAvx2: return "avx2";
-    default: return "portable";
-  }
-}
-
-Isa supported_isa() {
-  static const Isa isa = [] {
-    const Isa detected = detect_isa();
-    const Isa cap = parse_isa_limit(getenv("FASTNAS_CPU_ISA"), Isa::kAvx512);
-    return static_cast<int>(cap) < static_cast<int>(detected) ? cap : detected;
-  }();
-  return isa;
-}
-
 Isa active_isa() {
   const int limit = isa_limit().load(std::memory_order_relaxed);
   const int supported = static_cast<int>(supported_isa());
@@ -305,34 +311,22 @@ Isa active_isa() {
 
 void set_isa_limit(Isa limit) { isa_limit().store(static_cast<int>(limit), std::memory_order_relaxed); }
 
-bool forward(Isa isa, Dtype dtype, const void* const* inputs, int64_t K, const void* weights, void* out,
+void forward(Isa isa, Dtype dtype, const void* const* inputs, int64_t K, const void* weights, void* out,
              int64_t offset, int64_t n, bool stream) {
 #if FASTNAS_X86_SIMD
-  if (isa == Isa::kAvx512) {
-    avx512::forward(dtype, inputs, K, weights, out, offset, n, stream);
-    return true;
-  }
-  if (isa == Isa::kAvx2) {
-    avx2::forward(dtype, inputs, K, weights, out, offset, n, stream);
-    return true;
-  }
+  if (isa == Isa::kAvx512) return avx512::forward(dtype, inputs, K, weights, out, offset, n, stream);
+  if (isa == Isa::kAvx2) return avx2::forward(dtype, inputs, K, weights, out, offset, n, stream);
 #endif
-  return false;
+  abort();  // kPortable never comes here (see mixed_sum_simd.h)
 }
 
-bool backward(Isa isa, Dtype dtype, const void* g, const void* const* inputs, int64_t K, const void* weights,
+void backward(Isa isa, Dtype dtype, const void* g, const void* const* inputs, int64_t K, const void* weights,
               void* const* grads, void* sums, int64_t offset, int64_t n, bool stream) {
 #if FASTNAS_X86_SIMD
-  if (isa == Isa::kAvx512) {
-    avx512::backward(dtype, g, inputs, K, weights, grads, sums, offset, n, stream);
-    return true;
-  }
-  if (isa == Isa::kAvx2) {
-    avx2::backward(dtype, g, inputs, K, weights, grads, sums, offset, n, stream);
-    return true;
-  }
+  if (isa == Isa::kAvx512) return avx512::backward(dtype, g, inputs, K, weights, grads, sums, offset, n, stream);
+  if (isa == Isa::kAvx2) return avx2::backward(dtype, g, inputs, K, weights, grads, sums, offset, n, stream);
 #endif
-  return false;
+  abort();  // kPortable never comes here (see mixed_sum_simd.h)
 }
 
 }  // namespace simd

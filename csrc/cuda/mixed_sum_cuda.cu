@@ -344,7 +344,6 @@ constexpr const char* kForwardName = "fastnas::_mixed_sum_forward";
 constexpr const char* kBackwardName = "fastnas::_mixed_sum_backward";
 
 at::Tensor mixed_sum_forward_cuda(at::TensorList outputs, const at::Tensor& weights) {
-  TORCH_CHECK_VALUE(!outputs.empty(), kForwardName, ": outputs must hold K >= 1 tensors");
   const int64_t K = check_native_inputs(at::Tensor(), outputs, weights, c10::DeviceType::CUDA, kForwardName);
   const c10::cuda::CUDAGuard device_guard(outputs[0].device());
   at::Tensor out = at::empty_like(outputs[0]);
@@ -396,16 +395,11 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> mixed_sum_backward_cuda(const at
   const c10::cuda::CUDAGuard device_guard(grad.device());
   const int64_t numel = grad.numel();
   const bool want_weights_grad = !outputs.empty();
-  std::vector<at::Tensor> outputs_grad;
-  if (compute_outputs_grad) {
-    for (int64_t k = 0; k < K; ++k) outputs_grad.push_back(at::empty_like(grad));
-  }
-  if (!want_weights_grad) {
-    if (!compute_outputs_grad || numel == 0) return {outputs_grad, weights.new_empty({0})};
-  } else if (numel == 0) {
-    return {outputs_grad, at::zeros_like(weights)};
-  }
-  at::Tensor weights_grad = want_weights_grad ? at::empty({K}, weights.options()) : weights.new_empty({0});
+  BackwardResults results = allocate_backward_results(
+      grad, outputs, weights, compute_outputs_grad, [](const at::Tensor& t) { return at::empty_like(t); });
+  if (results.done) return {results.outputs_grad, results.weights_grad};
+  std::vector<at::Tensor>& outputs_grad = results.outputs_grad;  // named, not bound: lambdas capture them
+  at::Tensor& weights_grad = results.weights_grad;
   const int64_t num_chunks = (K + kMaxPointers - 1) / kMaxPointers;
   const bool vector = aligned(grad.data_ptr()) && all_aligned(outputs) && all_aligned(outputs_grad);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "mixed_sum_backward_cuda", [&] {
