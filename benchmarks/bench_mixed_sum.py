@@ -2,21 +2,22 @@
 
 Run:  pytest benchmarks/bench_mixed_sum.py --benchmark-only
 
-Two kinds of benchmark:
+Three kinds of benchmark:
 
 * ``test_provider``: one provider (a fastnas backend, eager, compile, or a plain copy) at one shape,
   dtype and pass, timed by pytest-benchmark. ``extra_info`` holds provider, shape, dtype, K, pass and
   bytes moved ((K+1)·N forward, (2K+1)·N backward, 2·K·N for the copy), for ``benchmarks/report.py``.
 * ``test_side_by_side``: every provider in interleaved rounds (medians), forward+backward, with the
-  copy of K·N elements into an existing tensor timed in the same rounds.
-
-Every timed call starts with the caches flushed (``timing.CacheFlush``, untimed). Without it a
-call found part of its inputs in the last-level cache when the call before it had read them: at
-[64, 16, 32, 32], K = 8, the 32 MB of inputs nearly fit the 32 MB L3 of the 2-core EPYC, and a
-second forward+backward on the same inputs ran 9 to 11% faster than the first (fastnas and
-torch.compile alike), so the order of the providers would have leaked into their ratios. Its ``extra_info`` holds each
+  copy of K·N elements into an existing tensor timed in the same rounds. Its ``extra_info`` holds each
   provider's median, the speed-ups of fastnas over eager and compile, and fastnas's bandwidth as a
   fraction of the copy's; the terminal summary prints them as a table.
+* ``test_cpu_kernel_levels`` (CPU): the CPU kernels alone, forward and backward, at each
+  instruction-set level the CPU has, also printed as a table.
+
+Every timed call starts with the caches flushed (``timing.CacheFlush``, untimed). Without it a call
+finds part of its inputs in the last-level cache when the call before it read them (at
+[64, 16, 32, 32], K = 8, the 32 MiB of inputs are the size of the 2-core EPYC's L3), and the order of
+the providers would leak into their ratios.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def forward_fn(provider: str):
     name = provider.removeprefix("fastnas-")
 
     def run(outputs, weights):
-        if backend.requested_backend() != name:  # switch only between fastnas providers, not per call
+        if backend.requested_backend() != name:  # a switch when the provider changes (eager/compile need none)
             fastnas.set_backend(name)
         return fastnas.mixed_sum(outputs, weights)
 
@@ -182,11 +183,8 @@ def test_side_by_side(benchmark, shape, K, dtype):
     benchmark.pedantic(lambda: [fn() for fn in fns.values()], rounds=3, iterations=1)
 
 
-CPU_LEVEL_DTYPES = [torch.float32, torch.bfloat16]
-
-
 @pytest.mark.skipif(DEVICE != "cpu" or "fastnas-cpu" not in PROVIDERS, reason="the CPU kernels' levels, on CPU")
-@pytest.mark.parametrize("dtype", CPU_LEVEL_DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).removeprefix("torch."))
 def test_cpu_kernel_levels(benchmark, dtype):
     """The CPU kernels alone (no autograd) at [64,16,32,32], K=8, at every instruction-set level
     this CPU has: the register-blocked AVX-512/AVX2 kernels against the portable ones."""
@@ -194,8 +192,7 @@ def test_cpu_kernel_levels(benchmark, dtype):
     outputs = [torch.randn(shape, dtype=dtype) for _ in range(K)]
     weights = torch.softmax(torch.randn(K), 0)
     grad = torch.randn(shape, dtype=dtype)
-    best, threshold = torch.ops.fastnas._cpu_settings()
-    levels = ["avx512", "avx2", "portable"][["avx512", "avx2", "portable"].index(best) :]
+    levels = backend.cpu_isa_levels()
     fns = {}
     for level in levels:
 
@@ -207,16 +204,16 @@ def test_cpu_kernel_levels(benchmark, dtype):
             torch.ops.fastnas._cpu_settings(level)
             torch.ops.fastnas._mixed_sum_backward(grad, outputs, weights, True)
 
-        fns[f"{level} fwd"], fns[f"{level} bwd"] = forward, backward
+        fns[(level, "fwd")], fns[(level, "bwd")] = forward, backward
     try:
         medians = interleaved_medians(fns, DEVICE, rounds=ROUNDS, flush_cache=True)
+        benchmark.pedantic(lambda: [fn() for fn in fns.values()], rounds=1, iterations=1)
     finally:
-        torch.ops.fastnas._cpu_settings(best, threshold)
+        torch.ops.fastnas._cpu_settings(levels[0])
     info = {
         "shape": list(shape), "K": K, "dtype": str(dtype).removeprefix("torch."), "device": DEVICE,
-        "pass": "cpu kernel levels", "level_ms": {name: round(t * 1e3, 4) for name, t in medians.items()},
-    }
+        "pass": "cpu kernel levels",
+        "level_ms": {level: {p: round(medians[(level, p)] * 1e3, 4) for p in ("fwd", "bwd")} for level in levels},
+    }  # fmt: skip
     benchmark.extra_info.update(info)
     SUMMARY_ROWS.append(info)
-    benchmark.pedantic(lambda: [fn() for fn in fns.values()], rounds=1, iterations=1)
-    torch.ops.fastnas._cpu_settings(best, threshold)

@@ -75,7 +75,7 @@ def provider_rows(entries: list[dict]) -> list[Row]:
         median = own / 1e3 if own else entry.get("stats", {}).get("median")
         if not median or median <= 0:
             continue
-        shape = tuple(int(s) for s in info.get("shape") or ([info["numel"]] if "numel" in info else ()))
+        shape = tuple(int(s) for s in info.get("shape", ()))
         common = dict(shape=shape, K=int(info.get("K", 0)), dtype=str(info.get("dtype", "")))
         rows.append(
             Row(
@@ -122,9 +122,9 @@ def shape_text(shape: tuple[int, ...]) -> str:
     return "x".join(map(str, shape)) if shape else "?"
 
 
-def provider_table(rows: list[Row]) -> list[str]:
-    """Markdown lines: one row per (shape, K, dtype, pass, provider), copy rows excluded."""
-    ceiling = copy_bandwidth(rows)
+def provider_table(rows: list[Row], ceiling: Row | None) -> list[str]:
+    """Markdown lines: one row per (shape, K, dtype, pass, provider), copy rows excluded; 'of copy'
+    against ``ceiling``, the run's fastest copy."""
     by_key: dict[tuple, dict[str, Row]] = {}
     for r in rows:
         if r.which != "copy":
@@ -171,6 +171,22 @@ def side_by_side_table(entries: list[dict]) -> list[str]:
     return lines
 
 
+def cpu_levels_table(entries: list[dict]) -> list[str]:
+    """Markdown lines for test_cpu_kernel_levels: the CPU kernels alone at each instruction-set level."""
+    infos = [e.get("extra_info", {}) for e in entries]
+    infos = [i for i in infos if isinstance(i.get("level_ms"), dict)]
+    if not infos:
+        return []
+    lines = ["| shape | K | dtype | level | forward | backward |", "|---|---|---|---|---|---|"]
+    for info in infos:
+        for level, ms in info["level_ms"].items():
+            lines.append(
+                f"| {shape_text(tuple(info.get('shape', ())))} | {info.get('K', '')} | {info.get('dtype', '')} | "
+                f"{level} | {_time(ms['fwd'] / 1e3)} | {_time(ms['bwd'] / 1e3)} |"
+            )
+    return lines
+
+
 def report(entries: list[dict], machine: str | None = None) -> str:
     """The whole markdown report of one or more benchmark runs."""
     rows = provider_rows(entries)
@@ -190,12 +206,15 @@ def report(entries: list[dict], machine: str | None = None) -> str:
     )
     out.append("")
     if any(r.which != "copy" for r in rows):
-        out += provider_table(rows)
+        out += provider_table(rows, ceiling)
     else:
         out.append("No per-provider benchmarks in this run.")
     side = side_by_side_table(entries)
     if side:
         out += ["", "Forward+backward, all providers in interleaved rounds (medians):", ""] + side
+    levels = cpu_levels_table(entries)
+    if levels:
+        out += ["", "CPU kernels alone at each instruction-set level, caches flushed (medians):", ""] + levels
     return "\n".join(out) + "\n"
 
 

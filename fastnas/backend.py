@@ -163,7 +163,7 @@ def _resolve(requested: str, device_type: str) -> str:
         reason = unavailable_reason(name, device_type)
         if reason is None:
             return name
-        if name in ("cpu", "cuda") and device_type == name:
+        if name in COMPILED_BACKENDS and device_type == name:
             _warn_once(f"fastnas: backend {name!r} unavailable, falling back ({reason})")
     return "reference"
 
@@ -174,10 +174,22 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     return [n for n in BACKENDS[1:] if unavailable_reason(n, device_type) is None]
 
 
+CPU_ISA_LEVELS = ("avx512", "avx2", "portable")  # instruction-set levels of the CPU kernels, best first
+
+
+def cpu_isa_levels() -> list[str]:
+    """The levels of the CPU kernels this machine runs, best first (none without the extension).
+    ``FASTNAS_CPU_ISA`` caps them; ``torch.ops.fastnas._cpu_settings(level)`` picks one."""
+    if not load_extension():
+        return []
+    best, _ = torch.ops.fastnas._cpu_settings()
+    return list(CPU_ISA_LEVELS[CPU_ISA_LEVELS.index(best) :])
+
+
 @functools.cache
 def kernels_for(name: str) -> tuple[Callable, Callable]:
     """The (forward, backward) callables of backend ``name``, all with the native ops' contract."""
-    if name in ("cpu", "cuda"):
+    if name in COMPILED_BACKENDS:
         _extension()
         return torch.ops.fastnas._mixed_sum_forward, torch.ops.fastnas._mixed_sum_backward
     if name == "triton":

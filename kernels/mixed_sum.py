@@ -49,7 +49,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastnas.ops.mixed_sum import SUPPORTED_DTYPES, is_dense
+from fastnas import backend
+from fastnas.ops.mixed_sum import SUPPORTED_DTYPES, _layout_key, is_dense
 from fastnas.ops.reference import accumulation_dtype
 
 __all__ = [
@@ -62,13 +63,11 @@ __all__ = [
     "FIXED_CONFIG",
 ]
 
-MIN_TRITON = (3, 3)
-"""Tuples of tensors as kernel arguments (compiled: Triton 3.2, interpreted: 3.3)."""
-if tuple(int(p) for p in triton.__version__.split(".")[:2]) < MIN_TRITON:
-    raise ImportError(
-        f"the triton backend of fastnas needs triton >= {'.'.join(map(str, MIN_TRITON))} (tuple kernel "
-        f"arguments), found {triton.__version__}"
-    )
+# tuples of tensors as kernel arguments need Triton 3.2 compiled, 3.3 interpreted: the minimum
+# version is checked in one place, fastnas.backend (which also reports it as unavailable_reason)
+_reason = backend._triton_reason()
+if _reason:
+    raise ImportError(f"the triton backend of fastnas: {_reason}")
 
 MAX_BUCKET = 32
 """Largest K handled by one kernel launch; larger K is processed in chunks of this many inputs."""
@@ -84,6 +83,9 @@ CONFIGS = [
 
 FIXED_CONFIG = triton.Config({"BLOCK": 2048}, num_warps=8)
 """The one configuration used under the interpreter and in deterministic mode."""
+
+_MIN_BLOCK = min(c.kwargs["BLOCK"] for c in [*CONFIGS, FIXED_CONFIG])
+"""The smallest tile of any configuration: the partial-sum buffer has a row per tile of this size."""
 
 
 def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
@@ -278,10 +280,6 @@ def _device_guard(t: Tensor):
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
-def _layout_key(t: Tensor) -> tuple[tuple[int, int], ...]:
-    return tuple((size, stride) for size, stride in zip(t.shape, t.stride()) if size != 1)
-
-
 def _check(grad: Tensor | None, outputs: Sequence[Tensor], weights: Tensor, op: str) -> None:
     """The native contract again: raise (naming the argument) rather than read out of bounds.
     Cheap on the common path (a few attribute reads per tensor): it runs on every call."""
@@ -341,8 +339,7 @@ def _backward_launch(
     has_dw = len(outputs) > 0
     if has_dw and partials is None:
         # sized per configuration, not reset: rows for the smallest tile; only the counted launch's rows are summed
-        min_block = min(c.kwargs["BLOCK"] for c in [*CONFIGS, FIXED_CONFIG])
-        partials = torch.empty((triton.cdiv(n, min_block), k), dtype=weights.dtype, device=grad.device)
+        partials = torch.empty((triton.cdiv(n, _MIN_BLOCK), k), dtype=weights.dtype, device=grad.device)
     args = (
         grad,
         _padded(outputs, kb, grad),

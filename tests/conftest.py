@@ -28,17 +28,6 @@ HAS_CUDA = torch.cuda.is_available()
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 
-ISA_LEVELS = ("avx512", "avx2", "portable")
-
-
-def cpu_isa_levels() -> list[str]:
-    """Instruction-set levels of the CPU kernels that this machine runs (best first), each tested."""
-    if not backend.load_extension():
-        return []
-    best, _ = torch.ops.fastnas._cpu_settings()
-    return list(ISA_LEVELS[ISA_LEVELS.index(best) :])
-
-
 @contextmanager
 def cpu_kernel_settings(isa: str | None = None, stream_above_bytes: int | None = None):
     """Run the CPU kernels at one instruction-set level and/or streaming threshold, then restore."""
@@ -62,7 +51,7 @@ def backend_cases() -> list:
             reason = reason or backend.unavailable_reason(name, device)
             marks = [pytest.mark.skip(reason=f"backend {name} on {device}: {reason}")] if reason else []
             if name == "cpu" and not reason:
-                for isa in cpu_isa_levels():
+                for isa in backend.cpu_isa_levels():
                     cases.append(pytest.param((name, device, isa), id=f"{name}-{isa}-{device}"))
             else:
                 cases.append(pytest.param((name, device, None), id=f"{name}-{device}", marks=marks))

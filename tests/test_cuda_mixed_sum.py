@@ -20,14 +20,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import float64_oracle
+from conftest import HAS_CUDA, float64_oracle
 
 import fastnas
 from fastnas import backend
 from fastnas.ops import reference
 
 EXTENSION_REASON = backend.unavailable_reason("cpu")  # None when fastnas._C loads
-if EXTENSION_REASON is None and not torch.cuda.is_available():
+if EXTENSION_REASON is None and not HAS_CUDA:
     CUDA_REASON = "no CUDA GPU is available"
 elif EXTENSION_REASON is None:
     CUDA_REASON = backend.unavailable_reason("cuda", "cuda")
@@ -141,6 +141,26 @@ def check_outputs_grad(outputs_grad, grad: torch.Tensor, weights: torch.Tensor) 
         assert torch.equal(d, e), f"outputs_grad[{k}] differs from weights[{k}] * grad"
 
 
+def check_native_call(outputs, weights, grad, call_outputs=None, call_grad=None, poisoned: bool = False):
+    """Run the native forward and backward (with outputs grad) and check y, d o_k and d w against the
+    float64 oracle of (outputs, weights, grad). The ops are called on call_outputs and call_grad when
+    given: the same values at other addresses (misaligned copies). poisoned: NaN-fill the CUDA caching
+    allocator before each op, so an unwritten result element fails. Returns y."""
+    call_outputs = outputs if call_outputs is None else call_outputs
+    call_grad = grad if call_grad is None else call_grad
+    y_exact, _, dw_exact, y_scale, dw_scale = float64_oracle(outputs, weights, grad)
+    if poisoned:
+        poison(grad.device.type, grad, 1)
+    y = forward(call_outputs, weights)
+    check_forward(y, outputs, y_exact, y_scale)
+    if poisoned:
+        poison(grad.device.type, grad, len(outputs))
+    outputs_grad, weights_grad = backward(call_grad, call_outputs, weights, True)
+    check_outputs_grad(outputs_grad, grad, weights)
+    check_weights_grad(weights_grad, grad, dw_exact, dw_scale)
+    return y
+
+
 # --------------------------------------------------------------------------- the CUDA build (no GPU needed)
 
 
@@ -175,13 +195,7 @@ def test_cuda_build_registers_cuda_kernels(monkeypatch):
 @pytest.mark.parametrize("k", KS)
 def test_forward_backward_match_reference(device, k, shape, dtype):
     outputs, weights, grad = make_inputs(shape, k, dtype, device, seed=1000 * k + len(shape))
-    y_exact, _, dw_exact, y_scale, dw_scale = float64_oracle(outputs, weights, grad)
-    poison(device, grad, 1)
-    check_forward(forward(outputs, weights), outputs, y_exact, y_scale)
-    poison(device, grad, k)
-    outputs_grad, weights_grad = backward(grad, outputs, weights, True)
-    check_outputs_grad(outputs_grad, grad, weights)
-    check_weights_grad(weights_grad, grad, dw_exact, dw_scale)
+    check_native_call(outputs, weights, grad, poisoned=True)
 
 
 @pytest.mark.parametrize("device", CUDA_ONLY)
@@ -190,11 +204,7 @@ def test_forward_backward_match_reference(device, k, shape, dtype):
 def test_several_grid_sweeps(device, k, dtype):
     """More elements than one sweep of the resident grid: the grid-stride loops and the partials."""
     outputs, weights, grad = make_inputs((2, 3, 515, 517), k, dtype, device, seed=k)
-    y_exact, _, dw_exact, y_scale, dw_scale = float64_oracle(outputs, weights, grad)
-    check_forward(forward(outputs, weights), outputs, y_exact, y_scale)
-    outputs_grad, weights_grad = backward(grad, outputs, weights, True)
-    check_outputs_grad(outputs_grad, grad, weights)
-    check_weights_grad(weights_grad, grad, dw_exact, dw_scale)
+    check_native_call(outputs, weights, grad)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -208,15 +218,10 @@ def test_misaligned_pointers_take_the_scalar_path(device, k, dtype):
     shifted = [misaligned(o, 1 + 2 * (j % 3)) for j, o in enumerate(outputs)]  # odd offsets
     grad_shifted = misaligned(grad, 1)
     assert all(o.data_ptr() % 16 for o in shifted) and grad_shifted.data_ptr() % 16
-    y_exact, _, dw_exact, y_scale, dw_scale = float64_oracle(outputs, weights, grad)
-    y = forward(shifted, weights)
-    check_forward(y, outputs, y_exact, y_scale)
+    y = check_native_call(outputs, weights, grad, call_outputs=shifted, call_grad=grad_shifted)
     y_aligned = forward(outputs, weights)
     bound = 2 * torch.finfo(dtype).eps * y_aligned.abs().double() + tiny(dtype)
     assert_within(y, y_aligned, bound, "y against the vector path")
-    outputs_grad, weights_grad = backward(grad_shifted, shifted, weights, True)
-    check_outputs_grad(outputs_grad, grad, weights)
-    check_weights_grad(weights_grad, grad, dw_exact, dw_scale)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -225,11 +230,7 @@ def test_partly_aligned_inputs(device, dtype):
     """One misaligned input among aligned ones sends the whole call down the scalar path."""
     outputs, weights, grad = make_inputs((4099,), 6, dtype, device, seed=7)
     mixed = outputs[:3] + [misaligned(outputs[3], 1)] + outputs[4:]
-    y_exact, _, dw_exact, y_scale, dw_scale = float64_oracle(outputs, weights, grad)
-    check_forward(forward(mixed, weights), outputs, y_exact, y_scale)
-    outputs_grad, weights_grad = backward(grad, mixed, weights, True)
-    check_outputs_grad(outputs_grad, grad, weights)
-    check_weights_grad(weights_grad, grad, dw_exact, dw_scale)
+    check_native_call(outputs, weights, grad, call_outputs=mixed)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -239,13 +240,8 @@ def test_channels_last(device, k, dtype):
     """Dense non-contiguous inputs are flat arrays in memory order; results keep their strides."""
     outputs, weights, grad = make_inputs((2, 6, 5, 7), k, dtype, device, seed=k, memory_format=torch.channels_last)
     assert not outputs[0].is_contiguous()
-    y_exact, _, dw_exact, y_scale, dw_scale = float64_oracle(outputs, weights, grad)
-    y = forward(outputs, weights)
+    y = check_native_call(outputs, weights, grad)
     assert y.is_contiguous(memory_format=torch.channels_last)
-    check_forward(y, outputs, y_exact, y_scale)
-    outputs_grad, weights_grad = backward(grad, outputs, weights, True)
-    check_outputs_grad(outputs_grad, grad, weights)
-    check_weights_grad(weights_grad, grad, dw_exact, dw_scale)
 
 
 @pytest.mark.parametrize("device", DEVICES)

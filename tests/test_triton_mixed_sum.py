@@ -14,14 +14,13 @@ import os
 
 import pytest
 import torch
-from conftest import float64_oracle
+from conftest import HAS_CUDA, float64_oracle
 
 import fastnas
 from fastnas.ops import reference
 
 pytest.importorskip("triton", reason="the triton backend needs the triton package")
 
-HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip(
         "the triton backend needs a CUDA GPU or TRITON_INTERPRET=1 (tests/conftest.py sets it when no GPU is present)",
@@ -120,6 +119,15 @@ def check_backward(outputs_grad, weights_grad, grad, outputs_grad_exact, weights
     assert_within(weights_grad, weights_grad_exact, c * eps_acc * dw_scale + 1e-300, "weights_grad")
 
 
+def check_triton_call(outputs, weights, grad) -> None:
+    """tk.mixed_sum_forward and tk.mixed_sum_backward (outputs grad included) against the float64 oracle."""
+    y_exact, dos_exact, dw_exact, y_scale, dw_scale = float64_oracle(outputs, weights, grad)
+    check_forward(tk.mixed_sum_forward(outputs, weights), outputs, weights, y_exact, y_scale)
+    outputs_grad, weights_grad = tk.mixed_sum_backward(grad, outputs, weights, True)
+    assert len(outputs_grad) == len(outputs) and weights_grad.shape == (len(outputs),)
+    check_backward(outputs_grad, weights_grad, grad, dos_exact, dw_exact, dw_scale)
+
+
 # --------------------------------------------------------------------------- kernels against the reference
 
 
@@ -128,26 +136,18 @@ def check_backward(outputs_grad, weights_grad, grad, outputs_grad_exact, weights
 @pytest.mark.parametrize("k", KS)
 def test_forward_backward_match_reference(k, shape, dtype):
     outputs, weights, grad = make_inputs(shape, k, dtype, seed=k)
-    y_exact, dos_exact, dw_exact, y_scale, dw_scale = float64_oracle(outputs, weights, grad)
-    check_forward(tk.mixed_sum_forward(outputs, weights), outputs, weights, y_exact, y_scale)
-    outputs_grad, weights_grad = tk.mixed_sum_backward(grad, outputs, weights, True)
-    assert len(outputs_grad) == k and weights_grad.shape == (k,)
-    check_backward(outputs_grad, weights_grad, grad, dos_exact, dw_exact, dw_scale)
+    check_triton_call(outputs, weights, grad)
 
 
 @pytest.mark.parametrize("k", [1, 8])
 def test_float64_accumulates_in_float64(k):
     outputs, weights, grad = make_inputs((1023,), k, torch.float64)
-    y_exact, dos_exact, dw_exact, y_scale, dw_scale = float64_oracle(outputs, weights, grad)
-    check_forward(tk.mixed_sum_forward(outputs, weights), outputs, weights, y_exact, y_scale)
-    check_backward(*tk.mixed_sum_backward(grad, outputs, weights, True), grad, dos_exact, dw_exact, dw_scale)
+    check_triton_call(outputs, weights, grad)
 
 
 def test_single_element():
     outputs, weights, grad = make_inputs((1,), 3, torch.float32)
-    y_exact, dos_exact, dw_exact, y_scale, dw_scale = float64_oracle(outputs, weights, grad)
-    check_forward(tk.mixed_sum_forward(outputs, weights), outputs, weights, y_exact, y_scale)
-    check_backward(*tk.mixed_sum_backward(grad, outputs, weights, True), grad, dos_exact, dw_exact, dw_scale)
+    check_triton_call(outputs, weights, grad)
 
 
 def test_compute_outputs_grad_false_returns_only_weights_grad():
@@ -355,9 +355,7 @@ def test_auto_picks_triton_without_the_cuda_extension():
 @pytest.mark.parametrize("shape,k", [((64, 16, 32, 32), 8), ((4097, 1029), 5), (((1 << 24) + 3,), 2)], ids=str)
 def test_large_shapes_on_cuda(shape, k, dtype):
     outputs, weights, grad = make_inputs(shape, k, dtype, seed=1)
-    y_exact, dos_exact, dw_exact, y_scale, dw_scale = float64_oracle(outputs, weights, grad)
-    check_forward(tk.mixed_sum_forward(outputs, weights), outputs, weights, y_exact, y_scale)
-    check_backward(*tk.mixed_sum_backward(grad, outputs, weights, True), grad, dos_exact, dw_exact, dw_scale)
+    check_triton_call(outputs, weights, grad)
 
 
 @requires_cuda

@@ -116,12 +116,10 @@ def shared_dense_layout(tensors: Sequence[Tensor]) -> list[Tensor]:
 
 # --------------------------------------------------------------------------- implementation
 # Shared by the registered operators (torch.compile, direct torch.ops calls) and the eager autograd
-# Function: inputs validated, in one dense layout.
+# Function: inputs validated, in one dense layout. Every backend handles tensors with no elements.
 
 
 def _forward_impl(outputs: list[Tensor], weights: Tensor) -> Tensor:
-    if outputs[0].numel() == 0:
-        return torch.empty_like(outputs[0])
     forward, _ = backend.kernels_for(backend.get_backend(outputs[0].device))
     return forward(outputs, weights.to(accumulation_dtype(outputs[0].dtype)).contiguous())
 
@@ -136,9 +134,6 @@ def _backward_impl(
             grad = _to_layout_of(grad, outputs[0])
     elif not is_dense(grad):
         grad = grad.contiguous()
-    if grad.numel() == 0:
-        outputs_grad = [torch.empty_like(grad) for _ in range(weights.numel())] if compute_outputs_grad else []
-        return outputs_grad, (torch.zeros_like(weights) if outputs else weights.new_empty(0))
     _, backward = backend.kernels_for(backend.get_backend(grad.device))
     acc = accumulation_dtype(grad.dtype)
     outputs_grad, weights_grad = backward(grad, outputs, weights.to(acc).contiguous(), compute_outputs_grad)
