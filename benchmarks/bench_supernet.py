@@ -166,7 +166,7 @@ def measure(space: str, rounds: int = ROUNDS, device: str = DEVICE, with_nhwc: b
         "threads": torch.get_num_threads(),
         "mixed_sum_backend": fastnas.get_backend(device),
         "batch": x.shape[0],
-        **{k: v for k, v in SIZES[space][0].items()},
+        **SIZES[space][0],
         "median_s": {k: round(v, 4) for k, v in medians.items()},
         "speedup": round(medians["eager"] / medians["fastnas"], 3),
     }

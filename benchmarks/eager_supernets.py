@@ -315,7 +315,10 @@ class EagerNB201Cell(nn.Module):
                 self.edges[f"{i}<-{j}"] = nn.ModuleList(nb201_op(n, C, affine, trs) for n in op_names)
         self.edge2index = {key: i for i, key in enumerate(sorted(self.edges.keys()))}
 
-    def forward(self, x: Tensor, weightss: Tensor, index=None) -> Tensor:
+    def forward(self, x: Tensor, weightss: Tensor, index=None, gdas: bool = False) -> Tensor:
+        """``index`` (one op per edge): only that op, times its weight (uniform sampling, xautodl's
+        ``forward_select``/``forward_dynamic`` with ones); with ``gdas`` also the edge's other weights
+        as scalars, as xautodl's ``forward_gdas`` (0 forward, ``sum(dL/dnode)`` backward)."""
         nodes = [x]
         for i in range(1, self.max_nodes):
             inter = []
@@ -324,6 +327,13 @@ class EagerNB201Cell(nn.Module):
                 e = self.edge2index[key]
                 if index is None:
                     inter.append(sum(layer(nodes[j]) * w for layer, w in zip(self.edges[key], weightss[e])))
+                elif gdas:
+                    inter.append(
+                        sum(
+                            w * layer(nodes[j]) if k == index[e] else w
+                            for k, (layer, w) in enumerate(zip(self.edges[key], weightss[e]))
+                        )
+                    )
                 else:
                     inter.append(weightss[e][index[e]] * self.edges[key][index[e]](nodes[j]))
             nodes.append(sum(inter))
@@ -368,7 +378,10 @@ class EagerNB201Network(_EagerArch, nn.Module):
         weights, index = self.weights_of(self.alphas)
         feature = self.stem(x)
         for cell in self.cells:
-            feature = cell(feature, weights, index) if isinstance(cell, EagerNB201Cell) else cell(feature)
+            if isinstance(cell, EagerNB201Cell):
+                feature = cell(feature, weights, index, gdas=self.sampler == "gdas")
+            else:
+                feature = cell(feature)
         out = self.global_pooling(self.lastact(feature))
         return self.classifier(out.view(out.size(0), -1))
 

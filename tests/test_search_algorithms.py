@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from search_helpers import TINY, tiny_cells
+from search_helpers import TINY, load_checkpoint, tiny_cells
 
 from fastnas.search import ALGORITHMS, SearchConfig, run_search
 from fastnas.search.algorithms import gumbel_tau, make_arch_optimizer
@@ -24,11 +24,10 @@ CASES = [
     and not (a.second_order and mode == "erm")
     and not (space == "darts" and mode == "erm" and a.partial_channels == 1)
 ]
-ONE_STEP = {**TINY, "batch_size": 8, "limit_batches": 1}
 
 
 def _arch_state(out: str) -> dict[str, torch.Tensor]:
-    ckpt = torch.load(f"{out}/checkpoint.pt", map_location="cpu", weights_only=True)
+    ckpt = load_checkpoint(out)
     names = [k for k in ckpt["model"] if k.split(".")[-1].startswith(("alphas", "betas"))]
     return {k: ckpt["model"][k] for k in names}
 

@@ -16,6 +16,7 @@ from search_helpers import TINY_ARGS, assert_same_state, load_checkpoint, snapsh
 
 from fastnas.__main__ import main as fastnas_main
 from fastnas.search.cli import main as search_main
+from fastnas.search.trainer import SearchConfig, _resolve
 from fastnas.spaces import darts, nb201
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -221,6 +222,21 @@ def test_bad_names(tmp_path, capsys):
     assert not os.path.exists(out)
 
 
+def test_second_order_refuses_fp16(tmp_path, capsys):
+    """darts-2nd's unrolled step runs without loss scaling: --amp fp16 is refused before anything runs."""
+    out = str(tmp_path / "run")
+    for device in ("cpu", "cuda"):  # refused for what it is, not for the device
+        _expect_error(
+            ["--algorithm", "darts-2nd", "--amp", "fp16", "--device", device, "--out", out],
+            capsys,
+            "darts-2nd (second order) does not support --amp fp16",
+        )
+    assert not os.path.exists(out)
+    # the combination alone is refused: bf16 and the first-order algorithms with fp16 pass the checks
+    _resolve(SearchConfig(algorithm="darts-2nd", amp="bf16"))
+    _resolve(SearchConfig(algorithm="darts", amp="fp16"))
+
+
 def test_missing_and_corrupt_data(tmp_path, capsys):
     out = str(tmp_path / "run")
     _expect_error(["--dataset", "cifar10", "--out", out], capsys, "needs --data-dir")
@@ -284,7 +300,7 @@ def test_occupied_output_and_bad_checkpoints(tmp_path, capsys):
     )
     # a checkpoint whose tensors do not fit the network
     ckpt.write_bytes(good)
-    bad = torch.load(ckpt, weights_only=True)
+    bad = load_checkpoint(str(out))
     bad["model"] = {k: v[..., :1] if v.dim() else v for k, v in bad["model"].items()}
     torch.save(bad, ckpt)
     _expect_error(

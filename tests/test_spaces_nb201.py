@@ -9,7 +9,6 @@ from conftest import TOL, assert_close_dicts, assert_fp32_step_close
 from eager_supernets import EagerNB201Cell, EagerNB201Network, run_step
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import fastnas
 from fastnas.spaces import nb201
 from fastnas.spaces.ops import avg_pool_3x3, batch_norm, batch_norm_split
 
@@ -87,10 +86,22 @@ def test_search_cell_affine_and_gdas_match_reference():
     hard = torch.zeros(6, 5, dtype=torch.float64).scatter_(1, index[:, None], 1.0).requires_grad_()
     hard2 = hard.detach().clone().requires_grad_()
     yf = fast.forward_gdas(x, hard, index[:, None])
-    ye = eager(x, hard2, index.tolist())
+    ye = eager(x, hard2, index.tolist(), gdas=True)
     torch.testing.assert_close(yf, ye, **TOL)
     yf.sum().backward(), ye.sum().backward()
     torch.testing.assert_close(hard.grad, hard2.grad, **TOL)
+    # as in xautodl's forward_gdas, every unselected hard weight of an edge into node i is added to node i
+    # as a scalar and gets sum(dL/dnode_i): for the output node (edges 3<-0, 3<-1, 3<-2) that is the sum of
+    # yf.sum()'s gradient, yf.numel(), also on 3<-1, which sampled 'none'
+    unselected = torch.ones(6, 5, dtype=torch.bool).scatter_(1, index[:, None], False)
+    for key in ("3<-0", "3<-1", "3<-2"):
+        e = fast.edge2index[key]
+        assert (hard.grad[e][unselected[e]] == yf.numel()).all(), key
+    assert index[fast.edge2index["3<-1"]] == 0 and hard.grad[fast.edge2index["3<-1"], 0] == 0  # sampled 'none'
+    # the other nodes: one value per node, shared by the unselected weights of all its edges
+    for node in (("1<-0",), ("2<-0", "2<-1")):
+        values = torch.cat([hard.grad[fast.edge2index[k]][unselected[fast.edge2index[k]]] for k in node])
+        assert (values == values[0]).all() and values[0] != 0, node
     assert fast.last_computed == [("1<-0", "nor_conv_3x3"), ("2<-0", "nor_conv_1x1"), ("3<-0", "skip_connect"),
                                   ("2<-1", "avg_pool_3x3"), ("3<-2", "nor_conv_3x3")]  # fmt: skip
 
@@ -249,7 +260,12 @@ def test_one_mixed_sum_per_node(mixed_sum_calls):
     net = nb201.Network(C=4, N=2)
     net(torch.randn(2, 3, 8, 8))
     assert mixed_sum_calls == [4, 8, 12] * 6
-    assert fastnas.get_backend() in ("cpu", "reference")
+    # the mixed sums' inputs are exactly the (edge, non-none op) pairs of every cell
+    pairs = {(key, op) for key in net.edge_keys for op in nb201.PRIMITIVES if op != "none"}
+    cells = [m for m in net.cells if isinstance(m, nb201.SearchCell)]
+    assert len(cells) == 6
+    for cell in cells:
+        assert len(cell.last_computed) == len(pairs) and set(cell.last_computed) == pairs
 
 
 @pytest.mark.parametrize("sampler", [None, "gdas"])

@@ -111,7 +111,6 @@ def make_arch_optimizer(
         return torch.optim.Adam(params, lr=lr, betas=algorithm.arch_betas, weight_decay=wd)
     groups: dict[tuple[int, ...] | None, list[nn.Parameter]] = {}
     for p in params:
-        segments = net.arch_simplex_segments(p)
-        groups.setdefault(None if segments is None else tuple(segments), []).append(p)
+        groups.setdefault(net.arch_simplex_segments(p), []).append(p)
     lam = algorithm.entropy_weight if entropy_weight is None else entropy_weight
     return GAEA([{"params": ps, "segments": seg} for seg, ps in groups.items()], lr=lr, entropy_weight=lam)

@@ -7,7 +7,7 @@ import sys
 
 from fastnas.search.algorithms import ALGORITHMS, MODES
 from fastnas.search.data import DATASETS
-from fastnas.search.trainer import AMP_MODES, SPACES, SearchConfig
+from fastnas.search.trainer import AMP_MODES, SPACES, SearchConfig, SearchError, run_search
 
 PROG = "fastnas search"
 
@@ -161,8 +161,6 @@ def config_from_args(args: argparse.Namespace) -> SearchConfig:
 def main(argv: list[str] | None = None) -> int:
     """Run ``fastnas search`` with ``argv`` (the arguments after ``search``); return the exit status:
     0 on success, 2 (with one ``fastnas search: error: ...`` line on stderr) on bad input."""
-    from fastnas.search.trainer import SearchError, run_search
-
     parser = build_parser()
     try:
         try:

@@ -50,10 +50,6 @@ class ImageData:
     def in_channels(self) -> int:
         return int(self.x_train.shape[1])
 
-    @property
-    def image_size(self) -> int:
-        return int(self.x_train.shape[-1])
-
     def to(self, device: torch.device) -> ImageData:
         """The same data set with its tensors on ``device`` (uint8 images stay compact there)."""
         return ImageData(

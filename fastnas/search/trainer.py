@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import json
 import math
 import os
@@ -131,6 +132,11 @@ def _resolve(cfg: SearchConfig) -> tuple[SearchConfig, Algorithm]:
         raise SearchError(f"unknown data set {cfg.dataset!r}; choose one of {', '.join(data_mod.DATASETS)}")
     if cfg.amp not in AMP_MODES:
         raise SearchError(f"unknown --amp {cfg.amp!r}; choose one of {', '.join(AMP_MODES)}")
+    if alg.second_order and cfg.amp == "fp16":
+        raise SearchError(
+            f"algorithm {alg.name} (second order) does not support --amp fp16: its unrolled step runs "
+            "without loss scaling; use --amp bf16 or none"
+        )
     defaults = _DATASET_DEFAULTS[cfg.dataset][cfg.space]
     cfg = dataclasses.replace(
         cfg,
@@ -256,12 +262,9 @@ def _atomic_write_text(path: str, text: str) -> None:
 
 
 def _atomic_torch_save(obj: Any, path: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    _atomic_write_bytes(path, buf.getvalue())
 
 
 def _rng_state() -> dict[str, Any]:

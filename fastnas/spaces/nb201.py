@@ -6,6 +6,10 @@ Mathematics, parameters and state_dict keys are those of NAS-Bench-201's referen
 
 * a node is ONE :func:`fastnas.mixed_sum` over all its incoming (edge, op) pairs;
 * ``none`` is never computed: its output is zero, so it adds nothing and its weight's gradient is 0;
+* GDAS (``forward_gdas``, ``sampler="gdas"``) computes only the sampled op of each edge and, as
+  xautodl's ``forward_gdas``, adds to each node the unsampled hard weights of its edges as a scalar:
+  zero in the forward, each of those weights gets ``sum(dL/dnode)`` in the backward (a sampled
+  ``none`` still contributes nothing and gets no gradient);
 * ``skip_connect`` hands the node itself to the mixed sums (no copy);
 * what depends only on a node is computed once for every edge leaving it: its ReLU, its
   ``avg_pool_3x3`` (parameterless), and the convolutions of every ``nor_conv_kxk`` leaving it, run as
@@ -210,9 +214,6 @@ class SearchCell(nn.Module):
         affine, track_running_stats: of the BatchNorms in the candidate ops.
     """
 
-    #: compute the nor_conv ops of all edges leaving a node as one convolution (see module docstring)
-    batch_convs: bool = True
-
     def __init__(
         self,
         C_in: int,
@@ -247,12 +248,21 @@ class SearchCell(nn.Module):
     def extra_repr(self) -> str:
         return f"info :: {self.max_nodes} nodes, inC={self.in_dim}, outC={self.out_dim}"
 
-    def forward(self, inputs: Tensor, weightss: Tensor, selected: Sequence[Sequence[int]] | None = None) -> Tensor:
+    def forward(
+        self,
+        inputs: Tensor,
+        weightss: Tensor,
+        selected: Sequence[Sequence[int]] | None = None,
+        *,
+        gdas: bool = False,
+    ) -> Tensor:
         """Args:
             inputs: ``[B, C_in, H, W]``.
             weightss: ``[num_edges, len(op_names)]`` op weights, rows in ``edge_keys`` order (differentiable).
             selected: per edge (``edge_keys`` order) the op indices to compute; None: all. ``none`` is never
                 computed.
+            gdas: GDAS semantics (needs ``selected``): each node also adds the weights of the ops its
+                edges do not select, as a scalar (see :meth:`forward_gdas`).
 
         Returns the last node, ``[B, C_out, H / stride, W / stride]``.
         """
@@ -260,27 +270,48 @@ class SearchCell(nn.Module):
             raise ValueError(
                 f"weightss must have shape [{self.num_edges}, {len(self.op_names)}], got {tuple(weightss.shape)}"
             )
+        if gdas and selected is None:
+            raise ValueError("gdas=True needs selected (the op index of each edge)")
         self.last_computed = []
         nodes = [inputs]
         pending: dict[int, tuple[list[Tensor], list[int], list[int]]] = defaultdict(lambda: ([], [], []))
         for j in range(self.max_nodes - 1):
             self._emit(j, nodes[j], selected, pending)
             outs, e_idx, k_idx = pending.pop(j + 1, ([], [], []))
+            device = weightss.device
             if outs:
-                device = weightss.device
                 w = weightss[index_tensor(tuple(e_idx), device), index_tensor(tuple(k_idx), device)]
-                nodes.append(fastnas.mixed_sum(outs, w))
+                node = fastnas.mixed_sum(outs, w)
             else:  # every computed op of this node is 'none'
                 B, _, H, W = inputs.shape
                 s = self.stride
-                nodes.append(inputs.new_zeros(B, self.out_dim, -(-H // s), -(-W // s)))
+                node = inputs.new_zeros(B, self.out_dim, -(-H // s), -(-W // s))
+            if gdas:
+                node = node + self._unselected_sum(weightss, j + 1, selected)
+            nodes.append(node)
         return nodes[-1]
+
+    def _unselected_sum(self, weightss: Tensor, i: int, selected: Sequence[Sequence[int]]) -> Tensor:
+        """The sum of the weights of the ops not in ``selected`` on the edges into node ``i``, 0-dim."""
+        e_idx, k_idx = [], []
+        for j in range(i):
+            e = self.edge2index[f"{i}<-{j}"]
+            for k in range(len(self.op_names)):
+                if k not in selected[e]:
+                    e_idx.append(e)
+                    k_idx.append(k)
+        device = weightss.device
+        return weightss[index_tensor(tuple(e_idx), device), index_tensor(tuple(k_idx), device)].sum()
 
     def forward_gdas(self, inputs: Tensor, hardwts: Tensor, index: Tensor) -> Tensor:
         """GDAS: only op ``index[e]`` of each edge computed, weighted by ``hardwts[e, index[e]]``
         (straight-through: 1 forward, the soft gradient backward). ``index`` is ``[num_edges]`` or
-        ``[num_edges, 1]``."""
-        return self.forward(inputs, hardwts, [[int(k)] for k in index.reshape(-1).tolist()])
+        ``[num_edges, 1]``.
+
+        As in xautodl, each edge is ``sum(hardwts[e, k] * op_k(x) if k == index[e] else hardwts[e, k])``:
+        every node also adds the other hard weights of its edges as a scalar (0 in the forward for
+        straight-through hard weights), so each of them gets ``sum(dL/dnode)`` as its gradient."""
+        return self.forward(inputs, hardwts, [[int(k)] for k in index.reshape(-1).tolist()], gdas=True)
 
     def forward_joint(self, inputs: Tensor, weightss: Tensor) -> Tensor:
         """xautodl's ``forward_joint``: the same weighted sum as :meth:`forward`."""
@@ -320,7 +351,7 @@ class SearchCell(nn.Module):
             ops = range(len(self.op_names)) if selected is None else selected[e]
             for k in ops:
                 op = self.edges[key][k]
-                if getattr(op, "is_zero", False):
+                if isinstance(op, Zero):
                     continue
                 self.last_computed.append((key, self.op_names[k]))
                 if isinstance(op, Identity):
@@ -330,7 +361,7 @@ class SearchCell(nn.Module):
                     if pk not in pools:
                         pools[pk] = op.pool(x)
                     out = pools[pk]
-                elif isinstance(op, ReLUConvBN) and lean_bn_eligible(op.op[2]) and self.batch_convs:
+                elif isinstance(op, ReLUConvBN) and lean_bn_eligible(op.op[2]):
                     convs[self.op_names[k]].append((i, e, k, op))
                     continue
                 elif isinstance(op, ReLUConvBN):
@@ -426,7 +457,10 @@ class Network(_arch.ArchMixin, nn.Module):
         weights, selected = self._op_weights(self.alphas)
         feature = self.stem(x.contiguous(memory_format=preferred_memory_format(x)))
         for cell in self.cells:
-            feature = cell(feature, weights, selected) if isinstance(cell, SearchCell) else cell(feature)
+            if isinstance(cell, SearchCell):
+                feature = cell(feature, weights, selected, gdas=self.sampler == "gdas")
+            else:
+                feature = cell(feature)
         out = self.global_pooling(self.lastact(feature))
         return self.classifier(out.flatten(1))
 

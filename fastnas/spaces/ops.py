@@ -37,10 +37,8 @@ class Zero(nn.Module):
     """The ``none`` candidate: a zero tensor of the output's shape (``x[:, :, ::stride, ::stride] * 0``).
 
     The slim supernets never call it; it exists so that module lists and state_dicts look like the
-    reference code's. ``is_zero`` marks it for the planners.
+    reference code's.
     """
-
-    is_zero = True
 
     def __init__(self, stride: int, C_out: int | None = None) -> None:
         super().__init__()
@@ -172,18 +170,13 @@ class _LeanBatchNormSplit(torch.autograd.Function):
 def update_running_stats(bn: nn.BatchNorm2d, mean: Tensor, invstd: Tensor, count: int) -> None:
     """Update ``bn``'s running statistics as its own training-mode forward would, from the batch
     ``mean`` and ``invstd = 1/sqrt(var + eps)`` of ``count`` values per channel."""
-    if not (bn.training and bn.track_running_stats):
+    running_mean, running_var, factor = _claim_running_stats(bn)
+    if running_mean is None:
         return
-    factor = 0.0
-    if bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-    else:
-        factor = bn.momentum if bn.momentum is not None else 0.0
     var = invstd.to(torch.float64).pow(-2).sub_(bn.eps)
     unbiased = var * (count / max(count - 1, 1))
-    bn.running_mean.mul_(1 - factor).add_(mean.to(bn.running_mean.dtype), alpha=factor)
-    bn.running_var.mul_(1 - factor).add_(unbiased.to(bn.running_var.dtype), alpha=factor)
+    running_mean.mul_(1 - factor).add_(mean.to(running_mean.dtype), alpha=factor)
+    running_var.mul_(1 - factor).add_(unbiased.to(running_var.dtype), alpha=factor)
 
 
 def batch_norm_stats(x: Tensor, bn: nn.BatchNorm2d | float) -> tuple[Tensor, Tensor, Tensor]:
