@@ -81,6 +81,8 @@ def test_genotype_forms_and_errors():
         TinyNetwork(4, 1, (((("nor_conv_3x3", 1),),)), 10)
     with pytest.raises(TypeError, match="genotype"):
         TinyNetwork(4, 1, 3, 10)
+    with pytest.raises(ValueError, match="node 2 has no inputs"):
+        TinyNetwork(4, 1, ((("skip_connect", 0),), ()), 10)
     with pytest.raises(ValueError, match="no nodes"):
         TinyNetwork(4, 1, (), 10)
 

@@ -151,12 +151,11 @@ class Cell(nn.Module):
         gene, concat = (
             (genotype.reduce, genotype.reduce_concat) if reduction else (genotype.normal, genotype.normal_concat)
         )
-        op_names, indices = zip(*gene)
-        self._steps = len(op_names) // 2
+        self._steps = len(gene) // 2
         self._concat = list(concat)
         self.multiplier = len(self._concat)
         self._ops = nn.ModuleList(OPS[name](C, 2 if reduction and j < 2 else 1, True) for name, j in gene)
-        self._indices = indices
+        self._indices = tuple(j for _, j in gene)
 
     def forward(self, s0: Tensor, s1: Tensor, drop_prob: float) -> Tensor:
         """``s0``, ``s1``: the two previous cells' outputs; ``drop_prob``: drop-path probability, used in

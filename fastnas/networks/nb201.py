@@ -43,6 +43,8 @@ def as_nodes(genotype: Any) -> Nodes:
     if not nodes:
         raise ValueError("genotype has no nodes")
     for i, node in enumerate(nodes, start=1):
+        if not node:
+            raise ValueError(f"genotype: node {i} has no inputs")
         for op, j in node:
             if op not in OPS:
                 raise ValueError(f"genotype: node {i} has the unknown op {op!r}; known: {sorted(OPS)}")
