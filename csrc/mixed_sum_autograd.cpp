@@ -38,7 +38,9 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> native_backward(const at::Tensor
 
 // The weights in the kernels' accumulation dtype (float64 for float64 inputs, float32 otherwise).
 at::Tensor accumulation_weights(const at::Tensor& weights, const at::Tensor& like) {
-  return weights.to(accumulation_type(like.scalar_type())).contiguous();
+  const at::ScalarType acc = accumulation_type(like.scalar_type());
+  if (weights.scalar_type() == acc && weights.is_contiguous()) return weights;  // no dispatch: the usual case
+  return weights.to(acc).contiguous();
 }
 
 // The gradients by the reference formulas (fastnas/ops/reference.py) in ATen ops that autograd records:
@@ -101,6 +103,7 @@ class MixedSum : public torch::autograd::Function<MixedSum> {
       dense.copy_(grad);
       grad = dense;
     }
+    const SharedGradientStorage one_allocation;  // the K gradients go straight to the autograd engine
     auto [outputs_grad, weights_grad] = native_backward(grad, outputs, w, needs_outputs_grad);
 
     // weights_grad is in the accumulation dtype; autograd casts it to the weights' own dtype

@@ -601,6 +601,28 @@ def test_cpu_results_are_ordinary_resizable_tensors_seen_by_the_memory_profiler(
         fastnas.set_backend(None)
 
 
+@pytest.mark.skipif(not backend.load_extension(), reason="fastnas._C is not built")
+@pytest.mark.parametrize("shape", [(3, 5), (64, 16, 9, 9)], ids=["tiny", "odd-numel"])
+def test_eager_backward_allocates_the_input_gradients_once(shape):
+    """The C++ autograd node takes the K gradients from one allocation (64-byte aligned slots); the
+    registered ops return K separate ones, as torch.library requires."""
+    fastnas.set_backend("cpu")
+    try:
+        outputs, weights = random_inputs(5, shape, torch.float32, "cpu", requires_grad=True)
+        grad = torch.randn(shape)
+        fastnas.mixed_sum(outputs, weights).backward(grad)
+        assert len({o.grad.untyped_storage().data_ptr() for o in outputs}) == 1
+        assert all(o.grad.data_ptr() % 64 == 0 and o.grad._base is None for o in outputs)
+        for o, w in zip(outputs, weights):
+            torch.testing.assert_close(o.grad, w.detach() * grad, rtol=0, atol=0)
+        detached = [o.detach() for o in outputs]
+        for op in (torch.ops.fastnas._mixed_sum_backward, torch.ops.fastnas.mixed_sum_backward):
+            grads, _ = op(grad, detached, weights.detach(), True)
+            assert len({g.untyped_storage().data_ptr() for g in grads}) == len(grads)
+    finally:
+        fastnas.set_backend(None)
+
+
 def test_cpu_isa_environment_variable_is_checked(monkeypatch):
     import subprocess
     import sys

@@ -103,4 +103,9 @@ at::Tensor pooled_empty_like(const at::Tensor& like) {
                                            c10::DispatchKeySet(c10::DispatchKey::CPU), like.scalar_type());
 }
 
+at::Tensor pooled_empty_flat(int64_t numel, const at::Tensor& like) {
+  return at::detail::empty_generic({numel}, &pooled_allocator(), c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                   like.scalar_type(), std::nullopt);
+}
+
 }  // namespace fastnas

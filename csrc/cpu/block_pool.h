@@ -19,4 +19,7 @@ namespace fastnas {
 // dense CPU tensor), its memory taken from the cache when it holds a block of that size.
 at::Tensor pooled_empty_like(const at::Tensor& like);
 
+// An uninitialised 1-D CPU tensor of `numel` elements of like's dtype, from the cache likewise.
+at::Tensor pooled_empty_flat(int64_t numel, const at::Tensor& like);
+
 }  // namespace fastnas

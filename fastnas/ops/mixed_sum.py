@@ -102,7 +102,12 @@ def autocast_promote(outputs: list[Tensor]) -> list[Tensor]:
 
 
 def _under_autocast(t: object) -> bool:
-    return isinstance(t, Tensor) and t.device.type in AUTOCAST_DEVICE_TYPES and torch.is_autocast_enabled(t.device.type)
+    return (
+        torch._C._is_any_autocast_enabled()  # one cheap call on the hot path, when autocast is off
+        and isinstance(t, Tensor)
+        and t.device.type in AUTOCAST_DEVICE_TYPES
+        and torch.is_autocast_enabled(t.device.type)
+    )
 
 
 # --------------------------------------------------------------------------- layout
@@ -214,7 +219,10 @@ def _setup_context(ctx, inputs, output) -> None:
 
 
 def _functorch_wrapped(tensors: Sequence[object]) -> bool:
-    """Whether a torch.func transform (vmap, grad, jacrev, ...) wraps any of ``tensors``."""
+    """Whether a torch.func transform (vmap, grad, jacrev, ...) wraps any of ``tensors`` (a single
+    cheap call when no transform is active, the common case)."""
+    if torch._C._functorch.peek_interpreter_stack() is None:
+        return False
     return any(isinstance(t, Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
 
 
