@@ -40,6 +40,7 @@ SMI_FIELDS = (
     "name,driver_version,memory.total,clocks.sm,clocks.mem,clocks.max.sm,clocks.max.mem,"
     "power.draw,power.limit,temperature.gpu,mig.mode.current"
 )
+SMI_FIELDS_BASIC = "name,driver_version,clocks.sm,clocks.mem"
 EXIT_MEANINGS = {
     0: "build, tests and sanitizer passed",
     1: "the build failed",
@@ -61,12 +62,14 @@ def _run(cmd: list[str], timeout: float = 15) -> str:
 
 
 def smi_query() -> dict:
-    """nvidia-smi's reading of the first GPU (clocks as read now), or {} without nvidia-smi."""
-    text = _run(["nvidia-smi", f"--query-gpu={SMI_FIELDS}", "--format=csv,noheader"])
-    if not text:
-        return {}
-    values = [v.strip() for v in text.splitlines()[0].split(",")]
-    return dict(zip(SMI_FIELDS.split(","), values))
+    """nvidia-smi's reading of the first GPU (clocks as read now), or {} without nvidia-smi. A driver
+    that refuses one of the fields gets the basic ones asked alone."""
+    for fields in (SMI_FIELDS, SMI_FIELDS_BASIC):
+        text = _run(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader"])
+        if text:
+            values = [v.strip() for v in text.splitlines()[0].split(",")]
+            return dict(zip(fields.split(","), values))
+    return {}
 
 
 def tool_version(path: str | None) -> str:

@@ -116,13 +116,13 @@ def stats(seconds: list[float]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = stage_arguments(__doc__.split("\n")[0])
     parser.add_argument("--compile", action="store_true", help="also torch.compile(mode='reduce-overhead')")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per network (default 10, dry 2)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per network (default 8, dry 1)")
     args = parser.parse_args(argv)
     deadline = Deadline(args.budget_s)
     device = device_for(args.dry)
     sizes = DRY_SIZES if args.dry else GPU_SIZES
-    steps = args.steps or (1 if args.dry else 10)
-    warmup = 1 if args.dry else 3
+    steps = args.steps or (1 if args.dry else 8)
+    warmup = 1 if args.dry else 2
     result = {
         "dry": args.dry,
         "label": DRY_LABEL if args.dry else "",

@@ -1,9 +1,10 @@
 """Tests of the GPU check (``benchmarks/gpu_check.sh``) without a GPU.
 
 The script runs in its dry mode (``GPU_CHECK_DRY=1``: every stage a quick CPU stand-in), three times
-at once: with the default budgets (every stage passes), with tiny budgets for some stages (they are
-cut short, the next ones still run, the exit status says the tests did not pass) and with no time at
-all (every stage skipped, the summary still written). Then the pieces of the summary on made-up
+at once: with roomy budgets (every stage passes), with tiny budgets for some stages (they are cut
+short, the next ones still run, the exit status says the tests did not pass) and with no time at
+all (every stage skipped, the summary still written); and once for real on this GPU-less machine
+(it stops at once with exit status 2). Then the pieces of the summary on made-up
 results: the targets, the test report, the sanitizer's and ptxas's lines, the order of measurements.
 """
 
@@ -16,7 +17,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import gpu_kernels  # benchmarks/ is on sys.path (tests/conftest.py)
+import gpu_summary
 import pytest
+from conftest import HAS_CUDA
+from gpu_common import DRY_LABEL
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
@@ -32,16 +37,13 @@ FILES = {
 }
 STAGES = ["facts", "build", "tests", "sanitizer", "kernels", "host", "supernet"]
 
-import gpu_kernels  # noqa: E402  (benchmarks/ is on sys.path: tests/conftest.py)
-import gpu_summary  # noqa: E402
-from gpu_common import DRY_LABEL  # noqa: E402
-
 # budgets far above what the stand-ins need, so that a loaded CI machine cannot cut them short
 ROOMY = {"GPU_CHECK_BUDGET_S": "3000", **{f"GPU_CHECK_BUDGET_{stage.upper()}": "300" for stage in STAGES}}
 RUNS = {
     "full": ROOMY,
     "cut": {**ROOMY, "GPU_CHECK_BUDGET_TESTS": "1", "GPU_CHECK_BUDGET_KERNELS": "1", "GPU_CHECK_BUDGET_SUPERNET": "1"},
     "no_time": {"GPU_CHECK_BUDGET_S": "0"},
+    "no_gpu": {"GPU_CHECK_DRY": "0"},  # a real run on a machine without a GPU
 }
 
 
@@ -65,8 +67,11 @@ def runs(tmp_path_factory) -> dict[str, Run]:
     """The three dry runs, started together (each is mostly one process at a time)."""
     started = {}
     for name, extra in RUNS.items():
+        if name == "no_gpu" and HAS_CUDA:
+            continue
         out = tmp_path_factory.mktemp(name) / "gpu_check"
-        env = dict(os.environ, GPU_CHECK_DRY="1", GPU_CHECK_OUT=str(out), PYTHON=sys.executable, **extra)
+        env = dict(os.environ, GPU_CHECK_DRY="1", GPU_CHECK_OUT=str(out), PYTHON=sys.executable)
+        env.update(extra)
         env.pop("FASTNAS_BACKEND", None)
         process = subprocess.Popen(
             ["bash", str(SCRIPT)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -141,6 +146,15 @@ def test_no_time_left_skips_every_stage_and_still_writes_the_summary(runs):
     run = runs["no_time"]
     assert run.returncode == 1  # no build
     assert set(run.stage_status().values()) == {"skipped"}
+    assert {p.name for p in run.out.iterdir()} == {"summary.md", "check.log"}
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the refusal on a machine without a GPU")
+def test_a_real_run_without_a_gpu_stops_with_status_2(runs):
+    run = runs["no_gpu"]
+    assert run.returncode == 2
+    assert "no CUDA GPU visible" in run.summary and "exit status 2" in run.summary
+    assert set(run.stage_status()) == {"facts"}
     assert {p.name for p in run.out.iterdir()} == {"summary.md", "check.log"}
 
 
