@@ -226,20 +226,29 @@ def sanitizer_findings(log: Path) -> list[str]:
 
 
 def ptxas_report(log: Path) -> str:
-    """Registers and spills of the CUDA kernels, from the build's ``-Xptxas -v`` lines."""
+    """Registers and spills of the CUDA kernels, from the build's ``-Xptxas -v`` lines; the kernels
+    that spill are named (demangled when c++filt is there)."""
     if not log.exists():
         return ""
     text = log.read_text(errors="replace")
     registers = [int(r) for r in re.findall(r"ptxas info\s*: Used (\d+) registers", text)]
     if not registers:
         return ""
-    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
-    spilled = sum(int(a) + int(b) for a, b in spills)
-    stack = max((int(s) for s in re.findall(r"(\d+) bytes stack frame", text)), default=0)
-    return (
+    frames = re.findall(
+        r"Function properties for (\S+)\s+(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads",
+        text,
+    )
+    spilling = sorted({name for name, _, stores, loads in frames if int(stores) + int(loads) > 0})
+    spilled = sum(int(stores) + int(loads) for _, _, stores, loads in frames)
+    stack = max((int(frame) for _, frame, _, _ in frames), default=0)
+    report = (
         f"ptxas: {len(registers)} kernels, at most {max(registers)} registers, "
         f"{'no spills' if spilled == 0 else f'{spilled} bytes spilled'}, largest stack frame {stack} bytes"
     )
+    if spilling:
+        names = _run(["c++filt", *spilling]).splitlines() or spilling
+        report += "; spilling: " + "; ".join(n[:140] for n in names[:4])
+    return report
 
 
 # --------------------------------------------------------------------------- kernel tables and targets

@@ -252,7 +252,7 @@ def test_sanitizer_and_ptxas_lines(tmp_path):
         "ptxas info    : Used 64 registers, used 1 barriers\n"
     )
     assert gpu_summary.ptxas_report(build) == (
-        "ptxas: 2 kernels, at most 64 registers, 8 bytes spilled, largest stack frame 8 bytes"
+        "ptxas: 2 kernels, at most 64 registers, 8 bytes spilled, largest stack frame 8 bytes; spilling: k2"
     )
 
 
