@@ -81,7 +81,7 @@ fi
 export GPU_CHECK_COMMIT GPU_CHECK_DRY=$DRY
 
 STAGES=(facts build tests sanitizer kernels host supernet)
-# CAP: the most a stage may take; KEEP: what it keeps back for itself from the stages before it
+# CAP: the most a stage may take; KEEP: the time held back for a stage while the stages before it run
 declare -A CAP=([facts]=20 [build]=200 [tests]=100 [sanitizer]=60 [kernels]=150 [host]=20 [supernet]=60)
 declare -A KEEP=([facts]=5 [build]=60 [tests]=30 [sanitizer]=20 [kernels]=40 [host]=10 [supernet]=30)
 SUMMARY_S=15
@@ -117,23 +117,24 @@ record() {
 # begin NAME LIMIT: prints the stage's header; false (and records it skipped) when no time is left
 begin() {
   if [ "$2" -lt 1 ]; then
-    record "$1" skipped 0 "$2" "no time left in the ${TOTAL}s budget"
+    record "$1" skipped 0 0 "no time left in the ${TOTAL}s budget"
     return 1
   fi
   echo
   echo "=== [$(elapsed)s] $1 (budget ${2}s)"
 }
 
-# limited LIMIT LOG CMD...: CMD under timeout (SIGNAL, default TERM; KILL 10 s later), its output
+# limited LIMIT LOG CMD...: CMD under timeout (SIGNAL, default TERM; KILL 5 s later), its output
 # appended to LOG ("-": printed); sets RC (124 when the budget stopped it) and SECS
 limited() {
   local limit=$1 log=$2 t0
   shift 2
+  [ "$limit" -lt 1 ] && limit=1  # (timeout 0 would mean no limit at all)
   t0=$(date +%s)
   if [ "$log" = - ]; then
-    timeout -s "${SIGNAL:-TERM}" -k 10 "$limit" "$@"
+    timeout -s "${SIGNAL:-TERM}" -k 5 "$limit" "$@"
   else
-    timeout -s "${SIGNAL:-TERM}" -k 10 "$limit" "$@" >>"$log" 2>&1
+    timeout -s "${SIGNAL:-TERM}" -k 5 "$limit" "$@" >>"$log" 2>&1
   fi
   RC=$?
   [ "$RC" -eq 137 ] && RC=124  # killed after ignoring the first signal
@@ -214,7 +215,7 @@ stage_build() {
       NVCC_APPEND_FLAGS="${NVCC_APPEND_FLAGS:-} -Xptxas -v" \
       "$PY" -m pip install -v --no-build-isolation --no-deps --no-index -e .
   fi
-  if [ "$RC" -eq 0 ] && "$PY" -c "$CHECK_CUDA_BUILD" >>"$OUT/build.log" 2>&1; then
+  if [ "$RC" -eq 0 ] && timeout 60 "$PY" -c "$CHECK_CUDA_BUILD" >>"$OUT/build.log" 2>&1; then
     record build ok $(($(date +%s) - t0)) "$limit" "$note; $(tail -1 "$OUT/build.log")"
     return
   fi
@@ -271,13 +272,14 @@ stage_tests() {
     record tests "$status" $(($(date +%s) - t0)) "$limit" "dry run: ${count:-nothing} (collected, not run) from $files"
     return
   fi
-  have_module xdist && args+=(-n "$(($(nproc) / 2 < 8 ? $(nproc) / 2 : 8))")
   have_module pytest_timeout && args+=(--timeout=120)
+  local parallel=()  # the many op tests in parallel (Triton compiles most of their time); not the few autocast ones
+  have_module xdist && parallel=(-n "$(($(nproc) / 2 < 8 ? $(nproc) / 2 : 8))")
   main_limit=$((limit > 60 ? limit - 20 : limit * 2 / 3))
-  echo "pytest $files -k 'not cpu and not autocast' ${args[*]}" | tee -a "$OUT/tests.log"
+  echo "pytest $files -k 'not cpu and not autocast' ${args[*]} ${parallel[*]}" | tee -a "$OUT/tests.log"
   # shellcheck disable=SC2086
-  SIGNAL=INT limited "$main_limit" "$OUT/tests.log" "$PY" -m pytest $files "${args[@]}" --durations=10 \
-    -k "not cpu and not autocast" --junitxml="$SCRATCH/tests.xml"
+  SIGNAL=INT limited "$main_limit" "$OUT/tests.log" "$PY" -m pytest $files "${args[@]}" "${parallel[@]}" \
+    --durations=10 -k "not cpu and not autocast" --junitxml="$SCRATCH/tests.xml"
   status=$(outcome $RC)
   # junit: the counts, and false unless some test passed and none failed
   if ! note=$("$PY" benchmarks/gpu_summary.py junit "$SCRATCH/tests.xml"); then
