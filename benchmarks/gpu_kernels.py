@@ -12,8 +12,8 @@ Inputs rotate over enough sets that the bytes touched between two uses of one se
 times the L2 cache, so L2 does not serve them. Each time is set against a device-to-device copy of
 the same number of bytes (reads plus writes) timed the same way in the same run: ``of_copy``.
 Bytes moved: forward (K+1)·N, backward (2K+1)·N elements. The measurements run in priority order
-(fastnas at K=8 aligned first, ``torch.compile`` last) until the budget is spent; what was not
-reached is listed.
+(the cases of the targets first, eager and ``torch.compile`` at K=8 next, then the rest; see
+``priority_order``) until the budget is spent; what was not reached is listed.
 
 ``host``: host microseconds per forward+backward (``fastnas.mixed_sum`` then ``autograd.grad``) of
 each backend and of eager ``sum(w * o)`` on tiny tensors: N calls back to back with no
@@ -93,9 +93,11 @@ class Unit:
 
 
 def priority_order(grid: Grid, fastnas_providers: list[str]) -> list[tuple[str, Unit]]:
-    """Every (provider, unit) in the order they are measured: fastnas's backends first (aligned
-    K=8, K=40, misaligned K=8, then the rest), eager next, ``torch.compile`` last and aligned only
-    (its compilations are the slowest part)."""
+    """Every (provider, unit) in the order they are measured. First what the targets need: fastnas's
+    backends on aligned inputs at the first K, at the second K, then misaligned at the first K; then
+    eager and ``torch.compile`` at the first K, aligned, for context; then fastnas on the remaining
+    cases, eager on them, and ``torch.compile`` last (aligned only: its compilations are the slowest
+    part)."""
     k = grid.ks
     tiers = [(k[0], True), (k[1], True), (k[0], False)] if len(k) > 1 else [(k[0], True), (k[0], False)]
     tiers += [(K, aligned) for aligned in (True, False) for K in k if (K, aligned) not in tiers]
@@ -105,9 +107,14 @@ def priority_order(grid: Grid, fastnas_providers: list[str]) -> list[tuple[str, 
         for dtype in grid.dtypes
         for shape in grid.shapes_for(dtype)
     ]
-    order = [(p, u) for u in units for p in fastnas_providers]
-    order += [("eager", u) for u in units]
-    order += [("compile", u) for u in [u for u in units if u.aligned][: grid.compile_units]]
+    compiled = [u for u in units if u.aligned][: grid.compile_units]
+    first = [u for u in units if (u.K, u.aligned) == tiers[0]]
+    head = [u for u in units if (u.K, u.aligned) in tiers[:3]]
+    order = [(p, u) for u in head for p in fastnas_providers]
+    order += [("eager", u) for u in first] + [("compile", u) for u in first if u in compiled]
+    order += [(p, u) for u in units if u not in head for p in fastnas_providers]
+    order += [("eager", u) for u in units if u not in first]
+    order += [("compile", u) for u in compiled if u not in first]
     return order
 
 

@@ -41,7 +41,7 @@ STAGES = ["facts", "build", "tests", "sanitizer", "kernels", "host", "supernet"]
 ROOMY = {"GPU_CHECK_BUDGET_S": "3000", **{f"GPU_CHECK_BUDGET_{stage.upper()}": "300" for stage in STAGES}}
 RUNS = {
     "full": ROOMY,
-    "cut": {**ROOMY, "GPU_CHECK_BUDGET_TESTS": "1", "GPU_CHECK_BUDGET_KERNELS": "1", "GPU_CHECK_BUDGET_SUPERNET": "1"},
+    "cut": {**ROOMY, **{f"GPU_CHECK_BUDGET_{stage}": "1" for stage in ("TESTS", "KERNELS", "HOST", "SUPERNET")}},
     "no_time": {"GPU_CHECK_BUDGET_S": "0"},
     "no_gpu": {"GPU_CHECK_DRY": "0"},  # a real run on a machine without a GPU
 }
@@ -134,10 +134,10 @@ def test_stages_cut_short_say_so_and_the_next_still_run(runs):
         "tests": "**cut short**",
         "sanitizer": "ok",
         "kernels": "**cut short**",
-        "host": "ok",
+        "host": "**cut short**",
         "supernet": "**cut short**",
     }
-    assert "Stages cut short or skipped: tests, kernels, supernet." in run.summary
+    assert "Stages cut short or skipped: tests, kernels, host, supernet." in run.summary
     assert "exit status 3: tests failed, were cut short or none passed" in run.summary
     assert {p.name for p in run.out.iterdir()} <= FILES
 
@@ -261,16 +261,21 @@ def test_measurements_run_in_priority_order():
     first = order[0][1]
     assert order[0][0] == "fastnas-cuda" and order[1] == ("fastnas-triton", first)
     assert (first.K, first.aligned, first.shape) == (8, True, (64, 64, 32, 32))
-    providers = [p for p, _ in order]
-    assert providers.index("eager") > max(i for i, p in enumerate(providers) if p.startswith("fastnas-"))
-    assert providers[-1] == "compile" and all(u.aligned for p, u in order if p == "compile")
-    # every (shape, dtype, K, alignment) of the grid, a 64 MiB flat input included, for each provider
+    # every (shape, dtype, K, alignment) of the grid, a 64 MiB flat input included, once per provider
+    assert len(order) == len(set(order))
     units = {u for p, u in order if p == "fastnas-cuda"}
-    assert len(units) == 3 * 2 * 3 * 2
+    assert len(units) == 3 * 2 * 3 * 2 and units == {u for p, u in order if p == "eager"}
     assert {u.numel * u.element_size for u in units if len(u.shape) == 1} == {64 << 20}
-    # K=40 aligned comes before any misaligned input, which comes before K=112
-    ranks = {(u.K, u.aligned): i for i, (p, u) in reversed(list(enumerate(order)))}
-    assert ranks[(40, True)] < ranks[(8, False)] < ranks[(112, True)]
+    assert {u for p, u in order if p == "compile"} == {u for u in units if u.aligned}
+
+    def rank(provider, K, aligned):
+        return min(i for i, (p, u) in enumerate(order) if p == provider and (u.K, u.aligned) == (K, aligned))
+
+    # the targets' cases first (K=8, K=40, misaligned K=8), eager and compile at K=8 for context, then the rest
+    assert rank("fastnas-cuda", 40, True) < rank("fastnas-cuda", 8, False) < rank("eager", 8, True)
+    assert rank("eager", 8, True) < rank("compile", 8, True) < rank("fastnas-cuda", 112, True)
+    assert rank("fastnas-triton", 112, False) < rank("eager", 40, True) < rank("compile", 40, True)
+    assert order[-1][0] == "compile"
 
 
 def test_rotation_keeps_inputs_out_of_l2():
