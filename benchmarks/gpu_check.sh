@@ -32,8 +32,8 @@
 #   GPU_CHECK_OUT        output folder (default .benchmarks/gpu_check, ignored by git)
 #   GPU_CHECK_BUDGET_S   the whole check's budget in seconds (default 335; the summary, at most 15 s, after)
 #   GPU_CHECK_BUDGET_<STAGE>  one stage's cap in seconds (FACTS, BUILD, TESTS, SANITIZER, KERNELS,
-#                        HOST, SUPERNET); a stage also stops early enough to leave every later
-#                        stage its minimum
+#                        HOST, SUPERNET; see CAP below); a stage also stops early enough to leave
+#                        every later stage its reserve (KEEP below)
 #   GPU_CHECK_DRY=1      dry run on the CPU: every stage runs a quick stand-in (no build, tests
 #                        collected not run, the sanitizer's driver without the sanitizer, timings of
 #                        the CPU backends at tiny sizes), all labelled as not GPU numbers
@@ -357,6 +357,7 @@ timing_stage() {
   budget=$((limit - (limit / 10 > 5 ? limit / 10 : 5)))
   [ "$budget" -lt 1 ] && budget=1
   limited "$limit" - "$@" --json "$OUT/$json" --budget-s "$budget" "${DRY_ARG[@]}"
+  rm -f "$OUT/$json.tmp"  # left by a stage killed while writing: no ninth file
   local note="results in $json"
   [ "$RC" -eq 3 ] && note="stopped by its budget; $note"
   [ "$RC" -eq 124 ] && note="stopped by timeout; $note"

@@ -203,7 +203,13 @@ class CpuTimer:
 
 
 class GpuTimer:
-    """CUDA events around each call with a sleep kernel queued before it (see the module docstring)."""
+    """CUDA events around each call with a sleep kernel queued before it (see the module docstring).
+
+    Each repetition starts from an idle GPU (synchronised): the sleep starts as soon as it is
+    queued, so when it lasts longer than the host takes to queue the call, every kernel of the call
+    is queued before the sleep ends and the events bracket GPU work alone. That is checked per
+    repetition (``covered``), and the measurement is repeated once with a longer sleep if it fails.
+    """
 
     MAX_SLEEP_US = 20_000.0
 
@@ -235,9 +241,9 @@ class GpuTimer:
         cycles = int(sleep_us * self.cycles_per_us())
         marks = [[torch.cuda.Event(enable_timing=True) for _ in range(3)] for _ in range(reps)]
         host = []
-        torch.cuda.synchronize()
         for i, (before_sleep, start, end) in enumerate(marks):
             call = setup(i)
+            torch.cuda.synchronize()  # an idle GPU and an empty queue: the host never waits on a full one
             before_sleep.record()
             torch.cuda._sleep(cycles)
             start.record()
