@@ -6,7 +6,8 @@
 #
 # Stages, in priority order, each under its own time budget (enforced with `timeout`; a stage cut
 # short says so and the next one still runs):
-#   facts      the card, clocks as read, driver, versions (nvidia-smi is only queried)
+#   facts      the card, clocks as read, driver, versions (benchmarks/gpu_facts.py; nvidia-smi is
+#              only queried)
 #   build      pip install -e . with the CUDA kernels for the visible GPU's architecture
 #              (FASTNAS_CUDA=1, --no-build-isolation --no-deps --no-index, MAX_JOBS = cores, ptxas -v)
 #   tests      the op tests on CUDA, cuda and triton backends against the reference (test files
@@ -163,8 +164,8 @@ stage_facts() {
     record facts failed 0 "$limit" "no CUDA GPU visible to $PY (torch.cuda.is_available() is False, or no torch)"
     return
   fi
-  limited "$limit" - "$PY" benchmarks/gpu_summary.py facts --json "$SCRATCH/facts.json" \
-    --arch-file "$SCRATCH/arch" "${DRY_ARG[@]}"
+  limited "$limit" - "$PY" benchmarks/gpu_facts.py --json "$SCRATCH/facts.json" --arch-file "$SCRATCH/arch" \
+    "${DRY_ARG[@]}"
   record facts "$(outcome $RC)" "$SECS" "$limit" ""
 }
 

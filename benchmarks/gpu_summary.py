@@ -1,8 +1,4 @@
-"""Machine facts and the summary of ``benchmarks/gpu_check.sh``.
-
-``facts``: the card (name, multiprocessors, memory, L2, compute capability), the clocks and driver
-as ``nvidia-smi`` reads them (a query only: no setting is changed), and the versions of Python,
-torch, Triton, nvcc and compute-sanitizer; written as JSON, with the architecture to build for.
+"""The summary of ``benchmarks/gpu_check.sh``, and the test report's counts.
 
 ``write``: ``summary.md``, ready to paste into ``benchmarks/RESULTS.md``: the machine, each stage's
 outcome and time against its budget (cut short or skipped ones say so), the test counts, the
@@ -10,37 +6,31 @@ sanitizer's findings, the kernel-only tables with the targets met or missed, the
 call and the supernet step. Printed too (without the per-case kernel tables when the whole would
 not fit in the last 12,000 characters of the output).
 
-Run:  python benchmarks/gpu_summary.py facts --json facts.json --arch-file arch.txt [--dry]
-      python benchmarks/gpu_summary.py write --out DIR --scratch DIR --exit-status N
+``junit``: one line of counts of a pytest junit XML file; exit status 0 only if some test passed
+and none failed.
+
+Run:  python benchmarks/gpu_summary.py write --out DIR --scratch DIR --exit-status N
+      python benchmarks/gpu_summary.py junit REPORT.xml
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import importlib.metadata
 import json
 import math
 import os
-import platform
 import re
-import shutil
 import statistics
-import subprocess
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu_common import DRY_LABEL, write_json  # noqa: E402
+from gpu_common import DRY_LABEL  # noqa: E402
+from gpu_facts import facts_line, run_quietly  # noqa: E402
 from report import shape_text  # noqa: E402
 
 PRINT_LIMIT = 11_000  # the lent machine returns the last 12,000 characters of output
-SMI_FIELDS = (
-    "name,driver_version,memory.total,clocks.sm,clocks.mem,clocks.max.sm,clocks.max.mem,"
-    "power.draw,power.limit,temperature.gpu,mig.mode.current"
-)
-SMI_FIELDS_BASIC = "name,driver_version,clocks.sm,clocks.mem"
 EXIT_MEANINGS = {
     0: "build, tests and sanitizer passed",
     1: "the build failed",
@@ -48,98 +38,6 @@ EXIT_MEANINGS = {
     3: "tests failed, were cut short or none passed",
     4: "the sanitizer found errors (build and tests passed)",
 }
-
-
-def _run(cmd: list[str], timeout: float = 15) -> str:
-    """A command's output, or '' if it is missing, fails or hangs."""
-    if shutil.which(cmd[0]) is None and not os.path.exists(cmd[0]):
-        return ""
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except (OSError, subprocess.SubprocessError):
-        return ""
-    return done.stdout.strip() if done.returncode == 0 else ""
-
-
-def smi_query() -> dict:
-    """nvidia-smi's reading of the first GPU (clocks as read now), or {} without nvidia-smi. A driver
-    that refuses one of the fields gets the basic ones asked alone."""
-    for fields in (SMI_FIELDS, SMI_FIELDS_BASIC):
-        text = _run(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader"])
-        if text:
-            values = [v.strip() for v in text.splitlines()[0].split(",")]
-            return dict(zip(fields.split(","), values))
-    return {}
-
-
-def tool_version(path: str | None) -> str:
-    if not path:
-        return "not found"
-    lines = [line for line in _run([path, "--version"]).splitlines() if line.strip()]
-    return lines[-1].strip() if lines else "not runnable"
-
-
-def find_tool(name: str) -> str | None:
-    cuda_home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
-    for candidate in (shutil.which(name), os.path.join(cuda_home, "bin", name), f"/usr/local/cuda/bin/{name}"):
-        if candidate and os.path.exists(candidate):
-            return candidate
-    return None
-
-
-def facts(dry: bool) -> dict:
-    import torch
-
-    out = {
-        "dry": dry,
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_cuda": torch.version.cuda,
-        "cpu_count": os.cpu_count(),
-        "cuda_home": os.environ.get("CUDA_HOME", ""),
-        "nvcc": tool_version(find_tool("nvcc")),
-        "compute_sanitizer": tool_version(find_tool("compute-sanitizer")),
-    }
-    try:  # the installed version, without the cost of importing it
-        out["triton"] = importlib.metadata.version("triton")
-    except importlib.metadata.PackageNotFoundError:
-        out["triton"] = "not installed"
-    if dry:
-        out["name"] = f"no GPU (dry run on {platform.machine()} CPU)"
-        out["arch"] = "none"
-        return out
-    props = torch.cuda.get_device_properties(0)
-    out.update(
-        name=props.name,
-        sms=props.multi_processor_count,
-        memory_GiB=round(props.total_memory / 2**30, 1),
-        l2_MiB=round(getattr(props, "L2_cache_size", 0) / 2**20, 1),
-        capability=f"{props.major}.{props.minor}",
-        arch=f"{props.major}.{props.minor}",
-        gpus=torch.cuda.device_count(),
-        smi=smi_query(),
-    )
-    return out
-
-
-def facts_line(f: dict) -> str:
-    if f.get("dry"):
-        return f"{f.get('name')}; Python {f.get('python')}, torch {f.get('torch')}, triton {f.get('triton')}"
-    smi = f.get("smi", {})
-    clocks = (
-        f"SM clock {smi.get('clocks.sm', '?')} (max {smi.get('clocks.max.sm', '?')}), memory clock "
-        f"{smi.get('clocks.mem', '?')} (max {smi.get('clocks.max.mem', '?')}) as read at the start"
-        if smi
-        else "clocks not read (no nvidia-smi)"
-    )
-    return (
-        f"**{f.get('name')}**: {f.get('sms')} SMs, {f.get('memory_GiB')} GiB, L2 {f.get('l2_MiB')} MiB, "
-        f"sm_{str(f.get('capability', '')).replace('.', '')}; driver {smi.get('driver_version', '?')}; {clocks}; "
-        f"power limit {smi.get('power.limit', '?')}; MIG {smi.get('mig.mode.current', '?')}.\n"
-        f"Python {f.get('python')}, torch {f.get('torch')} (CUDA {f.get('torch_cuda')}), triton {f.get('triton')}, "
-        f"nvcc: {f.get('nvcc')}; compute-sanitizer: {f.get('compute_sanitizer')}; {f.get('cpu_count')} CPU cores."
-    )
 
 
 # --------------------------------------------------------------------------- reading the stages' outputs
@@ -246,7 +144,7 @@ def ptxas_report(log: Path) -> str:
         f"{'no spills' if spilled == 0 else f'{spilled} bytes spilled'}, largest stack frame {stack} bytes"
     )
     if spilling:
-        names = _run(["c++filt", *spilling]).splitlines() or spilling
+        names = run_quietly(["c++filt", *spilling]).splitlines() or spilling
         report += "; spilling: " + "; ".join(n[:140] for n in names[:4])
     return report
 
@@ -551,10 +449,6 @@ def summary(out: Path, scratch: Path, exit_status: int) -> tuple[str, str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("facts")
-    p.add_argument("--json", required=True)
-    p.add_argument("--arch-file", required=True)
-    p.add_argument("--dry", action="store_true")
     p = sub.add_parser("junit", help="one line of counts; exit status 0 only if some test passed and none failed")
     p.add_argument("xml")
     p = sub.add_parser("write")
@@ -562,12 +456,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scratch", required=True)
     p.add_argument("--exit-status", type=int, required=True)
     args = parser.parse_args(argv)
-    if args.command == "facts":
-        f = facts(args.dry)
-        write_json(args.json, f)
-        Path(args.arch_file).write_text(f["arch"])
-        print(facts_line(f))
-        return 0
     if args.command == "junit":
         counts = junit_counts(Path(args.xml))
         if counts is None:
