@@ -56,16 +56,26 @@ SIZES = {  # space -> (network kwargs, batch on cuda, batch on cpu)
 ROUNDS = 10 if DEVICE == "cuda" else 5
 
 
-def build(space: str, device: str = DEVICE, seed: int = 0) -> tuple[nn.Module, nn.Module, torch.Tensor, torch.Tensor]:
-    """(fastnas network, eager network with the same parameters, images, labels) at the space's size."""
+def build(
+    space: str,
+    device: str = DEVICE,
+    seed: int = 0,
+    net_kwargs: dict | None = None,
+    batch: int | None = None,
+    image_size: int = 32,
+) -> tuple[nn.Module, nn.Module, torch.Tensor, torch.Tensor]:
+    """(fastnas network, eager network with the same parameters, images, labels) at the space's size
+    (or at ``net_kwargs``, ``batch`` and ``image_size`` when given)."""
     kwargs, batch_cuda, batch_cpu = SIZES[space]
+    kwargs = kwargs if net_kwargs is None else net_kwargs
     torch.manual_seed(seed)
     fast_cls, eager_cls = (nb201.Network, EagerNB201Network) if space == "nb201" else (darts.Network, EagerDartsNetwork)
     fast = fast_cls(**kwargs).to(device)
     eager = eager_cls(**kwargs).to(device)
     eager.load_state_dict(fast.state_dict())
-    batch = batch_cuda if torch.device(device).type == "cuda" else batch_cpu
-    x = torch.randn(batch, 3, 32, 32, device=device)
+    if batch is None:
+        batch = batch_cuda if torch.device(device).type == "cuda" else batch_cpu
+    x = torch.randn(batch, 3, image_size, image_size, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
     return fast, eager, x, y
 

@@ -205,12 +205,14 @@ class _EagerArch:
         if self.sampler is None:
             return (F.softmax(p, dim=-1) if self.arch == "logits" else p), None
         gen = self.generator
+        noise_device = gen.device if gen is not None else p.device  # a CPU generator may drive a GPU network
         if self.sampler == "uniform":
-            index = torch.randint(p.shape[-1], (p.shape[0],), generator=gen, device=p.device).tolist()
+            index = torch.randint(p.shape[-1], (p.shape[0],), generator=gen, device=noise_device).tolist()
             return torch.ones_like(p), index
         logits = p if self.arch == "logits" else p.clamp_min(1e-30).log()
         while True:
-            gumbels = -torch.empty_like(p).exponential_(generator=gen).log()
+            u = torch.empty(p.shape, dtype=p.dtype, device=noise_device).exponential_(generator=gen)
+            gumbels = -u.log().to(p.device)
             probs = F.softmax((logits.log_softmax(dim=1) + gumbels) / self.tau, dim=1)
             if torch.isfinite(gumbels).all() and torch.isfinite(probs).all():
                 break

@@ -10,8 +10,9 @@ import torch
 
 
 def synchronize(device: torch.device | str) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # that device, not the current one
 
 
 def time_once(fn: Callable[[], object], device: torch.device | str) -> float:
