@@ -4,11 +4,11 @@
 ATen), and one nvcc call per test session compiles it for sm_80 and sm_90. Its ptxas report and SASS
 (``cuobjdump``) must show:
 
-- no spill and no stack frame in any kernel, and registers for at least 2 resident blocks of 256 threads;
+- no spill and no stack frame in any kernel, and registers for at least 3 resident blocks of 256 threads
+  (2 for the kernels that read unaligned inputs with two loads each: the *shifted* ones);
 - 128-bit global loads and stores (``LDG.E.128``, ``STG.E.128``) in every kernel;
-- the loads of a group of inputs all issued before the first instruction that uses one of them (at least 8
-  in the backward, 6 in the forward, 16 where inputs are read shifted with two loads each), which keeps at
-  least 64 KiB in flight per multiprocessor at the kernel's occupancy.
+- the loads of a group of 8 inputs all issued before the first instruction that uses one of them (16 in the
+  shifted kernels), which keeps at least 64 KiB in flight per multiprocessor at the kernel's occupancy.
 
 When ``fastnas._C`` was built with its CUDA kernels, ``cuobjdump -res-usage`` of the built library must show
 the same kernels without spills, and no other kernel (the backward is one launch).
@@ -203,9 +203,7 @@ def test_no_spills_and_sane_registers(compiled_kernels):
         assert k.stack_bytes == 0 and k.spill_bytes == 0, (
             f"{k.short()}: stack {k.stack_bytes} B, spills {k.spill_bytes} B"
         )
-        assert resident_blocks(k.registers) >= 2, f"{k.short()}: {k.registers} registers"
-        if not k.shifted:
-            assert k.registers <= 96, f"{k.short()}: {k.registers} registers"
+        assert resident_blocks(k.registers) >= (2 if k.shifted else 3), f"{k.short()}: {k.registers} registers"
 
 
 def test_vector_kernels_use_128_bit_loads_and_stores(compiled_kernels):
@@ -223,7 +221,7 @@ def test_loads_in_flight(compiled_kernels):
     """A group's loads go out before the first use of any of them, enough to cover memory latency."""
     for k in compiled_kernels:
         in_flight = loads_before_first_use(k.instructions)
-        needed = 16 if k.shifted else 8 if k.backward else 6
+        needed = 16 if k.shifted else 8
         assert in_flight >= needed, f"{k.short()}: {in_flight} loads in flight before the first use"
         bytes_per_multiprocessor = resident_blocks(k.registers) * THREADS * in_flight * 16
         assert bytes_per_multiprocessor >= 64 * 1024, f"{k.short()}: {bytes_per_multiprocessor // 1024} KiB in flight"

@@ -42,7 +42,9 @@ class Plan(NamedTuple):
     groups_per_tile: int
     shifted_loads: bool
     shifts: list
+    partials_stride: int
     partials_bytes: int
+    final_sum_warps_per_input: int
 
 
 def plan(
@@ -73,7 +75,7 @@ def test_vectors_tiles_and_tail(numel, element_size, vector):
 
 def test_no_elements():
     p = plan(0)
-    assert p.tiles == 0 and p.units == 0 and p.grid == 1 and p.partials_bytes == 0
+    assert p.tiles == 0 and p.units == 0 and p.grid == 1 and p.partials_stride == 0 and p.partials_bytes == 0
 
 
 @pytest.mark.parametrize("element_size", [2, 4, 8])
@@ -94,8 +96,11 @@ def test_reduction_units_do_not_depend_on_the_device(numel, element_size):
     assert p.tiles_per_unit == max(1, math.ceil(p.tiles / MAX_UNITS))
     assert p.units == math.ceil(p.tiles / p.tiles_per_unit)
     assert (p.units - 1) * p.tiles_per_unit < p.tiles  # no empty unit
-    # one [K, units] workspace of partial sums in the accumulation dtype
-    assert p.partials_bytes == p.units * 8 * (8 if element_size == 8 else 4)
+    # one [K, units] workspace of partial sums in the accumulation dtype, rows padded to 16-byte vectors
+    accumulation_size = 8 if element_size == 8 else 4
+    assert p.partials_stride >= p.units and (p.partials_stride - p.units) * accumulation_size < 16
+    assert p.partials_stride * accumulation_size % 16 == 0
+    assert p.partials_bytes == p.partials_stride * 8 * accumulation_size
 
 
 def test_without_weights_grad_every_tile_is_a_unit():
@@ -154,6 +159,16 @@ def test_stacked_slices_are_shifted_when_their_size_is_not_a_multiple_of_16_byte
     assert not aligned.shifted_loads
 
 
+@pytest.mark.parametrize("shift", range(16))
+def test_shifted_vector_bytes(shift):
+    """The kernels realign a vector of an unaligned tensor from the two aligned 16-byte vectors around it
+    (the same code, run on the CPU): the 16 bytes that start `shift` bytes into the 32."""
+    data = torch.randint(0, 256, (32,), dtype=torch.uint8, generator=torch.Generator().manual_seed(shift))
+    words = [int.from_bytes(bytes(data[i : i + 4].tolist()), "little") for i in range(0, 32, 4)]
+    out = torch.ops.fastnas._cuda_shift_bytes(words, shift)
+    assert b"".join(w.to_bytes(4, "little") for w in out) == bytes(data[shift : shift + 16].tolist())
+
+
 @pytest.mark.parametrize(
     "k, launches, per_launch, groups",
     [
@@ -173,7 +188,14 @@ def test_inputs_per_launch(k, launches, per_launch, groups):
     NAS-Bench-201 (K <= 15), DARTS (K <= 40) and K = 112 are one launch each, which reads g once."""
     p = plan(64 * 16 * 32 * 32, k=k)
     assert (p.launches, p.inputs_per_launch, p.groups_per_tile) == (launches, per_launch, groups)
-    assert p.partials_bytes == p.units * per_launch * 4
+    assert p.partials_bytes == p.partials_stride * per_launch * 4
+
+
+@pytest.mark.parametrize("k, warps", [(1, 8), (2, 4), (3, 2), (4, 2), (5, 1), (8, 1), (40, 1), (112, 1)])
+def test_final_sum_warps_per_input(k, warps):
+    """The last block's 8 warps share the rows of unit sums when K < 8, so that few inputs still keep the
+    whole block reading (the order of that sum is a function of K and the number of units)."""
+    assert plan(64 * 16 * 32 * 32, k=k).final_sum_warps_per_input == warps
 
 
 @pytest.mark.parametrize(

@@ -46,6 +46,25 @@ FASTNAS_HOST_DEVICE constexpr int element_shift(std::uintptr_t address, int elem
   return static_cast<int>(address % kVectorBytes) / element_size;
 }
 
+// The 16 bytes that start `shift` bytes (0..15) into the 32 bytes lo, hi (little-endian 32-bit words):
+// how the kernels realign a vector of a tensor that does not start on a 16-byte boundary, from the two
+// aligned vectors around it. Word selects and 64-bit shifts (funnel shifts on the GPU), no local memory.
+FASTNAS_HOST_DEVICE inline void shift_bytes(const std::uint32_t (&lo)[4], const std::uint32_t (&hi)[4], unsigned shift,
+                                            std::uint32_t (&out)[4]) {
+  const std::uint32_t w[8] = {lo[0], lo[1], lo[2], lo[3], hi[0], hi[1], hi[2], hi[3]};
+  const unsigned words = shift / 4;
+  const unsigned bits = (shift % 4) * 8;
+  std::uint32_t d[5];  // w[words], ..., w[words + 4]
+  for (int i = 0; i < 5; ++i) {
+    const std::uint32_t even = (words & 1) ? w[i + 1] : w[i];
+    const std::uint32_t odd = (words & 1) ? w[i + 3] : w[i + 2];
+    d[i] = (words & 2) ? odd : even;
+  }
+  for (int i = 0; i < 4; ++i) {
+    out[i] = static_cast<std::uint32_t>(((static_cast<std::uint64_t>(d[i + 1]) << 32) | d[i]) >> bits);
+  }
+}
+
 FASTNAS_HOST_DEVICE constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Launches for K inputs and the inputs of launch `index`: launches after the first run in the same
@@ -59,6 +78,14 @@ constexpr int64_t inputs_of_launch(int64_t num_inputs, int64_t index) {
 // that results do not depend on the grid (defined in launch_plan_op.cpp).
 int64_t max_grid_for_tests();
 
+// Warps of the last block that share one input's row of unit sums in the final sum of the backward: a
+// power of two, as many as leave every input a share, so that few inputs still keep the block reading.
+FASTNAS_HOST_DEVICE constexpr int final_sum_warps_per_input(int num_inputs) {
+  int warps = kWarps;
+  while (warps > 1 && warps * num_inputs > kWarps) warps /= 2;
+  return warps;
+}
+
 struct LaunchPlan {
   int vector_elements = 0;      // V
   int64_t full_vectors = 0;     // numel / V
@@ -68,7 +95,8 @@ struct LaunchPlan {
   int64_t units = 0;            // work items of the grid: units of tiles (rows of partials) or tiles
   int64_t grid = 0;             // blocks
   bool shifted_loads = false;   // some input (or g) is not 16-byte aligned: the kernel that shifts
-  int64_t partials_bytes = 0;   // workspace of one launch's partial sums (0 without weight gradient)
+  int64_t partials_stride = 0;  // units rounded up to whole 16-byte vectors of the accumulation type
+  int64_t partials_bytes = 0;   // workspace of one launch's [inputs, partials_stride] unit sums (0 without)
 };
 
 // The plan of one launch over numel elements of element_size bytes, with num_inputs inputs (one
@@ -86,7 +114,9 @@ inline LaunchPlan plan_launch(int64_t numel, int64_t num_inputs, int element_siz
   plan.units = ceil_div(plan.tiles, plan.tiles_per_unit);
   plan.grid = std::max<int64_t>(1, std::min(plan.units, std::max<int64_t>(1, resident_blocks)));
   plan.shifted_loads = element_shift(address_bits, 1) != 0;
-  plan.partials_bytes = weights_grad ? plan.units * num_inputs * accumulation_size : 0;
+  const int sums_per_vector = kVectorBytes / accumulation_size;
+  plan.partials_stride = ceil_div(plan.units, sums_per_vector) * sums_per_vector;
+  plan.partials_bytes = weights_grad ? plan.partials_stride * num_inputs * accumulation_size : 0;
   return plan;
 }
 

@@ -216,7 +216,7 @@ void launch_backward(const at::Tensor& grad, at::TensorList outputs, const at::T
   if (want_weights_grad) {
     const plan::LaunchPlan widest =
         plan::plan_launch(numel, plan::inputs_of_launch(K, 0), sizeof(T), sizeof(Acc), true, 0, 1);
-    const int64_t partials_bytes = plan::ceil_div(widest.partials_bytes, plan::kVectorBytes) * plan::kVectorBytes;
+    const int64_t partials_bytes = widest.partials_bytes;  // whole 16-byte vectors
     const bool captured = capturing(stream);
     workspace = c10::cuda::CUDACachingAllocator::get()->allocate(partials_bytes + (captured ? sizeof(unsigned) : 0));
     partials = static_cast<Acc*>(workspace.get());
@@ -258,6 +258,7 @@ void launch_backward(const at::Tensor& grad, at::TensorList outputs, const at::T
     params.tiles = lp.tiles;
     params.tiles_per_unit = lp.tiles_per_unit;
     params.units = lp.units;
+    params.partials_stride = lp.partials_stride;
     params.tail = lp.tail;
     params.want_inputs_grad = want_inputs_grad;
     params.want_weights_grad = want_weights_grad;

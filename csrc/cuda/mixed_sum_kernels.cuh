@@ -7,9 +7,10 @@
 //
 // Loads: every tensor is read in 16-byte vectors, kGroup inputs at a time, every load of a group issued
 // before the first arithmetic on it. An input (or g) that does not start on a 16-byte boundary is read
-// by the *shifted* kernels with two aligned 16-byte loads per vector (the second mostly an L1 hit: the
-// neighbouring thread's first), whose bytes are shifted into place (funnel shifts). The outputs are
-// allocated by the launcher and always aligned, so every store is a 16-byte store.
+// by the *shifted* kernels with two aligned 16-byte loads per vector (the second is the neighbouring
+// thread's first: more L1 traffic, no more DRAM traffic), whose bytes are shifted into place (funnel
+// shifts); aligned inputs of the same call keep one load per vector. The outputs are allocated by the
+// launcher and always aligned, so every store is a 16-byte store.
 //
 // Rounding, fixed by the element index alone (whatever the grid, GPU model, multiprocessor count, build
 // or alignment path):
@@ -19,8 +20,8 @@
 //   d w_k      thread:  s = fma(g[e], o_k[e], s) over the V elements of its vector, e = 0, 1, ...;
 //              warp:    butterfly over the 32 lanes (xor offsets 16, 8, 4, 2, 1);
 //              unit:    the warps' sums added over the unit's tiles in order, then warps 0..7 in order;
-//              total:   lane l of the last block sums units l, l + 32, ... into four interleaved partial
-//                       sums (unit index / 32 mod 4), adds them as (p0 + p1) + (p2 + p3), then a butterfly.
+//              total:   the last block adds the units' sums in an order fixed by the number of units and
+//                       inputs (sum_unit_partials).
 //   The units are a function of numel and the element type only (launch_plan.h), so two calls on the
 //   same values give the same bits on any GPU.
 #pragma once
@@ -57,7 +58,7 @@ __device__ __forceinline__ void round_to(float x, __nv_bfloat16& out) { out = __
 template <typename T>
 struct Element {
   using Acc = decltype(to_acc(T()));
-  static constexpr int kVector = cuda_plan::kVectorBytes / static_cast<int>(sizeof(T));
+  static constexpr int kVector = cuda_plan::vector_elements(sizeof(T));
   __device__ static T from_acc(Acc x) {
     T out;
     round_to(x, out);
@@ -87,22 +88,6 @@ __device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(
 
 // ------------------------------------------------------------------------------------- 16-byte access
 
-// The 16 bytes starting `shift` bytes into a (a then b): funnel shifts, no local memory.
-__device__ __forceinline__ uint4 shift_bytes(uint4 a, uint4 b, unsigned shift) {
-  const unsigned w[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
-  const unsigned words = shift / 4;
-  const unsigned bits = (shift % 4) * 8;
-  unsigned d[5];
-#pragma unroll
-  for (int i = 0; i < 5; ++i) {
-    const unsigned lo = (words & 1) ? w[i + 1] : w[i];
-    const unsigned hi = (words & 1) ? w[i + 3] : w[i + 2];
-    d[i] = (words & 2) ? hi : lo;
-  }
-  return make_uint4(__funnelshift_r(d[0], d[1], bits), __funnelshift_r(d[1], d[2], bits),
-                    __funnelshift_r(d[2], d[3], bits), __funnelshift_r(d[3], d[4], bits));
-}
-
 // Vector `index` of a tensor in two steps, so that a group's loads are all issued before any use:
 // issue() the aligned 16-byte load(s), then value() the 16 bytes. Unshifted kernels need the tensor
 // 16-byte aligned; shifted ones take any element-aligned address. Read-only data (non-coherent path).
@@ -114,7 +99,7 @@ struct VectorLoad {
   __device__ __forceinline__ void issue(const void* tensor, int64_t index) {
     if constexpr (kShifted) {
       const std::uintptr_t address = reinterpret_cast<std::uintptr_t>(tensor);
-      shift = static_cast<unsigned>(address % cuda_plan::kVectorBytes);
+      shift = static_cast<unsigned>(cuda_plan::element_shift(address, 1));  // in bytes
       const uint4* base = reinterpret_cast<const uint4*>(address - shift) + index;
       a = __ldg(base);
       // The next aligned vector holds the rest; it lies within the 16-byte block of the vector's last
@@ -127,7 +112,13 @@ struct VectorLoad {
     }
   }
   __device__ __forceinline__ uint4 value() const {
-    if constexpr (kShifted) return shift_bytes(a, b, shift);
+    if constexpr (kShifted) {
+      const uint32_t lo[4] = {a.x, a.y, a.z, a.w};
+      const uint32_t hi[4] = {b.x, b.y, b.z, b.w};
+      uint32_t out[4];
+      cuda_plan::shift_bytes(lo, hi, shift, out);
+      return make_uint4(out[0], out[1], out[2], out[3]);
+    }
     return a;
   }
 };
@@ -141,8 +132,8 @@ __device__ __forceinline__ void store_vector(void* tensor, int64_t index, uint4 
 // Sums N values over the warp's 32 lanes (xor butterfly 16, 8, 4, 2, 1 for every value, the same tree as
 // a plain butterfly of each value alone) with N - 1 + log2(32 / N) shuffles instead of 5 N: at each of
 // the first log2(N) steps a lane keeps half of its values, sends the other half to its partner and adds
-// the partner's copy of the half it keeps. Lane l returns the sum of value (l / (32 / N)); lanes
-// l, l ^ 1, ... hold copies of it.
+// the partner's copy of the half it keeps. Lane l returns the sum of value l / (32 / N), as do the
+// other lanes of its run of 32 / N.
 template <int N, typename A>
 __device__ __forceinline__ A transposed_warp_sum(const A (&values)[N]) {
   static_assert(N >= 1 && N <= 32 && (N & (N - 1)) == 0, "N: a power of two up to 32");
@@ -188,8 +179,15 @@ struct ForwardParams {
   int tail;                              // numel % V
 };
 
+// Register budgets, so that ptxas neither spills nor trades occupancy on its own: at least 3 resident blocks
+// per multiprocessor (<= 85 registers) for the unshifted kernels, 2 (<= 128) for the shifted ones, which
+// hold two loads per input. (Without them ptxas capped one kernel at 80 registers and spilled.)
+template <bool kShifted>
+constexpr int kMinBlocks = kShifted ? 2 : 3;
+
 template <typename T, bool kShifted>
-__global__ void __launch_bounds__(kThreads) mixed_sum_forward_kernel(const __grid_constant__ ForwardParams<T> p) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks<kShifted>)
+    mixed_sum_forward_kernel(const __grid_constant__ ForwardParams<T> p) {
   using E = Element<T>;
   using Acc = typename E::Acc;
   using AccE = Element<Acc>;
@@ -270,21 +268,79 @@ struct BackwardParams {
   T* inputs_grad[kMaxInputsPerLaunch];   // this launch's d o_k (without inputs grad: unused)
   const T* grad;                         // g
   const Acc* weights;                    // this launch's w_k
-  Acc* partials;                         // [num_inputs][units]: one sum per input and unit
+  Acc* partials;                         // [num_inputs][partials_stride]: one sum per input and unit
   Acc* weights_grad;                     // this launch's d w_k
   unsigned int* arrivals;                // blocks done: 0 on entry, set back to 0 by the last block
   int64_t full_vectors;                  // numel / V
   int64_t tiles;
   int64_t tiles_per_unit;
   int64_t units;
+  int64_t partials_stride;               // units rounded up to whole 16-byte vectors, the rest zeros
   int num_inputs;                        // 1..kMaxInputsPerLaunch
   int tail;                              // numel % V
   bool want_inputs_grad;
   bool want_weights_grad;
 };
 
+// The last block's final sum: weights_grad[k] = the sum of row k of partials, units 0..units-1 (the
+// row is padded with zeros to `stride`, a whole number of 16-byte vectors). With fewer inputs than warps,
+// warps share a row (segments: chunk c of kChunk units goes to segment c mod segments), so that the whole
+// block reads. Each lane keeps kLoads 16-byte loads in flight, sums each vector in order into partial sum
+// j (its load j of every chunk), adds the kLoads partial sums as a tree, then a butterfly over the lanes;
+// the segments' sums are added in segment order. Every thread of the block calls it.
+template <typename Acc>
+__device__ void sum_unit_partials(const Acc* partials, int64_t units, int64_t stride, int n, Acc* weights_grad,
+                                  Acc (*s_segment_sums)[kMaxInputsPerLaunch]) {
+  using AccE = Element<Acc>;
+  constexpr int P = AccE::kVector;  // sums per 16-byte vector
+  constexpr int kLoads = 8;
+  constexpr int64_t kChunk = 32 * P * kLoads;
+  const int lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32;
+  const int segments = cuda_plan::final_sum_warps_per_input(n);
+  const int segment = warp % segments;
+  for (int k = warp / segments; k < n; k += kWarps / segments) {
+    const Acc* row = partials + k * stride;
+    Acc part[kLoads];
+#pragma unroll
+    for (int j = 0; j < kLoads; ++j) part[j] = Acc(0);
+    for (int64_t chunk = segment * kChunk; chunk < units; chunk += segments * kChunk) {
+      uint4 raw[kLoads];
+#pragma unroll
+      for (int j = 0; j < kLoads; ++j) {
+        const int64_t u = chunk + (j * 32 + lane) * P;
+        raw[j] = make_uint4(0u, 0u, 0u, 0u);
+        if (u < units) raw[j] = __ldcg(reinterpret_cast<const uint4*>(row + u));  // L2: written by other blocks
+      }
+#pragma unroll
+      for (int j = 0; j < kLoads; ++j) {
+        Acc x[P];
+        AccE::unpack(raw[j], x);
+        Acc s = x[0];
+#pragma unroll
+        for (int e = 1; e < P; ++e) s += x[e];
+        part[j] += s;
+      }
+    }
+#pragma unroll
+    for (int width = kLoads / 2; width > 0; width /= 2) {
+#pragma unroll
+      for (int j = 0; j < width; ++j) part[j] += part[j + width];
+    }
+    const Acc total = warp_sum(part[0]);
+    if (lane == 0) s_segment_sums[segment][k] = total;
+  }
+  __syncthreads();
+  for (int k = threadIdx.x; k < n; k += kThreads) {
+    Acc total = s_segment_sums[0][k];
+    for (int segment_index = 1; segment_index < segments; ++segment_index) total += s_segment_sums[segment_index][k];
+    weights_grad[k] = total;
+  }
+}
+
 template <typename T, bool kShifted>
-__global__ void __launch_bounds__(kThreads) mixed_sum_backward_kernel(const __grid_constant__ BackwardParams<T> p) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks<kShifted>)
+    mixed_sum_backward_kernel(const __grid_constant__ BackwardParams<T> p) {
   using E = Element<T>;
   using Acc = typename E::Acc;
   constexpr int V = E::kVector;
@@ -377,7 +433,11 @@ __global__ void __launch_bounds__(kThreads) mixed_sum_backward_kernel(const __gr
         Acc s = s_sums[0][k];
 #pragma unroll
         for (int w = 1; w < kWarps; ++w) s += s_sums[w][k];
-        p.partials[k * p.units + unit] = s;
+        Acc* row = p.partials + k * p.partials_stride;
+        row[unit] = s;
+        if (unit == p.units - 1) {  // zeros up to the stride: the final sum reads whole vectors
+          for (int64_t pad = p.units; pad < p.partials_stride; ++pad) row[pad] = Acc(0);
+        }
       }
       __syncthreads();
     }
@@ -393,22 +453,7 @@ __global__ void __launch_bounds__(kThreads) mixed_sum_backward_kernel(const __gr
   if (!s_last_block) return;
   __threadfence();
   if (threadIdx.x == 0) *p.arrivals = 0u;  // no other block of this launch touches it again
-  for (int k = warp; k < n; k += kWarps) {
-    const Acc* column = p.partials + k * p.units;
-    Acc part0 = Acc(0), part1 = Acc(0), part2 = Acc(0), part3 = Acc(0);
-    int64_t r = lane;
-    for (; r + 96 < p.units; r += 128) {
-      part0 += __ldcg(column + r);
-      part1 += __ldcg(column + r + 32);
-      part2 += __ldcg(column + r + 64);
-      part3 += __ldcg(column + r + 96);
-    }
-    if (r < p.units) part0 += __ldcg(column + r);
-    if (r + 32 < p.units) part1 += __ldcg(column + r + 32);
-    if (r + 64 < p.units) part2 += __ldcg(column + r + 64);
-    const Acc total = warp_sum((part0 + part1) + (part2 + part3));
-    if (lane == 0) p.weights_grad[k] = total;
-  }
+  sum_unit_partials(p.partials, p.units, p.partials_stride, n, p.weights_grad, s_sums);
 }
 
 // ------------------------------------------------------------------------------------- kernel table
