@@ -1,6 +1,7 @@
 """Build fastnas and its compiled extension ``fastnas._C``.
 
-The CPU kernels (``csrc/*.cpp``, ``csrc/cpu/*.cpp``) are always built. The CUDA kernels
+The CPU kernels (``csrc/*.cpp``, ``csrc/cpu/*.cpp``) and the CUDA launch planning with its test ops
+(``csrc/cuda/*.cpp``, plain C++) are always built. The CUDA kernels
 (``csrc/cuda/*.cu``) are added when a CUDA build of torch and a CUDA toolkit are present, or
 forced/skipped with ``FASTNAS_CUDA=1`` / ``FASTNAS_CUDA=0`` (force it on a machine with nvcc and
 no GPU). ``TORCH_CUDA_ARCH_LIST`` picks the architectures (default "8.0;9.0"), ``MAX_JOBS`` caps
@@ -63,7 +64,8 @@ def extensions():
     cpu_flags = ["-O3", "-fopenmp", "-fno-math-errno"]  # torch adds its own -std
     if os.environ.get("FASTNAS_CPU_NATIVE") == "1":
         cpu_flags.append("-march=native")
-    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
+    # csrc/cuda/*.cpp: the CUDA launch planning's test ops, plain C++, built with or without CUDA
+    sources = [path for folder in ("csrc", "csrc/cpu", "csrc/cuda") for path in sorted(glob.glob(f"{folder}/*.cpp"))]
     common = dict(name="fastnas._C", include_dirs=[os.path.join(ROOT, "csrc")], extra_link_args=["-fopenmp"])
     if _want_cuda(torch):
         print(f"fastnas: building CPU and CUDA kernels for {os.environ['TORCH_CUDA_ARCH_LIST']}")

@@ -9,13 +9,16 @@ pick ``cuda`` for CUDA tensors, so a CPU-only CI run proves the CUDA build.
 
 Results are checked against the float64 reference (``fastnas.ops.reference``) within a bound derived
 from one rounding to the output dtype plus the accumulation dtype's summation error; ``d o_k = w_k g``
-is one multiplication and must match the reference exactly.
+is one multiplication and must match the reference exactly. On CUDA the rounding order is a function of
+the element index alone, so results must also be bit-identical across alignments, grid sizes, streams
+and CUDA-graph replays.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -40,9 +43,9 @@ DEVICES = [
 ]
 CUDA_ONLY = [DEVICES[1]]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
-# 1, within one launch of kernels unrolled 8 wide, the wide kernels, and beyond the 32 pointers of a
-# launch (chunked): 33 and 40 are two chunks, 70 three
-KS = [1, 3, 8, 9, 32, 33, 40, 70]
+# 1, within one group of 8 inputs loaded together, several groups (DARTS nodes: up to 40), 112, and beyond
+# the 128 inputs of one CUDA launch (129: two launches)
+KS = [1, 3, 8, 9, 32, 33, 40, 70, 112, 129]
 SHAPES = [(1023,), (3, 7, 33), (1,)]
 
 
@@ -84,6 +87,41 @@ def misaligned(t: torch.Tensor, offset: int) -> torch.Tensor:
     view = base[offset:].view(t.shape)
     view.copy_(t)
     return view
+
+
+def stacked_slices(outputs: list, offset: int = 0) -> list:
+    """The inputs as slices of one stacked tensor, `offset` elements into its storage: slice k starts
+    k * numel + offset elements in, off the 16-byte grid whenever that is not a multiple of 16 bytes."""
+    numel = outputs[0].numel()
+    base = torch.empty(offset + len(outputs) * numel, dtype=outputs[0].dtype, device=outputs[0].device)
+    stacked = base[offset:].view(len(outputs), *outputs[0].shape)
+    for k, o in enumerate(outputs):
+        stacked[k].copy_(o)
+    return list(stacked.unbind(0))
+
+
+@contextmanager
+def cuda_grid_cap(blocks: int):
+    """Cap the grid of every CUDA launch (0: no cap), then lift the cap."""
+    torch.ops.fastnas._cuda_settings(blocks)
+    try:
+        yield
+    finally:
+        torch.ops.fastnas._cuda_settings(0)
+
+
+def assert_same_bits(a: tuple, b: tuple, what: str) -> None:
+    """(y, outputs_grad, weights_grad) of two calls agree bit for bit."""
+    (y0, do0, dw0), (y1, do1, dw1) = a, b
+    assert torch.equal(y0, y1), f"{what}: y differs"
+    assert all(torch.equal(x, z) for x, z in zip(do0, do1)), f"{what}: outputs_grad differs"
+    assert torch.equal(dw0, dw1), f"{what}: weights_grad differs: {dw0} vs {dw1}"
+
+
+def native_call(outputs, weights, grad) -> tuple:
+    y = forward(outputs, weights)
+    outputs_grad, weights_grad = backward(grad, outputs, weights, True)
+    return y, outputs_grad, weights_grad
 
 
 def poison(device: str, like: torch.Tensor, count: int) -> None:
@@ -209,28 +247,49 @@ def test_several_grid_sweeps(device, k, dtype):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("k", [3, 9, 33])
-def test_misaligned_pointers_take_the_scalar_path(device, k, dtype):
-    """Inputs and grad an odd number of elements into their storage: no 16-byte accesses possible. The
-    per-element arithmetic is that of the vector path, so y and d o_k agree with it to the last bits."""
+@pytest.mark.parametrize("k", [3, 9, 33, 112])
+def test_misaligned_inputs(device, k, dtype):
+    """Inputs and grad an odd number of elements into their storage (the CUDA kernels read them with
+    aligned 16-byte loads and shift the bytes into place). The per-element arithmetic does not depend on
+    the alignment: on CUDA the results are bit-identical to those of aligned copies."""
     n = 1023
     outputs, weights, grad = make_inputs((n,), k, dtype, device, seed=k)
     shifted = [misaligned(o, 1 + 2 * (j % 3)) for j, o in enumerate(outputs)]  # odd offsets
     grad_shifted = misaligned(grad, 1)
     assert all(o.data_ptr() % 16 for o in shifted) and grad_shifted.data_ptr() % 16
     y = check_native_call(outputs, weights, grad, call_outputs=shifted, call_grad=grad_shifted)
-    y_aligned = forward(outputs, weights)
-    bound = 2 * torch.finfo(dtype).eps * y_aligned.abs().double() + tiny(dtype)
-    assert_within(y, y_aligned, bound, "y against the vector path")
+    if device == "cuda":
+        assert_same_bits(native_call(shifted, weights, grad_shifted), native_call(outputs, weights, grad), "misaligned")
+    else:
+        y_aligned = forward(outputs, weights)
+        bound = 2 * torch.finfo(dtype).eps * y_aligned.abs().double() + tiny(dtype)
+        assert_within(y, y_aligned, bound, "y against aligned inputs")
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_partly_aligned_inputs(device, dtype):
-    """One misaligned input among aligned ones sends the whole call down the scalar path."""
+    """One misaligned input among aligned ones: the others keep one 16-byte load per vector on CUDA."""
     outputs, weights, grad = make_inputs((4099,), 6, dtype, device, seed=7)
     mixed = outputs[:3] + [misaligned(outputs[3], 1)] + outputs[4:]
     check_native_call(outputs, weights, grad, call_outputs=mixed)
+    if device == "cuda":
+        assert_same_bits(native_call(mixed, weights, grad), native_call(outputs, weights, grad), "one misaligned")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape, offset", [((3, 7, 33), 0), ((3, 7, 33), 3), ((515,), 1), ((64, 16), 0)])
+def test_slices_of_a_stacked_tensor(device, dtype, shape, offset):
+    """``mixed_sum(stacked)`` reads stacked[k] where it lies: each slice starts k * numel elements in, so
+    every alignment occurs when numel x element size is not a multiple of 16 bytes; grad misaligned too."""
+    k = 9
+    outputs, weights, grad = make_inputs(shape, k, dtype, device, seed=len(shape) + offset)
+    slices = stacked_slices(outputs, offset)
+    grad_shifted = misaligned(grad, offset) if offset else grad
+    check_native_call(outputs, weights, grad, call_outputs=slices, call_grad=grad_shifted, poisoned=True)
+    if device == "cuda":
+        assert_same_bits(native_call(slices, weights, grad_shifted), native_call(outputs, weights, grad), "stacked")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -262,7 +321,7 @@ def test_backward_variants(device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("k", [1, 40])
+@pytest.mark.parametrize("k", [1, 40, 129])
 def test_empty_tensors(device, k):
     outputs, weights, grad = make_inputs((0, 5), k, torch.float32, device, seed=0)
     y = forward(outputs, weights)
@@ -278,15 +337,60 @@ def test_empty_tensors(device, k):
 def test_deterministic(device, k, dtype):
     """Two runs on the same inputs give bit-identical results, d w included (fixed-order reduction)."""
     outputs, weights, grad = make_inputs((37, 4099), k, dtype, device, seed=11)
-    runs = []
-    for _ in range(2):
-        y = forward(outputs, weights)
-        outputs_grad, weights_grad = backward(grad, outputs, weights, True)
-        runs.append((y, outputs_grad, weights_grad))
-    (y0, do0, dw0), (y1, do1, dw1) = runs
-    assert torch.equal(y0, y1)
-    assert all(torch.equal(a, b) for a, b in zip(do0, do1))
-    assert torch.equal(dw0, dw1), f"weights_grad differs between runs: {dw0} vs {dw1}"
+    assert_same_bits(native_call(outputs, weights, grad), native_call(outputs, weights, grad), "second run")
+
+
+@pytest.mark.parametrize("device", CUDA_ONLY)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("k", [5, 40, 129])
+def test_results_do_not_depend_on_the_grid(device, k, dtype):
+    """The rounding order is a function of the element index alone: grids of 1, 3 and 37 blocks and the
+    full grid (every multiprocessor count, MIG slices included) give the same bits, misaligned or not."""
+    outputs, weights, grad = make_inputs((5, 3, 515, 17), k, dtype, device, seed=k)
+    expected = native_call(outputs, weights, grad)
+    check_native_call(outputs, weights, grad)
+    for blocks in (1, 3, 37):
+        with cuda_grid_cap(blocks):
+            assert_same_bits(native_call(outputs, weights, grad), expected, f"grid of {blocks} blocks")
+            shifted = [misaligned(o, 1) for o in outputs]
+            assert_same_bits(native_call(shifted, weights, grad), expected, f"misaligned, grid of {blocks}")
+
+
+@pytest.mark.parametrize("device", CUDA_ONLY)
+def test_concurrent_streams(device):
+    """Backwards on two streams at once (each stream has its own arrival counter for the last-block sum)."""
+    calls = [make_inputs((64, 16, 32, 32), 8, torch.float32, device, seed=s) for s in (1, 2)]
+    expected = [backward(g, o, w, True) for o, w, g in calls]
+    streams = [torch.cuda.Stream() for _ in calls]
+    torch.cuda.synchronize()
+    results = [[None, None] for _ in calls]
+    for _ in range(20):
+        for i, ((o, w, g), stream) in enumerate(zip(calls, streams)):
+            with torch.cuda.stream(stream):
+                results[i] = backward(g, o, w, True)
+    torch.cuda.synchronize()
+    for (do, dw), (do_expected, dw_expected) in zip(results, expected):
+        assert torch.equal(dw, dw_expected)
+        assert all(torch.equal(a, b) for a, b in zip(do, do_expected))
+
+
+@pytest.mark.parametrize("device", CUDA_ONLY)
+@pytest.mark.parametrize("k", [8, 129])
+def test_cuda_graph_replay(device, k):
+    """Forward and backward captured in a CUDA graph and replayed (twice, one replay on another stream)
+    give the eager results; the capture's arrival counter lives in its own workspace."""
+    outputs, weights, grad = make_inputs((3, 7, 515), k, torch.float32, device, seed=k)
+    expected = native_call(outputs, weights, grad)
+    native_call(outputs, weights, grad)  # warm-up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = native_call(outputs, weights, grad)
+    for stream in (torch.cuda.current_stream(), torch.cuda.Stream()):
+        with torch.cuda.stream(stream):
+            graph.replay()
+        stream.synchronize()
+        assert_same_bits(captured, expected, "graph replay")
+    assert_same_bits(native_call(outputs, weights, grad), expected, "eager after the graph")
 
 
 # --------------------------------------------------------------------------- registration and autograd
