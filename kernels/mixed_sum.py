@@ -271,8 +271,12 @@ def _mixed_sum_bwd_kernel(
             o_t = _tile_offsets(ROWS, VEC)
             b_part += _bwd_tile(p_g, o_ptrs, do_ptrs, ws, start, o_t, o_t < TAIL, K, HAS_DO, HAS_DW, KB, False)
         else:
+            one = (TAIL > 0).to(tl.int32)  # 1 here; unknown to the compiler, see below
             for c in range(0, tl.cdiv(TAIL, ROWS)):  # the partial tile, ROWS elements at a time
-                o_t = c * ROWS + tl.arange(0, ROWS)
+                # element r to thread r % threads, as the rows of full tiles (b_part's layout): with
+                # offsets it cannot prove contiguous, Triton gives each thread one element per run
+                # of `threads` rather than pairs, which would need a layout conversion per input
+                o_t = (c * ROWS + tl.arange(0, ROWS)) * one
                 b_part += _bwd_tile(p_g, o_ptrs, do_ptrs, ws, start, o_t, o_t < TAIL, K, HAS_DO, HAS_DW, KB, True)
     if HAS_DW:
         b_dw = tl.sum(b_part, axis=0)  # the program's one reduction across its threads
@@ -319,7 +323,7 @@ def launch_config(form: str, kb: int, dtype: torch.dtype) -> LaunchConfig:
     if form == "forward":
         return LaunchConfig(rows_per_thread=2 if kb <= 8 else 1, num_warps=4)
     if form == "backward":
-        return LaunchConfig(rows_per_thread=1, num_warps=4)
+        return LaunchConfig(rows_per_thread=2 if kb <= 4 or (kb == 8 and dtype.itemsize >= 4) else 1, num_warps=4)
     raise ValueError(f"unknown kernel form {form!r}")
 
 
