@@ -39,6 +39,7 @@ __all__ = [
     "compile_launch_variants",
     "ptx_facts",
     "sass_loads_in_flight",
+    "in_flight_sample",
     "host_overhead_probe",
     "ptxas_resources",
     "triton_tool",
@@ -232,7 +233,8 @@ def sass_loads_in_flight(sass_text: str) -> int:
 def compile_launch_variants(capabilities: Sequence[int] = (80, 90), shard: int = 0, shards: int = 1) -> list[dict]:
     """Compile kernel variants through the launchers of :mod:`fastnas.kernels.mixed_sum`, for each
     CUDA capability, and describe each: its :class:`~fastnas.kernels.mixed_sum.Variant`, compile
-    seconds, ``cuobjdump -res-usage`` resources and :func:`ptx_facts`.
+    seconds, ``cuobjdump -res-usage`` resources, :func:`ptx_facts`, and for the variants
+    :func:`in_flight_sample` names, :func:`sass_loads_in_flight` (disassembling takes a while).
 
     Each variant is reached the way a user reaches it: a call of ``mixed_sum_forward`` or
     ``mixed_sum_backward`` on CPU tensors (16-byte aligned) sized for several full tiles and a partial
@@ -253,6 +255,8 @@ def compile_launch_variants(capabilities: Sequence[int] = (80, 90), shard: int =
                     start = time.perf_counter()
                     compiled, plan = _compile_variant(tk, variant)
                     seconds = time.perf_counter() - start
+                    cubin = compiled.asm["cubin"]
+                    in_flight = sass_loads_in_flight(sass(cubin, Path(tmp))) if in_flight_sample(variant) else None
                     facts.append(
                         {
                             **variant._asdict(),
@@ -263,11 +267,24 @@ def compile_launch_variants(capabilities: Sequence[int] = (80, 90), shard: int =
                             "block": plan.block,
                             "rows_per_thread": plan.rows // (32 * plan.num_warps),
                             "num_warps": plan.num_warps,
-                            **cubin_resources(compiled.asm["cubin"], Path(tmp)),
+                            **cubin_resources(cubin, Path(tmp)),
                             **ptx_facts(compiled.asm["ptx"], plan.block),
+                            "loads_in_flight": in_flight,
                         }
                     )
     return facts
+
+
+def in_flight_sample(variant) -> bool:
+    """The variants whose SASS :func:`compile_launch_variants` reads for loads in flight: K bucket 8,
+    float32 and bfloat16, the forward and the full backward."""
+    import torch
+
+    return (
+        variant.kb == 8
+        and variant.dtype in (torch.float32, torch.bfloat16)
+        and (variant.form == "forward" and variant.out_dtype == variant.dtype or variant.has_do and variant.has_dw)
+    )
 
 
 def _compile_cost(variant) -> int:
