@@ -343,11 +343,14 @@ def host_overhead_probe(
     standing in for CUDA ones. Not included: the launch itself (Triton's C launcher and
     ``cuLaunchKernelEx``) and the hand-off to autograd's CUDA worker thread.
 
-    Returns medians over ``rounds`` interleaved rounds of ``calls`` calls each, in microseconds:
+    Returns medians over ``rounds`` interleaved rounds of ``calls`` calls each, in microseconds of
+    the calling thread's CPU time (``time.thread_time``: on a shared machine, time spent waiting
+    for a core is not counted; autograd runs CPU tensors' backward on the calling thread):
     ``forward`` (``fastnas.mixed_sum``), ``forward_backward`` (and ``torch.autograd.grad`` of every
     input), ``kernels_forward`` / ``kernels_backward`` (the launchers alone, as the op layer calls
-    them), and ``allocation`` (``torch.empty_like`` of the K + 2 results, a floor no backend avoids),
-    with the inputs that were measured."""
+    them), ``autograd_floor`` (the same forward and backward through a ``torch.autograd.Function``
+    that only allocates the K + 2 results: what PyTorch's autograd and allocator cost any Python
+    backend) and ``fastnas_host`` = ``forward_backward`` - ``autograd_floor``; with the inputs."""
     arguments = ", ".join(map(repr, (k, tuple(shape), dtype, calls, rounds)))
     code = f"from fastnas.kernels.offline import _probe; _probe({arguments})"
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
@@ -385,11 +388,21 @@ def _probe(k: int, shape: tuple[int, ...], dtype_name: str, calls: int, rounds: 
     def kernels_backward():
         tk.mixed_sum_backward(grad, detached, w, True)
 
-    def allocation():
-        for _ in range(k + 2):
-            torch.empty_like(grad)
+    class AllocateOnly(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, w, *os):
+            ctx.save_for_backward(w, *os)
+            return torch.empty_like(os[0])
 
-    fns = {f.__name__: f for f in (forward, forward_backward, kernels_forward, kernels_backward, allocation)}
+        @staticmethod
+        def backward(ctx, g):
+            w, *os = ctx.saved_tensors
+            return torch.empty_like(w), *(torch.empty_like(g) for _ in os)
+
+    def autograd_floor():
+        torch.autograd.grad(AllocateOnly.apply(weights, *outputs), inputs, grad)
+
+    fns = {f.__name__: f for f in (forward, forward_backward, kernels_forward, kernels_backward, autograd_floor)}
     with offline_gpu(90):
         # fastnas.backend lets the triton backend take CPU tensors only under the interpreter flag;
         # the kernels were imported compiled, and Triton reads the flag only when it decorates one
@@ -401,14 +414,15 @@ def _probe(k: int, shape: tuple[int, ...], dtype_name: str, calls: int, rounds: 
             samples: dict[str, list[float]] = {name: [] for name in fns}
             for _ in range(rounds):
                 for name, fn in fns.items():
-                    start = time.perf_counter()
+                    start = time.thread_time()  # CPU time of this thread: a busy machine's other work does not count
                     for _ in range(calls):
                         fn()
-                    samples[name].append((time.perf_counter() - start) / calls * 1e6)
+                    samples[name].append((time.thread_time() - start) / calls * 1e6)
         finally:
             fastnas.set_backend(None)
             del os.environ["TRITON_INTERPRET"]
     result = {name: round(statistics.median(v), 2) for name, v in samples.items()}
+    result["fastnas_host"] = round(result["forward_backward"] - result["autograd_floor"], 2)
     result.update(k=k, shape=list(shape), dtype=dtype_name, calls=calls, rounds=rounds)
     result.update(torch=torch.__version__, triton=triton.__version__, threads=torch.get_num_threads())
     print(json.dumps(result))
