@@ -338,7 +338,7 @@ def host_overhead_probe(
     Runs in a fresh Python process (the kernels must be compiled, not interpreted): the
     :class:`OfflineDriver` compiles the kernels for sm_90 on the first call and replaces the launch
     by a no-op, so every other step is the real one: ``fastnas.mixed_sum`` (checks, layout, the
-    autograd node), the triton launchers (checks, allocation of the results, configuration,
+    autograd node), the triton launchers (allocation of the results, configuration,
     specialisation key, workspace) and the call into the compiled kernel's launcher, on CPU tensors
     standing in for CUDA ones. Not included: the launch itself (Triton's C launcher and
     ``cuLaunchKernelEx``) and the hand-off to autograd's CUDA worker thread.
@@ -348,9 +348,10 @@ def host_overhead_probe(
     for a core is not counted; autograd runs CPU tensors' backward on the calling thread):
     ``forward`` (``fastnas.mixed_sum``), ``forward_backward`` (and ``torch.autograd.grad`` of every
     input), ``kernels_forward`` / ``kernels_backward`` (the launchers alone, as the op layer calls
-    them), ``autograd_floor`` (the same forward and backward through a ``torch.autograd.Function``
-    that only allocates the K + 2 results: what PyTorch's autograd and allocator cost any Python
-    backend) and ``fastnas_host`` = ``forward_backward`` - ``autograd_floor``; with the inputs."""
+    them: ``fastnas.kernels.mixed_sum.VALIDATED``), ``autograd_floor`` (the same forward and
+    backward through a ``torch.autograd.Function`` that only allocates the K + 2 results: what
+    PyTorch's autograd and allocator cost any Python backend) and ``fastnas_host`` =
+    ``forward_backward`` - ``autograd_floor``; with the inputs."""
     arguments = ", ".join(map(repr, (k, tuple(shape), dtype, calls, rounds)))
     code = f"from fastnas.kernels.offline import _probe; _probe({arguments})"
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
@@ -382,11 +383,13 @@ def _probe(k: int, shape: tuple[int, ...], dtype_name: str, calls: int, rounds: 
     def forward_backward():
         torch.autograd.grad(fastnas.mixed_sum(outputs, weights), inputs, grad)
 
+    forward_kernels, backward_kernels = tk.VALIDATED  # what the op layer calls
+
     def kernels_forward():
-        tk.mixed_sum_forward(detached, w)
+        forward_kernels(detached, w)
 
     def kernels_backward():
-        tk.mixed_sum_backward(grad, detached, w, True)
+        backward_kernels(grad, detached, w, True)
 
     class AllocateOnly(torch.autograd.Function):
         @staticmethod
