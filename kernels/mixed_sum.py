@@ -1,53 +1,59 @@
 """Triton backend of the mixed sum ``y = sum_k w_k * o_k`` (``torch.ops.fastnas.mixed_sum``).
 
-:mod:`fastnas.backend` routes the ``triton`` backend to :func:`mixed_sum_forward` and
-:func:`mixed_sum_backward`, which follow the native contract of ``csrc/mixed_sum.h``: K >= 1 inputs
-of one dtype (float16, bfloat16, float32, float64), shape and strides, dense, so each is a flat
-array of ``numel`` elements in memory order; weights 1-D, contiguous, in the accumulation dtype
-(float64 for float64 inputs, float32 otherwise). The autograd lives in ``fastnas/ops/mixed_sum.py``.
+:mod:`fastnas.backend` routes the ``triton`` backend to :data:`VALIDATED` (the op layer has checked
+the inputs); :func:`mixed_sum_forward` and :func:`mixed_sum_backward` are the same with the checks,
+for direct calls. Both follow the native contract of ``csrc/mixed_sum.h``: K >= 1 inputs of one
+dtype (float16, bfloat16, float32, float64), shape and strides, dense, so each is a flat array of
+``numel`` elements in memory order; weights 1-D, contiguous, in the accumulation dtype (float64 for
+float64 inputs, float32 otherwise). The autograd lives in ``fastnas/ops/mixed_sum.py``.
 
 How the kernels work
 --------------------
-* **No stacking copy.** The K inputs reach a kernel as a tuple of tensors padded to a bucket
-  ``KB`` in {1, 2, 4, 8, 16, 32} (the padding repeats a real tensor and is never read: the kernel
-  tests ``k < K`` at run time). One kernel is compiled per bucket, not per K, and Triton
-  specialises every tuple entry on 16-byte alignment, so the loads stay vectorised.
-* **K > 32** is cut into chunks of 32 (``MAX_BUCKET``). Forward: each chunk adds its terms to a
-  running sum kept in the accumulation dtype (two buffers used in turn, so a chunk never reads
-  and writes the same buffer), and the last chunk rounds once into ``y``. Backward: each chunk is
-  one independent pass (it reads ``g`` again) over its own columns of the weights' gradient.
-* **Forward:** one tile of ``BLOCK`` elements per program; every input read once, accumulated in
-  float32 (float64 for float64), stored once in the output dtype.
-* **Backward:** one tile per program; the program reads its tile of ``g`` once, then for every k
-  reads ``o_k``, writes ``w_k * g`` into ``d o_k`` and reduces ``sum(g * o_k)`` over the tile into
-  its row of a ``[programs, K]`` partial-sum buffer (plain stores, no atomics). The rows are summed
-  by ``torch.sum(dim=0)`` in a fixed order, so results are bit-identical from run to run.
-* **Offsets** are int64 (program ids widened before the multiply): tensors over 2^31 elements.
-* **Block sizes** are autotuned on a key of (numel rounded up to a power of two, K bucket, dtypes,
-  flags). Under the Triton interpreter (``TRITON_INTERPRET=1``) and in deterministic mode
-  (``torch.use_deterministic_algorithms(True)``) one fixed configuration, :data:`FIXED_CONFIG`, is
-  used instead, so the summation order does not depend on a timing measurement;
-  ``FASTNAS_TRITON_AUTOTUNE=0`` asks for it too (no tuning time, fewer compilations).
-* **Autotuning cannot leak partial sums.** Its trials replay a launch with other block sizes, hence
-  other grids. Every launch is idempotent: a forward chunk never reads the buffer it writes, and
-  the partial-sum buffer is sized per configuration (rows for the smallest tile; each program
-  stores its whole row; only the rows of the launch that counted are summed, its BLOCK being
-  recorded by the grid function). So no ``reset_to_zero`` is needed: nothing stale is ever read.
-* **No atomics.** An atomic ``dL/dw`` path was not added: it could not be shown faster here (no
-  GPU), and the deterministic reduction costs one small ``[programs, K]`` sum.
+* **No stacking copy.** The K inputs reach a kernel as a tuple of pointers padded to a bucket
+  ``KB`` (the next power of two; the padding repeats a real tensor and is never touched). One
+  kernel is compiled per bucket, not per K, and Triton specialises every tuple entry on 16-byte
+  alignment, so each aligned input keeps 16-byte vector loads whatever the others are.
+* **Tiles** of full programs are ``ROWS x VEC`` elements in memory order, one 16-byte vector per row
+  (``VEC`` = 4 float32, 8 float16/bfloat16, 2 float64), ``ROWS`` = 32 x warps x rows per thread, and
+  are not masked. The last, partial tile is walked ``ROWS`` elements at a time with masked scalar
+  accesses: few registers, so that the rare tail does not cost every full tile occupancy (in the
+  backward, each element lands in the thread that holds its row in full tiles: no layout change).
+* **No branch per input.** Inputs ``k <= KB/2`` always exist (``K > KB/2``); the others are loaded
+  with the mask ``k < K`` folded into the load and added through a select, so every load of a tile
+  is issued before the first use and they are in flight together.
+* **Forward:** one tile per program; every input read once, accumulated in float32 (float64 for
+  float64), stored once. K > 32 (``MAX_BUCKET_FORWARD``) runs in chunks over a running sum kept in
+  the accumulation dtype (in ``y`` itself for float32/float64), the last chunk rounding once.
+* **Backward:** a program reads ``g`` and every ``o_k`` of a tile (all loads first: no store can be
+  taken for an alias of a later input), then stores ``w_k * g`` for every k. Each thread keeps its
+  own running sums of ``g * o_k`` for every k in registers across the tiles it visits (a grid-stride
+  loop over at most ``MAX_PROGRAMS`` programs); the program reduces them across its threads once,
+  at the end, and stores its row of K partial sums. The last program to finish (an arrival counter,
+  reset by that program for the next launch) adds the rows in index order and writes ``dL/dw``:
+  one launch, no atomics on data, no partial-sum tensor handed back to PyTorch. K > 16
+  (``MAX_BUCKET_BACKWARD``) runs in chunks, each reading ``g`` again.
+* **Deterministic across runs and processes.** The launch configuration is a pure function of the
+  kernel, the K bucket and the dtype (:func:`launch_config`); the grid, of the element count;
+  nothing is timed or tuned. So the order of every sum, hence every bit of ``dL/dw``, depends only
+  on (numel, K, dtype) and the inputs' 16-byte alignment, never on what ran before.
+* **Offsets** are int64 (the tile index is widened before the multiply): tensors over 2^31 elements.
+* **Host path.** After the first call of a specialisation (which goes through Triton's own launch
+  path and compiles), launches call the compiled kernel's launcher directly, keyed on what Triton
+  specialises on (constexprs, dtypes, the 16-byte alignment of every pointer), skipping its per-call
+  argument binding. The partial-sum rows and the counter live in a workspace kept per (device,
+  stream). :func:`fastnas.kernels.offline.host_overhead_probe` measures the host time of a call.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import os
-from typing import Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.runtime.driver import driver
 
 from fastnas import backend
 from fastnas.ops.mixed_sum import SUPPORTED_DTYPES, _layout_key, is_dense
@@ -56,11 +62,16 @@ from fastnas.ops.reference import accumulation_dtype
 __all__ = [
     "mixed_sum_forward",
     "mixed_sum_backward",
+    "VALIDATED",
     "interpreted",
-    "uses_fixed_config",
-    "MAX_BUCKET",
-    "CONFIGS",
-    "FIXED_CONFIG",
+    "launch_config",
+    "launch_variants",
+    "variant_of",
+    "LaunchConfig",
+    "Variant",
+    "MAX_BUCKET_FORWARD",
+    "MAX_BUCKET_BACKWARD",
+    "MAX_PROGRAMS",
 ]
 
 # tuples of tensors as kernel arguments need Triton 3.2 compiled, 3.3 interpreted: the minimum
@@ -69,89 +80,118 @@ _reason = backend._triton_reason()
 if _reason:
     raise ImportError(f"the triton backend of fastnas: {_reason}")
 
-MAX_BUCKET = 32
-"""Largest K handled by one kernel launch; larger K is processed in chunks of this many inputs."""
+MAX_BUCKET_FORWARD = 32
+"""Most inputs per forward launch; more run in chunks over a running sum."""
 
-CONFIGS = [
-    triton.Config({"BLOCK": 1024}, num_warps=4),
-    triton.Config({"BLOCK": 2048}, num_warps=4),
-    triton.Config({"BLOCK": 2048}, num_warps=8),
-    triton.Config({"BLOCK": 4096}, num_warps=4),
-    triton.Config({"BLOCK": 4096}, num_warps=8),
-]
-"""Autotuned configurations of both kernels (elements per program, warps per program)."""
+MAX_BUCKET_BACKWARD = 16
+"""Most inputs per backward launch; more run in chunks, each reading ``g`` again (1/(2K+1) more
+traffic per extra chunk). A bucket of 32 needs all 255 registers per thread to keep a tile's loads
+in flight, and twice the compile time."""
 
-FIXED_CONFIG = triton.Config({"BLOCK": 2048}, num_warps=8)
-"""The one configuration used under the interpreter and in deterministic mode."""
+MAX_PROGRAMS = 1024
+"""The backward grid: at most this many programs, each walking tiles with a stride of the grid.
+A constant, not the GPU's SM count, so that the reduction order is the same on every GPU."""
 
-_MIN_BLOCK = min(c.kwargs["BLOCK"] for c in [*CONFIGS, FIXED_CONFIG])
-"""The smallest tile of any configuration: the partial-sum buffer has a row per tile of this size."""
+SUM_ROWS = 64
+"""Partial-sum rows the last backward program adds per step (a [SUM_ROWS, KB] block)."""
 
-
-def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Drop tiles larger than the tensor (rounded up to a power of two); keep at least one."""
-    limit = max(triton.next_power_of_2(int(named_args["N"])), configs[0].kwargs["BLOCK"])
-    return [c for c in configs if c.kwargs["BLOCK"] <= limit] or configs[:1]
+_VECTOR_BYTES = 16
+_INT32_MAX = 2**31 - 1
 
 
 # --------------------------------------------------------------------------- kernels
-# Each kernel runs one tile per program. Full tiles take an unmasked path and only the last, partial
-# tile a masked one: a mask `o_n < N` with N not a multiple of 16 would otherwise make every load and
-# store of the tensor scalar instead of 16-byte vectors.
+# Naming: p_* pointers, b_* blocks of values, o_* offsets, m_* masks. ALWAYS: input k exists
+# whatever K is (k <= KB // 2), so its loads and stores need no mask on full tiles.
 
 
 @triton.jit
-def _load(p, o_n, N, MASKED: tl.constexpr):
+def _tile_offsets(ROWS: tl.constexpr, VEC: tl.constexpr):
+    """Offsets of a full tile in memory order: ROWS rows of VEC elements, each one 16-byte vector."""
+    return tl.arange(0, ROWS)[:, None] * VEC + tl.arange(0, VEC)[None, :]
+
+
+@triton.jit
+def _load(p, o_t, m_t, m_k, MASKED: tl.constexpr, ALWAYS: tl.constexpr):
+    """p[o_t]; m_t masks the elements of a partial tile (MASKED), m_k whether the input exists."""
     if MASKED:
-        return tl.load(p + o_n, mask=o_n < N, other=0.0)
+        if ALWAYS:
+            return tl.load(p + o_t, mask=m_t, other=0.0)
+        else:
+            return tl.load(p + o_t, mask=m_t & m_k, other=0.0)
     else:
-        return tl.load(p + o_n)
+        if ALWAYS:
+            return tl.load(p + o_t)
+        else:
+            return tl.load(p + o_t, mask=m_k, other=0.0)
 
 
 @triton.jit
-def _store(p, o_n, b, N, MASKED: tl.constexpr):
+def _store(p, o_t, b, m_t, m_k, MASKED: tl.constexpr, ALWAYS: tl.constexpr):
     if MASKED:
-        tl.store(p + o_n, b, mask=o_n < N)
+        if ALWAYS:
+            tl.store(p + o_t, b, mask=m_t)
+        else:
+            tl.store(p + o_t, b, mask=m_t & m_k)
     else:
-        tl.store(p + o_n, b)
+        if ALWAYS:
+            tl.store(p + o_t, b)
+        else:
+            tl.store(p + o_t, b, mask=m_k)
 
 
 @triton.jit
-def _fwd_tile(p_y, p_acc, o_ptrs, p_w, o_n, N, K, ACC_IN: tl.constexpr, KB: tl.constexpr, MASKED: tl.constexpr):
-    """y[n] = acc[n] + sum_{k < K} w[k] * o_k[n] for the elements o_n, in the weights' dtype."""
-    if ACC_IN:
-        b_y = _load(p_acc, o_n, N, MASKED).to(p_w.dtype.element_ty)
+def _fwd_tile(p_y, p_acc, o_ptrs, p_w, start, o_t, m_t, K, ACC_IN, KB: tl.constexpr, MASKED: tl.constexpr):
+    """y = (acc if ACC_IN else 0) + sum_{k < K} w[k] * o_k at start + o_t, in the weights' dtype."""
+    acc_ty = p_w.dtype.element_ty
+    if ACC_IN != 0:
+        b_y = _load(p_acc + start, o_t, m_t, True, MASKED, True).to(acc_ty)
     else:
-        b_y = tl.zeros(o_n.shape, dtype=p_w.dtype.element_ty)
+        b_y = tl.zeros(o_t.shape, dtype=acc_ty)
     for k in tl.static_range(KB):
-        if k < K:
-            b_y += tl.load(p_w + k) * _load(o_ptrs[k], o_n, N, MASKED).to(p_w.dtype.element_ty)
-    _store(p_y, o_n, b_y.to(p_y.dtype.element_ty), N, MASKED)
+        m_k = k < K
+        if k <= KB // 2:
+            b_y += tl.load(p_w + k) * _load(o_ptrs[k] + start, o_t, m_t, m_k, MASKED, True).to(acc_ty)
+        else:
+            b_w = tl.load(p_w + k, mask=m_k, other=0.0)
+            b_o = _load(o_ptrs[k] + start, o_t, m_t, m_k, MASKED, False).to(acc_ty)
+            b_y = tl.where(m_k, b_y + b_w * b_o, b_y)  # padding adds nothing, not even the sign of a zero
+    _store(p_y + start, o_t, b_y.to(p_y.dtype.element_ty), m_t, True, MASKED, True)
 
 
-@triton.autotune(
-    configs=CONFIGS, key=["SIZE_KEY", "KB", "ACC_IN"], prune_configs_by={"early_config_prune": _prune_configs}
-)
-@triton.jit(do_not_specialize=["SIZE_KEY"])
+@triton.jit(do_not_specialize=["N_FULL", "TAIL", "K", "ACC_IN"])
 def _mixed_sum_fwd_kernel(
-    p_y,  # out: N elements, the output dtype (or the accumulation dtype for a chunk that is not the last)
-    p_acc,  # in: N running sums of the earlier chunks, accumulation dtype (read only when ACC_IN)
-    o_ptrs,  # in: tuple of KB pointers to N elements each; entries k >= K are padding, never read
+    p_y,  # out: the output dtype, or the accumulation dtype for a chunk that is not the last
+    p_acc,  # in: running sums of the earlier chunks, accumulation dtype (read only when ACC_IN)
+    o_ptrs,  # in: tuple of KB pointers; entries k >= K are padding, never read
     p_w,  # in: K weights, accumulation dtype
-    N,
+    N_FULL,  # full tiles; program N_FULL, if launched, takes the partial tile
+    TAIL,  # elements of the partial tile (0 when none)
     K,
-    SIZE_KEY,  # autotune key only: N rounded up to a power of two
-    ACC_IN: tl.constexpr,
+    ACC_IN,  # 1: add p_acc (chunks after the first)
     KB: tl.constexpr,
-    BLOCK: tl.constexpr,
+    VEC: tl.constexpr,
+    ROWS: tl.constexpr,
 ):
-    """y = acc + sum_{k < K} w[k] * o_k over one tile of BLOCK elements."""
-    pid = tl.program_id(0).to(tl.int64)  # widened before the multiply: tensors over 2^31 elements
-    o_n = pid * BLOCK + tl.arange(0, BLOCK)
-    if pid * BLOCK + BLOCK <= N:
-        _fwd_tile(p_y, p_acc, o_ptrs, p_w, o_n, N, K, ACC_IN, KB, MASKED=False)
+    """One tile per program: y = acc + sum_{k < K} w[k] * o_k."""
+    tile = tl.program_id(0)
+    start = tile.to(tl.int64) * (ROWS * VEC)  # widened before the multiply: tensors over 2^31 elements
+    if tile < N_FULL:
+        o_t = _tile_offsets(ROWS, VEC)
+        _fwd_tile(p_y, p_acc, o_ptrs, p_w, start, o_t, o_t < TAIL, K, ACC_IN, KB, MASKED=False)
     else:
-        _fwd_tile(p_y, p_acc, o_ptrs, p_w, o_n, N, K, ACC_IN, KB, MASKED=True)
+        for c in range(0, tl.cdiv(TAIL, ROWS)):  # the partial tile, ROWS elements at a time
+            o_t = c * ROWS + tl.arange(0, ROWS)
+            _fwd_tile(p_y, p_acc, o_ptrs, p_w, start, o_t, o_t < TAIL, K, ACC_IN, KB, MASKED=True)
+
+
+@triton.jit
+def _stack(sums, LO: tl.constexpr, STEP: tl.constexpr, N: tl.constexpr):
+    """[ROWS, N]: column j is sums[LO + j * STEP]. Joins pairs (each thread keeps its own values)."""
+    if N == 1:
+        return tl.expand_dims(sums[LO], 1)
+    else:
+        b = tl.join(_stack(sums, LO, STEP * 2, N // 2), _stack(sums, LO + STEP, STEP * 2, N // 2))
+        return tl.reshape(b, [b.shape[0], N])
 
 
 @triton.jit
@@ -159,130 +199,397 @@ def _bwd_tile(
     p_g,
     o_ptrs,
     do_ptrs,
-    p_w,
-    o_n,
-    N,
+    ws,
+    start,
+    o_t,
+    m_t,
     K,
     HAS_DO: tl.constexpr,
     HAS_DW: tl.constexpr,
     KB: tl.constexpr,
     MASKED: tl.constexpr,
 ):
-    """do_k[n] = w[k] * g[n] for the elements o_n; returns [KB] sums of g * o_k over them (0 for k >= K)."""
-    b_g = _load(p_g, o_n, N, MASKED).to(p_w.dtype.element_ty)
-    o_k = tl.arange(0, KB)
-    b_dw = tl.zeros([KB], dtype=p_w.dtype.element_ty)
-    for k in tl.static_range(KB):
-        if k < K:
-            if HAS_DW:
-                b_o = _load(o_ptrs[k], o_n, N, MASKED).to(p_w.dtype.element_ty)
-            if HAS_DO:
-                _store(do_ptrs[k], o_n, (tl.load(p_w + k) * b_g).to(do_ptrs[k].dtype.element_ty), N, MASKED)
-            if HAS_DW:
-                b_dw = tl.where(o_k == k, tl.sum(b_g * b_o, axis=0), b_dw)
-    return b_dw
+    """do_k = w_k * g at start + o_t; returns [ROWS, KB]: per row of o_t, the sum of g * o_k (0 for
+    k >= K). o_t is a full tile [ROWS, VEC], or ROWS elements of the partial one (MASKED)."""
+    acc_ty = ws[0].dtype
+    b_g = _load(p_g + start, o_t, m_t, True, MASKED, True).to(acc_ty)
+    if HAS_DW:
+        # all loads of the tile before any store: a store cannot be taken for an alias of a later load
+        b_os = ()
+        for k in tl.static_range(KB):
+            b_os = b_os + (_load(o_ptrs[k] + start, o_t, m_t, k < K, MASKED, k <= KB // 2),)
+        sums = ()
+        for k in tl.static_range(KB):
+            if MASKED:
+                sums = sums + (b_g * b_os[k].to(acc_ty),)
+            else:
+                sums = sums + (tl.sum(b_g * b_os[k].to(acc_ty), axis=1),)  # within the thread: one row each
+    if HAS_DO:
+        for k in tl.static_range(KB):
+            b_do = (ws[k] * b_g).to(do_ptrs[k].dtype.element_ty)
+            _store(do_ptrs[k] + start, o_t, b_do, m_t, k < K, MASKED, k <= KB // 2)
+    if HAS_DW:
+        return _stack(sums, 0, 1, KB)
+    else:
+        return tl.zeros([o_t.shape[0], KB], dtype=acc_ty)
 
 
-@triton.autotune(
-    configs=CONFIGS,
-    key=["SIZE_KEY", "KB", "HAS_DO", "HAS_DW"],
-    prune_configs_by={"early_config_prune": _prune_configs},
-)
-@triton.jit(do_not_specialize=["SIZE_KEY"])
+@triton.jit(do_not_specialize=["N_FULL", "TAIL", "K"])
 def _mixed_sum_bwd_kernel(
-    p_g,  # in: N elements of dL/dy
+    p_g,  # in: dL/dy
     o_ptrs,  # in: tuple of KB pointers to the inputs o_k (read only when HAS_DW; padding never read)
     do_ptrs,  # out: tuple of KB pointers to dL/do_k (written only when HAS_DO; padding never written)
     p_w,  # in: K weights, accumulation dtype
-    p_part,  # out: [programs, K] partial sums of dL/dw, accumulation dtype (written only when HAS_DW)
-    N,
+    p_dw,  # out: K sums of g * o_k, accumulation dtype (HAS_DW)
+    p_part,  # scratch: [programs, KB] partial sums, accumulation dtype (HAS_DW, more than one program)
+    p_count,  # scratch: int32 arrival counter, 0 before the launch and after it (idem)
+    N_FULL,
+    TAIL,
     K,
-    SIZE_KEY,  # autotune key only: N rounded up to a power of two
     HAS_DO: tl.constexpr,
     HAS_DW: tl.constexpr,
     KB: tl.constexpr,
-    BLOCK: tl.constexpr,
+    VEC: tl.constexpr,
+    ROWS: tl.constexpr,
+    SUM_ROWS: tl.constexpr,
 ):
-    """One tile: do_k = w[k] * g and part[pid, k] = sum(g * o_k) for every k < K, reading g once."""
-    pid = tl.program_id(0).to(tl.int64)  # widened before the multiply: tensors over 2^31 elements
-    o_n = pid * BLOCK + tl.arange(0, BLOCK)
-    if pid * BLOCK + BLOCK <= N:
-        b_dw = _bwd_tile(p_g, o_ptrs, do_ptrs, p_w, o_n, N, K, HAS_DO, HAS_DW, KB, MASKED=False)
-    else:
-        b_dw = _bwd_tile(p_g, o_ptrs, do_ptrs, p_w, o_n, N, K, HAS_DO, HAS_DW, KB, MASKED=True)
+    """do_k = w[k] * g and dw[k] = sum(g * o_k) for every k < K, reading g and each o_k once."""
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    ws = ()
+    for k in tl.static_range(KB):
+        if k <= KB // 2:
+            ws = ws + (tl.load(p_w + k),)
+        else:
+            ws = ws + (tl.load(p_w + k, mask=k < K, other=0.0),)
+    # per-thread sums of g * o_k for every k, carried across the program's tiles
+    b_part = tl.zeros([ROWS, KB], dtype=p_w.dtype.element_ty)
+    for i in range(0, tl.cdiv(N_FULL + (TAIL > 0).to(tl.int32) - pid, programs)):
+        tile = pid + i * programs  # tiles pid, pid + programs, ...: neighbours run at the same time
+        start = tile.to(tl.int64) * (ROWS * VEC)  # widened before the multiply: tensors over 2^31 elements
+        if tile < N_FULL:
+            o_t = _tile_offsets(ROWS, VEC)
+            b_part += _bwd_tile(p_g, o_ptrs, do_ptrs, ws, start, o_t, o_t < TAIL, K, HAS_DO, HAS_DW, KB, False)
+        else:
+            one = (TAIL > 0).to(tl.int32)  # 1 here; unknown to the compiler, see below
+            for c in range(0, tl.cdiv(TAIL, ROWS)):  # the partial tile, ROWS elements at a time
+                # element r to thread r % threads, as the rows of full tiles (b_part's layout): with
+                # offsets it cannot prove contiguous, Triton gives each thread one element per run
+                # of `threads` rather than pairs, which would need a layout conversion per input
+                o_t = (c * ROWS + tl.arange(0, ROWS)) * one
+                b_part += _bwd_tile(p_g, o_ptrs, do_ptrs, ws, start, o_t, o_t < TAIL, K, HAS_DO, HAS_DW, KB, True)
     if HAS_DW:
-        # every launched program stores its whole row (no atomics): nothing stale is ever summed
+        b_dw = tl.sum(b_part, axis=0)  # the program's one reduction across its threads
         o_k = tl.arange(0, KB)
-        tl.store(p_part + pid * K + o_k, b_dw, mask=o_k < K)
+        if programs == 1:
+            tl.store(p_dw + o_k, b_dw, mask=o_k < K)
+        else:
+            tl.store(p_part + pid * KB + o_k, b_dw)
+            tl.debug_barrier()  # the whole row stored before this program is counted as arrived
+            arrived = tl.atomic_add(p_count, 1, sem="acq_rel", scope="gpu")
+            if arrived == programs - 1:  # the last program: add the rows in index order
+                o_r = tl.arange(0, SUM_ROWS)
+                b_sum = tl.zeros([SUM_ROWS, KB], dtype=p_w.dtype.element_ty)
+                for r0 in range(0, programs, SUM_ROWS):
+                    p_rows = p_part + (r0 + o_r)[:, None] * KB + o_k[None, :]
+                    b_sum += tl.load(p_rows, mask=(r0 + o_r)[:, None] < programs, other=0.0, cache_modifier=".cg")
+                tl.store(p_dw + o_k, tl.sum(b_sum, axis=0), mask=o_k < K)
+                tl.store(p_count, 0)  # ready for the next launch on this stream
 
 
-# --------------------------------------------------------------------------- launchers
+KERNELS = (_mixed_sum_fwd_kernel, _mixed_sum_bwd_kernel)
+_FORWARD, _BACKWARD = 0, 1  # indices into KERNELS
 
 
-@functools.cache
-def interpreted() -> bool:
-    """True when Triton runs these kernels in its CPU interpreter (TRITON_INTERPRET=1 at import)."""
-    try:
-        from triton.runtime.interpreter import InterpretedFunction
-    except ImportError:  # pragma: no cover - every Triton 3.x has it
-        return False
-    return isinstance(_mixed_sum_fwd_kernel.fn, InterpretedFunction)
+# --------------------------------------------------------------------------- configurations
 
 
-def uses_fixed_config() -> bool:
-    """Whether launches skip autotuning and use :data:`FIXED_CONFIG`: under the interpreter, in
-    deterministic mode, or when ``FASTNAS_TRITON_AUTOTUNE=0`` (no tuning time, fewer compilations)."""
-    return (
-        interpreted()
-        or torch.are_deterministic_algorithms_enabled()
-        or os.environ.get("FASTNAS_TRITON_AUTOTUNE", "1") == "0"
-    )
+class LaunchConfig(NamedTuple):
+    """Tile shape and warps of one kernel variant."""
+
+    rows_per_thread: int  # 16-byte vectors per thread per input in a full tile
+    num_warps: int
+
+    def rows(self) -> int:
+        return 32 * self.num_warps * self.rows_per_thread
 
 
-def _size_key(n: int) -> int:
-    """The autotune size bucket: ``n`` rounded up to a power of two, at least 4096."""
-    return max(triton.next_power_of_2(n), 4096)
+def launch_config(form: str, kb: int, dtype: torch.dtype) -> LaunchConfig:
+    """The configuration of a launch: a function of the kernel form (``"forward"`` or
+    ``"backward"``), the K bucket and the inputs' dtype only. Nothing is timed, so results are the
+    same in every process.
+
+    Four warps; a tile gives each thread two 16-byte vectors of every input up to K bucket 8 (one
+    beyond, where the K inputs' vectors alone take 64-128 registers), except the 16-bit backward
+    at bucket 8, where ptxas spilled with two. Compiled for sm_80 and sm_90, every variant keeps 4
+    to 17 of a tile's loads in flight, below 256 registers, without spilling
+    (``tests/test_triton_compiled.py``)."""
+    if form == "forward":
+        return LaunchConfig(rows_per_thread=2 if kb <= 8 else 1, num_warps=4)
+    if form == "backward":
+        two = kb <= 4 or (kb == 8 and dtype.itemsize >= 4)
+        return LaunchConfig(rows_per_thread=2 if two else 1, num_warps=4)
+    raise ValueError(f"unknown kernel form {form!r}")
 
 
 def _bucket(k: int) -> int:
     """The compiled K bucket for a chunk of ``k`` inputs: the next power of two."""
-    return triton.next_power_of_2(k)
+    return 1 << (k - 1).bit_length()
 
 
-def _chunks(k: int) -> list[tuple[int, int]]:
-    """``(first index, length)`` of each launch: chunks of at most MAX_BUCKET inputs."""
-    return [(k0, min(MAX_BUCKET, k - k0)) for k0 in range(0, k, MAX_BUCKET)]
+def _chunks(k: int, max_bucket: int) -> list[tuple[int, int]]:
+    """``(first index, length)`` of each launch: chunks of at most ``max_bucket`` inputs."""
+    return [(k0, min(max_bucket, k - k0)) for k0 in range(0, k, max_bucket)]
 
 
-def _padded(tensors: Sequence[Tensor], kb: int, filler: Tensor) -> tuple[Tensor, ...]:
-    return tuple(tensors) + (filler,) * (kb - len(tensors))
+class _Plan(NamedTuple):
+    """What a launch derives from (form, chunk length, dtype)."""
+
+    kb: int
+    vec: int  # elements per 16-byte vector
+    rows: int
+    block: int  # elements per tile
+    num_warps: int
 
 
-def _launch(kernel, n: int, args: tuple, meta: dict, config: triton.Config | None) -> int:
-    """Launch ``kernel`` over ``cdiv(n, BLOCK)`` programs and return the BLOCK of the launch that
-    counted (the last one; autotuning runs the trials first). ``config`` forces a configuration."""
-    used: list[int] = []
-
-    def grid(m: dict) -> tuple[int]:
-        used.append(m["BLOCK"])
-        return (triton.cdiv(n, m["BLOCK"]),)
-
-    if config is None and uses_fixed_config():
-        config = FIXED_CONFIG
-    if config is None:
-        kernel[grid](*args, **meta)
-    else:
-        kernel.fn[grid](*args, **meta, **config.all_kwargs())
-    return used[-1]
+@functools.cache
+def _plan(form: str, k: int, dtype: torch.dtype) -> _Plan:
+    kb = _bucket(k)
+    config = launch_config(form, kb, dtype)
+    vec = _VECTOR_BYTES // dtype.itemsize
+    return _Plan(kb, vec, config.rows(), config.rows() * vec, config.num_warps)
 
 
-def _device_guard(t: Tensor):
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+class Variant(NamedTuple):
+    """One compiled kernel the launchers can pick (besides the 16-byte alignment of each pointer)."""
+
+    form: str  # "forward" or "backward"
+    dtype: torch.dtype  # the inputs'
+    kb: int  # K bucket
+    out_dtype: torch.dtype | None = None  # forward: y's (the inputs', or the accumulation dtype)
+    has_do: bool = False  # backward: writes dL/do_k
+    has_dw: bool = False  # backward: computes dL/dw
+
+
+def launch_variants() -> list[Variant]:
+    """Every kernel variant :func:`mixed_sum_forward` and :func:`mixed_sum_backward` can launch."""
+    variants = []
+    for dtype in SUPPORTED_DTYPES:
+        acc = accumulation_dtype(dtype)
+        variants += [Variant("forward", dtype, 1 << i, dtype) for i in range(MAX_BUCKET_FORWARD.bit_length())]
+        if acc != dtype:  # a chunk before the last writes the running sum in the accumulation dtype
+            variants.append(Variant("forward", dtype, MAX_BUCKET_FORWARD, acc))
+        for has_do, has_dw in ((True, True), (False, True), (True, False)):
+            for i in range(MAX_BUCKET_BACKWARD.bit_length()):
+                variants.append(Variant("backward", dtype, 1 << i, has_do=has_do, has_dw=has_dw))
+    return variants
+
+
+# --------------------------------------------------------------------------- launching
+
+
+def interpreted() -> bool:
+    """True when Triton runs these kernels in its CPU interpreter (TRITON_INTERPRET=1 at import)."""
+    return not isinstance(_mixed_sum_fwd_kernel, triton.runtime.JITFunction)
+
+
+_INTERPRETED = interpreted()
+
+_RUNTIME_KNOBS = getattr(getattr(triton, "knobs", None), "runtime", None)
+"""Triton's launch hooks live here from Triton 3.4 on; before, every launch goes through Triton."""
+
+_compiled: dict[tuple, tuple] = {}
+"""(kernel, device, specialisation) -> (launcher, function handle, packed metadata, the
+``CompiledKernel``) of a kernel compiled by Triton's own launch path on its first call."""
+
+
+def _alignment(tensors: Sequence[Tensor]) -> int:
+    """One bit per tensor, after a leading 1: its data is 16-byte aligned (what Triton specialises
+    pointers on)."""
+    bits = 1
+    for t in tensors:
+        bits = (bits << 1) | (t.data_ptr() % 16 == 0)
+    return bits
+
+
+def _launch(which: int, grid: int, args: tuple, key: tuple, num_warps: int, device: int) -> None:
+    """Launch ``KERNELS[which]`` on ``grid`` programs with ``args`` (every parameter, in order) on
+    the CUDA device ``device``, the current one (-1: CPU tensors, interpreted or compiled offline).
+
+    ``key`` must hold everything Triton specialises the call on besides the kernel and device: the
+    constexprs, the dtypes and the 16-byte alignment of every pointer (the integer arguments are
+    never specialised and always int32). The first call of a key goes through Triton's own path
+    (binding, specialisation, compilation, launch); later calls invoke the compiled kernel's
+    launcher directly, with the arguments Triton itself passes it at the end of that path."""
+    kernel = KERNELS[which]
+    if _INTERPRETED:
+        kernel[(grid,)](*args, num_warps=num_warps)
+        return
+    key = (which, device, *key)
+    entry = _compiled.get(key)
+    if entry is None or _RUNTIME_KNOBS is None or _launch_hooks():
+        compiled = kernel[(grid,)](*args, num_warps=num_warps, num_stages=1)
+        _compiled[key] = (compiled.run, compiled.function, compiled.packed_metadata, compiled)
+        return
+    run, function, metadata, _ = entry
+    run(grid, 1, 1, driver.active.get_current_stream(device), function, metadata, None, None, None, *args)
+
+
+def _launch_hooks() -> bool:
+    """Whether a profiler installed Triton launch hooks (then every launch goes through Triton)."""
+    hooks = (_RUNTIME_KNOBS.launch_enter_hook, _RUNTIME_KNOBS.launch_exit_hook)
+    return any(h is not None and getattr(h, "calls", True) for h in hooks)  # an empty HookChain calls nothing
+
+
+def variant_of(key: tuple) -> Variant:
+    """The :class:`Variant` of a key of ``_compiled`` (made by :func:`_forward_launch` and
+    :func:`_backward_launch`)."""
+    which, _, k, *rest = key
+    if which == _FORWARD:
+        out_dtype, dtype = rest[0], rest[1]
+        return Variant("forward", dtype, _bucket(k), out_dtype)
+    dtype, has_do, has_dw = rest[0], rest[1], rest[2]
+    return Variant("backward", dtype, _bucket(k), has_do=has_do, has_dw=has_dw)
+
+
+class _Workspace(NamedTuple):
+    partials: Tensor  # rows of KB partial sums, accumulation dtype
+    counter: Tensor  # int32 arrival counter, zero between launches
+
+
+_workspaces: dict[tuple, _Workspace] = {}
+"""(device index, stream, dtype) -> scratch of the backward. Launches on one stream run in order,
+so they can share it; the counter is reset by the kernel that used it."""
+
+
+def _workspace(device: int, dtype: torch.dtype, numel: int) -> _Workspace:
+    """The backward's scratch on CUDA device ``device`` (-1: CPU) for the current stream."""
+    key = (device, driver.active.get_current_stream(device) if device >= 0 else 0, dtype)
+    ws = _workspaces.get(key)
+    if ws is None or ws.partials.numel() < numel:
+        where = torch.device("cuda", device) if device >= 0 else torch.device("cpu")
+        counter = ws.counter if ws is not None else torch.zeros(1, dtype=torch.int32, device=where)
+        ws = _workspaces[key] = _Workspace(torch.empty(max(numel, 1024), dtype=dtype, device=where), counter)
+    return ws
+
+
+def _forward_launch(y: Tensor, acc_in: Tensor | None, outputs: Sequence[Tensor], weights: Tensor, device: int) -> None:
+    """``y = acc_in + sum_k weights[k] * outputs[k]`` for one chunk (at most MAX_BUCKET_FORWARD inputs)."""
+    k, dtype = len(outputs), outputs[0].dtype
+    plan = _plan("forward", k, dtype)
+    n_full, tail = divmod(y.numel(), plan.block)
+    padded = (*outputs, *(outputs[0],) * (plan.kb - k))
+    # without acc_in, p_acc is the weights (never read); y and acc_in are fresh allocations: aligned
+    args = (y, weights if acc_in is None else acc_in, padded, weights, n_full, tail, k, int(acc_in is not None))
+    key = (k, y.dtype, dtype, acc_in is None, _alignment((weights, *outputs)))
+    meta = (plan.kb, plan.vec, plan.rows)
+    _launch(_FORWARD, n_full + (tail > 0), (*args, *meta), key, plan.num_warps, device)
+
+
+def _backward_launch(
+    grad: Tensor,
+    outputs: Sequence[Tensor],
+    outputs_grad: Sequence[Tensor],
+    weights: Tensor,
+    weights_grad: Tensor,
+    device: int,
+) -> None:
+    """One chunk of the backward (at most MAX_BUCKET_BACKWARD inputs): fills ``outputs_grad`` (if
+    any) and ``weights_grad`` with ``sum(grad * outputs[k])`` (if ``outputs`` is not empty)."""
+    k, dtype = weights.shape[0], grad.dtype
+    plan = _plan("backward", k, dtype)
+    n_full, tail = divmod(grad.numel(), plan.block)
+    programs = min(n_full + (tail > 0), MAX_PROGRAMS)
+    has_dw, has_do = len(outputs) > 0, len(outputs_grad) > 0
+    partials = counter = weights  # never touched by a single program, or without dL/dw
+    if has_dw and programs > 1:
+        partials, counter = _workspace(device, weights.dtype, programs * plan.kb)
+    padded_o = (*outputs, *(grad,) * (plan.kb - len(outputs)))
+    padded_do = (*outputs_grad, *(grad,) * (plan.kb - len(outputs_grad)))
+    args = (grad, padded_o, padded_do, weights, weights_grad, partials, counter, n_full, tail, k)
+    # outputs_grad, weights_grad (or a slice of it at a multiple of 16 elements) and the workspace
+    # are fresh allocations: aligned
+    key = (k, dtype, has_do, has_dw, programs > 1, _alignment((grad, weights, *outputs)))
+    meta = (has_do, has_dw, plan.kb, plan.vec, plan.rows, SUM_ROWS)
+    _launch(_BACKWARD, programs, (*args, *meta), key, plan.num_warps, device)
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def _on_device(index: int, fn: Callable, *args):
+    """``fn(*args)`` with CUDA device ``index`` current: Triton launches on the current device."""
+    with torch.cuda.device(index):
+        return fn(*args)
+
+
+def _forward(outputs: Sequence[Tensor], weights: Tensor) -> Tensor:
+    """:func:`mixed_sum_forward` for inputs the op layer validated: no checks."""
+    y = torch.empty_like(outputs[0])
+    if y.numel() == 0:
+        return y
+    device = y.get_device()
+    if device >= 0 and device != torch.cuda.current_device():
+        return _on_device(device, _forward, outputs, weights)
+    k = len(outputs)
+    if k <= MAX_BUCKET_FORWARD:
+        _forward_launch(y, None, outputs, weights, device)
+        return y
+    # running sums in the accumulation dtype: in y itself when it has that dtype
+    acc = y if y.dtype == weights.dtype else torch.empty_like(y, dtype=weights.dtype)
+    chunks = _chunks(k, MAX_BUCKET_FORWARD)
+    for i, (k0, kc) in enumerate(chunks):
+        dst = y if i == len(chunks) - 1 else acc
+        _forward_launch(dst, acc if i > 0 else None, outputs[k0 : k0 + kc], weights[k0 : k0 + kc], device)
+    return y
+
+
+def _backward(
+    grad: Tensor, outputs: Sequence[Tensor], weights: Tensor, compute_outputs_grad: bool
+) -> tuple[list[Tensor], Tensor]:
+    """:func:`mixed_sum_backward` for inputs the op layer validated. Only ``grad`` is checked (its
+    device and dtype), which a direct call of the backward op can get wrong."""
+    if grad.device != weights.device or grad.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"grad must be a floating-point tensor on {weights.device}, got {grad.dtype} on {grad.device}")
+    k = weights.shape[0]
+    outputs_grad = [torch.empty_like(grad) for _ in range(k)] if compute_outputs_grad else []
+    if not outputs and not compute_outputs_grad:
+        return outputs_grad, weights.new_empty(0)
+    if grad.numel() == 0:
+        return outputs_grad, (torch.zeros_like(weights) if outputs else weights.new_empty(0))
+    weights_grad = torch.empty_like(weights) if outputs else weights.new_empty(0)
+    device = grad.get_device()
+    if device >= 0 and device != torch.cuda.current_device():
+        return _on_device(device, _backward_launches, grad, outputs, outputs_grad, weights, weights_grad, device)
+    return _backward_launches(grad, outputs, outputs_grad, weights, weights_grad, device)
+
+
+def _backward_launches(grad, outputs, outputs_grad, weights, weights_grad, device: int):
+    k = weights.shape[0]
+    if k <= MAX_BUCKET_BACKWARD:
+        _backward_launch(grad, outputs, outputs_grad, weights, weights_grad, device)
+        return outputs_grad, weights_grad
+    for k0, kc in _chunks(k, MAX_BUCKET_BACKWARD):
+        chunk = slice(k0, k0 + kc)
+        dw = weights_grad[chunk] if outputs else weights_grad
+        _backward_launch(grad, outputs[chunk], outputs_grad[chunk], weights[chunk], dw, device)
+    return outputs_grad, weights_grad
+
+
+VALIDATED = (_forward, _backward)
+"""The (forward, backward) :mod:`fastnas.backend` hands to the op layer, which has already checked
+the inputs and brought them to one layout: :func:`mixed_sum_forward` and :func:`mixed_sum_backward`
+without their checks (a call's host time matters; see
+:func:`fastnas.kernels.offline.host_overhead_probe`)."""
+
+
+def _cpu_tensors_allowed() -> bool:
+    """CPU tensors run in the interpreter, or compile-only under an offline driver (kernels/offline.py)."""
+    return _INTERPRETED or type(driver.active).__name__ == "OfflineDriver"
 
 
 def _check(grad: Tensor | None, outputs: Sequence[Tensor], weights: Tensor, op: str) -> None:
-    """The native contract again: raise (naming the argument) rather than read out of bounds.
-    Cheap on the common path (a few attribute reads per tensor): it runs on every call."""
+    """The native contract: raise (naming the argument) rather than read out of bounds."""
     tensors = [grad, *outputs] if grad is not None else list(outputs)
 
     def name(i: int) -> str:
@@ -294,7 +601,7 @@ def _check(grad: Tensor | None, outputs: Sequence[Tensor], weights: Tensor, op: 
     if not (first.is_contiguous() or is_dense(first)):
         raise ValueError(f"{op}: {name(0)} must be dense (non-overlapping, no gaps), got strides {first.stride()}")
     device, dtype, shape, stride = first.device, first.dtype, first.shape, first.stride()
-    if device.type != "cuda" and not interpreted():
+    if device.type != "cuda" and not _cpu_tensors_allowed():
         raise RuntimeError(f"{op}: the triton backend runs CPU tensors only under TRITON_INTERPRET=1")
     for i in range(1, len(tensors)):
         t = tensors[i]
@@ -311,55 +618,12 @@ def _check(grad: Tensor | None, outputs: Sequence[Tensor], weights: Tensor, op: 
         raise ValueError(f"{op}: weights has length {weights.shape[0]} but there are K={len(outputs)} outputs")
     if weights.shape[0] == 0:
         raise ValueError(f"{op}: weights must hold K >= 1 values")
-
-
-def _forward_launch(
-    y: Tensor, acc_in: Tensor | None, outputs: Sequence[Tensor], weights: Tensor, config: triton.Config | None = None
-) -> int:
-    """``y = acc_in + sum_k weights[k] * outputs[k]`` for one chunk (at most MAX_BUCKET inputs)."""
-    n, k = y.numel(), len(outputs)
-    kb = _bucket(k)
-    args = (y, acc_in if acc_in is not None else y, _padded(outputs, kb, outputs[0]), weights, n, k, _size_key(n))
-    return _launch(_mixed_sum_fwd_kernel, n, args, {"ACC_IN": acc_in is not None, "KB": kb}, config)
-
-
-def _backward_launch(
-    grad: Tensor,
-    outputs: Sequence[Tensor],
-    outputs_grad: Sequence[Tensor],
-    weights: Tensor,
-    config: triton.Config | None = None,
-    partials: Tensor | None = None,
-) -> Tensor | None:
-    """One chunk of the backward: fills ``outputs_grad`` (if any) and returns ``sum(grad * outputs[k])``
-    for each k (None when ``outputs`` is empty). ``partials`` (tests only) is the buffer of partial
-    sums, at least ``[cdiv(numel, smallest BLOCK), K]``; a fresh one is allocated otherwise."""
-    n, k = grad.numel(), weights.numel()
-    kb = _bucket(k)
-    has_dw = len(outputs) > 0
-    if has_dw and partials is None:
-        # sized per configuration, not reset: rows for the smallest tile; only the counted launch's rows are summed
-        partials = torch.empty((triton.cdiv(n, _MIN_BLOCK), k), dtype=weights.dtype, device=grad.device)
-    args = (
-        grad,
-        _padded(outputs, kb, grad),
-        _padded(outputs_grad, kb, grad),
-        weights,
-        partials if has_dw else grad,
-        n,
-        k,
-        _size_key(n),
-    )
-    meta = {"HAS_DO": len(outputs_grad) > 0, "HAS_DW": has_dw, "KB": kb}
-    block = _launch(_mixed_sum_bwd_kernel, n, args, meta, config)
-    if not has_dw:
-        return None
-    # a fixed-size sum over the rows this launch wrote: same order every run (deterministic)
-    return partials[: triton.cdiv(n, block)].sum(dim=0)
+    if first.numel() > _INT32_MAX * 256:  # tiles are counted in int32 (a tile holds 256 elements or more)
+        raise ValueError(f"{op}: {first.numel()} elements are more than the kernels index")
 
 
 def mixed_sum_forward(outputs: list[Tensor], weights: Tensor) -> Tensor:
-    """``y = sum_k weights[k] * outputs[k]`` in one pass over memory (per chunk of MAX_BUCKET inputs).
+    """``y = sum_k weights[k] * outputs[k]`` in one pass over memory (per chunk of MAX_BUCKET_FORWARD inputs).
 
     Args:
         outputs: K >= 1 tensors of one dtype, shape and strides, dense, on a CUDA device (or the
@@ -373,29 +637,13 @@ def mixed_sum_forward(outputs: list[Tensor], weights: Tensor) -> Tensor:
     if not isinstance(outputs, (list, tuple)) or len(outputs) == 0:
         raise ValueError("mixed_sum_forward: outputs must be a non-empty list of tensors")
     _check(None, outputs, weights, "mixed_sum_forward")
-    y = torch.empty_like(outputs[0])
-    if y.numel() == 0:
-        return y
-    chunks = _chunks(len(outputs))
-    with _device_guard(y):
-        if len(chunks) == 1:
-            _forward_launch(y, None, outputs, weights)
-            return y
-        # running sums in the accumulation dtype; two buffers in turn, so that no launch reads and
-        # writes one buffer (autotuning replays a launch: in place it would add a chunk twice)
-        sums = [torch.empty_like(y, dtype=weights.dtype) for _ in range(min(2, len(chunks) - 1))]
-        acc_in = None
-        for i, (k0, kc) in enumerate(chunks):
-            dst = y if i == len(chunks) - 1 else sums[i % 2]
-            _forward_launch(dst, acc_in, outputs[k0 : k0 + kc], weights[k0 : k0 + kc])
-            acc_in = dst
-    return y
+    return _forward(outputs, weights)
 
 
 def mixed_sum_backward(
     grad: Tensor, outputs: list[Tensor], weights: Tensor, compute_outputs_grad: bool
 ) -> tuple[list[Tensor], Tensor]:
-    """Gradients of the mixed sum in one pass over memory (per chunk of MAX_BUCKET inputs).
+    """Gradients of the mixed sum in one pass over memory (per chunk of MAX_BUCKET_BACKWARD inputs).
 
     Args:
         grad: ``dL/dy``, dense, in the outputs' dtype, shape and strides.
@@ -407,22 +655,10 @@ def mixed_sum_backward(
         ``(outputs_grad, weights_grad)``: ``outputs_grad[k] = weights[k] * grad`` as K new tensors laid
         out like ``grad`` (``[]`` when ``compute_outputs_grad`` is False) and ``weights_grad[k] =
         sum(grad * outputs[k])`` in the weights' dtype (an empty tensor when ``outputs`` is empty).
-        The sums are reduced in a fixed order: two calls give bit-identical results.
+        The sums are reduced in an order fixed by (numel, K, dtype): every call, in every process,
+        gives the same bits.
     """
     if not isinstance(outputs, (list, tuple)):
         raise TypeError("mixed_sum_backward: outputs must be a list of tensors (possibly empty)")
     _check(grad, outputs, weights, "mixed_sum_backward")
-    k = weights.numel()
-    outputs_grad = [torch.empty_like(grad) for _ in range(k)] if compute_outputs_grad else []
-    if not outputs and not compute_outputs_grad:
-        return outputs_grad, weights.new_empty(0)
-    if grad.numel() == 0:
-        return outputs_grad, (torch.zeros_like(weights) if outputs else weights.new_empty(0))
-    sums = []
-    with _device_guard(grad):
-        for k0, kc in _chunks(k):
-            s = _backward_launch(grad, outputs[k0 : k0 + kc], outputs_grad[k0 : k0 + kc], weights[k0 : k0 + kc])
-            sums.append(s)
-    if not outputs:
-        return outputs_grad, weights.new_empty(0)
-    return outputs_grad, (sums[0] if len(sums) == 1 else torch.cat(sums))
+    return _backward(grad, outputs, weights, compute_outputs_grad)

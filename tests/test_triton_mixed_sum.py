@@ -2,15 +2,21 @@
 
 Without a GPU the kernels run on CPU tensors in Triton's interpreter (``TRITON_INTERPRET=1``, set by
 ``tests/conftest.py`` before Triton is imported): small shapes, float32, float16 and float64. With a
-GPU they are compiled and run on CUDA: every dtype, larger shapes, real autotuning, int64 offsets.
-Every result is checked against the float64 reference (``fastnas.ops.reference``) with an error
-bound derived from one rounding to the output dtype plus the accumulation dtype's summation error.
+GPU they are compiled and run on CUDA: every dtype, larger shapes, the direct launch path, int64
+offsets. Every result is checked against the float64 reference (``fastnas.ops.reference``) with an
+error bound derived from one rounding to the output dtype plus the accumulation dtype's summation
+error. What the compiled kernels look like (spills, vector width, ...) is checked without a GPU by
+``tests/test_triton_compiled.py``.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +24,7 @@ from conftest import HAS_CUDA, float64_oracle
 
 import fastnas
 from fastnas.ops import reference
+from fastnas.ops.mixed_sum import SUPPORTED_DTYPES as SUPPORTED
 
 pytest.importorskip("triton", reason="the triton backend needs the triton package")
 
@@ -42,9 +49,12 @@ requires_cuda = pytest.mark.skipif(
 
 # the interpreter rounds float32 -> bfloat16 toward zero and is slow: float32/float16/float64 there
 DTYPES = [torch.float32, torch.float16] + ([] if INTERPRETED else [torch.bfloat16, torch.float64])
-KS = [1, 2, 3, 5, 8, 17, 40]
 SHAPES = [(1023,), (3, 7, 33), (1, 5, 1, 7), (5000,)]  # masked tails, size-1 dims, several programs
-FIXED_BLOCK = tk.FIXED_CONFIG.kwargs["BLOCK"]
+# every K bucket, both sides of a bucket edge, forward chunks (K > 32) and backward chunks (K > 16)
+CASES = [(k, shape) for k in (1, 3, 8, 9, 32, 33) for shape in SHAPES] + [
+    (k, shape) for k in (40, 112) for shape in SHAPES[:2]
+]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -54,12 +64,6 @@ def triton_backend():
         yield
     finally:
         fastnas.set_backend(None)
-
-
-@pytest.fixture(autouse=True)
-def _fixed_config(monkeypatch):
-    """One configuration (5x fewer compilations on a GPU); the autotuning test turns tuning back on."""
-    monkeypatch.setenv("FASTNAS_TRITON_AUTOTUNE", "0")
 
 
 def make_inputs(shape, k: int, dtype: torch.dtype, seed: int = 0, memory_format=torch.contiguous_format):
@@ -132,11 +136,44 @@ def check_triton_call(outputs, weights, grad) -> None:
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("k", KS)
+@pytest.mark.parametrize("k,shape", CASES, ids=str)
 def test_forward_backward_match_reference(k, shape, dtype):
     outputs, weights, grad = make_inputs(shape, k, dtype, seed=k)
     check_triton_call(outputs, weights, grad)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("k", [3, 9, 33])
+@pytest.mark.parametrize("offset", [0, 1], ids=["stacked", "stacked-at-offset-1"])
+def test_misaligned_slices_of_a_stacked_tensor(k, offset, dtype):
+    """Rows of a [K, 1023] tensor start at 1023 * itemsize bytes from each other (not 16-byte
+    aligned); one element in, none is. Each pointer is specialised on its own alignment."""
+    gen = torch.Generator(device=DEVICE).manual_seed(k)
+    flat = torch.randn(k * 1023 + offset, generator=gen, device=DEVICE).to(dtype)
+    stacked = flat[offset:].view(k, 1023)
+    outputs = list(stacked.unbind(0))
+    assert any(o.data_ptr() % 16 for o in outputs)
+    _, weights, grad = make_inputs((1023,), k, dtype, seed=k + 1)
+    check_triton_call(outputs, weights, grad)
+
+
+def test_misaligned_weights_and_grad():
+    outputs, weights, grad = make_inputs((1023,), 5, torch.float32, seed=2)
+    weights = torch.cat([weights.new_zeros(1), weights])[1:]
+    grad = torch.cat([grad.new_zeros(1), grad])[1:]
+    assert weights.data_ptr() % 16 and grad.data_ptr() % 16
+    check_triton_call(outputs, weights, grad)
+
+
+def test_stacked_tensor_through_fastnas_mixed_sum(triton_backend):
+    outputs, weights, grad = make_inputs((3, 7, 11), 9, torch.float16, seed=4)
+    stacked = torch.stack(outputs).requires_grad_()
+    w = weights.detach().requires_grad_()
+    y_exact, dos_exact, dw_exact, y_scale, dw_scale = float64_oracle(outputs, weights, grad)
+    y = fastnas.mixed_sum(stacked, w)
+    check_forward(y.detach(), outputs, weights, y_exact, y_scale)
+    y.backward(grad)
+    check_backward(list(stacked.grad.unbind(0)), w.grad, grad, dos_exact, dw_exact, dw_scale)
 
 
 @pytest.mark.parametrize("k", [1, 8])
@@ -171,12 +208,15 @@ def test_empty_outputs_list_returns_no_weights_grad():
     assert outputs_grad == [] and weights_grad.numel() == 0
 
 
-def test_empty_tensors():
-    outputs, weights, grad = make_inputs((0, 3), 2, torch.float32)
+@pytest.mark.parametrize("k", [2, 40])
+def test_empty_tensors(k):
+    outputs, weights, grad = make_inputs((0, 3), k, torch.float32)
     assert tk.mixed_sum_forward(outputs, weights).shape == (0, 3)
     outputs_grad, weights_grad = tk.mixed_sum_backward(grad, outputs, weights, True)
-    assert [d.shape for d in outputs_grad] == [(0, 3), (0, 3)]
+    assert [d.shape for d in outputs_grad] == [(0, 3)] * k
     assert torch.equal(weights_grad, torch.zeros_like(weights))
+    outputs_grad, weights_grad = tk.mixed_sum_backward(grad, [], weights, True)
+    assert [d.shape for d in outputs_grad] == [(0, 3)] * k and weights_grad.numel() == 0
 
 
 def test_kernels_raise_on_contract_violations():
@@ -193,6 +233,15 @@ def test_kernels_raise_on_contract_violations():
         tk.mixed_sum_forward([o[:, ::2] for o in outputs], weights)
     with pytest.raises(ValueError, match="non-empty"):
         tk.mixed_sum_forward([], weights)
+
+
+def test_validated_backward_still_checks_grad():
+    """The op layer checks outputs and weights; a direct call of the backward op can still pass a
+    grad of another dtype or device, which the unchecked entry point refuses."""
+    outputs, weights, grad = make_inputs((4, 5), 3, torch.float32)
+    _, backward = tk.VALIDATED
+    with pytest.raises(ValueError, match="grad"):
+        backward(grad.to(torch.int32), outputs, weights, True)
 
 
 # --------------------------------------------------------------------------- through fastnas.mixed_sum
@@ -250,91 +299,68 @@ def test_backward_is_bitwise_deterministic():
     assert torch.equal(tk.mixed_sum_forward(outputs, weights), tk.mixed_sum_forward(outputs, weights))
 
 
-def test_deterministic_mode_uses_the_fixed_config():
-    was_on = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        assert tk.uses_fixed_config()
-        outputs, weights, grad = make_inputs((5000,), 3, torch.float32)
-        assert tk._forward_launch(torch.empty_like(grad), None, outputs, weights) == FIXED_BLOCK
-        first = tk.mixed_sum_backward(grad, outputs, weights, False)[1]
-        assert torch.equal(first, tk.mixed_sum_backward(grad, outputs, weights, False)[1])
-    finally:
-        torch.use_deterministic_algorithms(was_on, warn_only=warn_only)
+def test_many_tiles_per_program_and_the_last_programs_sum(monkeypatch):
+    """Few programs (each walks several tiles) and a last-program sum over several blocks of rows;
+    the arrival counter is back at zero after each launch, so the next one sums correctly too."""
+    monkeypatch.setattr(tk, "MAX_PROGRAMS", 3)
+    monkeypatch.setattr(tk, "SUM_ROWS", 2)
+    for dtype in (torch.float32, torch.float16):
+        outputs, weights, grad = make_inputs((5000,), 9, dtype, seed=5)
+        check_triton_call(outputs, weights, grad)
+        check_triton_call(outputs, weights, grad)
+    assert all(ws.counter.item() == 0 for ws in tk._workspaces.values())
 
 
-@pytest.mark.skipif(not INTERPRETED, reason="checks the interpreter's fixed configuration")
-def test_interpreter_uses_the_fixed_config_without_autotuning():
-    assert tk.uses_fixed_config()
-    outputs, weights, grad = make_inputs((5000,), 3, torch.float16)
-    tk._mixed_sum_fwd_kernel.cache.clear()
-    tk._mixed_sum_bwd_kernel.cache.clear()
-    assert tk._forward_launch(torch.empty_like(grad), None, outputs, weights) == FIXED_BLOCK
-    tk.mixed_sum_backward(grad, outputs, weights, True)
-    assert tk._mixed_sum_fwd_kernel.cache == {} and tk._mixed_sum_bwd_kernel.cache == {}  # no tuning ran
+def test_launch_config_is_a_function_of_form_bucket_and_dtype():
+    every = [(f, kb, d) for f in ("forward", "backward") for kb in (1, 2, 4, 8, 16, 32) for d in SUPPORTED]
+    before = [tk.launch_config(*args) for args in every]
+    outputs, weights, grad = make_inputs((1023,), 8, torch.float32)
+    check_triton_call(outputs, weights, grad)
+    assert [tk.launch_config(*args) for args in every] == before
+    with pytest.raises(ValueError, match="form"):
+        tk.launch_config("sideways", 8, torch.float32)
 
 
-def test_prune_configs_drops_tiles_larger_than_the_tensor():
-    assert {c.kwargs["BLOCK"] for c in tk._prune_configs(tk.CONFIGS, {"N": 100})} == {1024}
-    assert tk._prune_configs(tk.CONFIGS, {"N": 1 << 20}) == tk.CONFIGS
-    assert tk._size_key(5000) == tk._size_key(8192) and tk._size_key(1) == 4096
+def test_launchers_pick_only_listed_variants(monkeypatch):
+    """Every launch of every K (chunks included), form and dtype is one of launch_variants(), the
+    set tests/test_triton_compiled.py compiles; and every listed variant is picked by some call."""
+    picked = set()
 
+    def record(which, grid, args, key, num_warps, device):
+        picked.add(tk.variant_of((which, device, *key)))
 
-@pytest.mark.parametrize("config", tk.CONFIGS, ids=str)
-def test_weights_grad_sums_exactly_the_rows_each_config_writes(config):
-    """The partial-sum buffer is sized per configuration: a launch writes one whole row per
-    program and only those rows are summed, so rows left by another configuration (NaN here, a
-    stale autotuning trial in practice) never reach the result."""
-    outputs, weights, grad = make_inputs((5000,), 5, torch.float32)
-    _, _, dw_exact, _, dw_scale = float64_oracle(outputs, weights, grad)
-    rows = math.ceil(5000 / min(c.kwargs["BLOCK"] for c in tk.CONFIGS))
-    partials = torch.full((rows, 5), float("nan"), device=DEVICE)
-    weights_grad = tk._backward_launch(grad, outputs, [], weights, config=config, partials=partials)
-    used = math.ceil(5000 / config.kwargs["BLOCK"])
-    assert torch.isfinite(partials[:used]).all() and torch.isnan(partials[used:]).all()
-    check_backward([], weights_grad, grad, [], dw_exact, dw_scale)
-
-
-def test_autotuning_trials_do_not_leak(monkeypatch):
-    """Replays every launch with each configuration first, as the autotuner's trials do, with K
-    chunked (MAX_BUCKET=4): the results must equal one plain launch bit for bit."""
-    outputs, weights, grad = make_inputs((5000,), 11, torch.float16)
-    monkeypatch.setattr(tk, "MAX_BUCKET", 4)  # chunks 4+4+3: forward running sums, several backward passes
-    launch = tk._launch
-    final = tk.CONFIGS[-1]
-
-    def once(kernel, n, args, meta, config):
-        return launch(kernel, n, args, meta, final)
-
-    def with_trials(kernel, n, args, meta, config):
-        for trial in tk.CONFIGS[:-1]:  # smaller tiles first: more programs, more rows than the final launch
-            launch(kernel, n, args, meta, trial)
-        return launch(kernel, n, args, meta, final)
-
-    results = {}
-    for name, fn in (("once", once), ("with_trials", with_trials)):
-        monkeypatch.setattr(tk, "_launch", fn)
-        results[name] = (tk.mixed_sum_forward(outputs, weights), *tk.mixed_sum_backward(grad, outputs, weights, True))
-    y, dos, dw = results["with_trials"]
-    y1, dos1, dw1 = results["once"]
-    assert torch.equal(y, y1) and torch.equal(dw, dw1) and all(torch.equal(a, b) for a, b in zip(dos, dos1))
-    y_exact, dos_exact, dw_exact, y_scale, dw_scale = float64_oracle(outputs, weights, grad)
-    check_forward(y, outputs, weights, y_exact, y_scale)
-    check_backward(dos, dw, grad, dos_exact, dw_exact, dw_scale)
+    monkeypatch.setattr(tk, "_launch", record)  # nothing runs: only the choice matters here
+    for dtype in SUPPORTED:
+        acc = reference.accumulation_dtype(dtype)
+        for k in range(1, 41):
+            outputs = [torch.zeros(8, dtype=dtype, device=DEVICE) for _ in range(k)]
+            weights = torch.zeros(k, dtype=acc, device=DEVICE)
+            tk.mixed_sum_forward(outputs, weights)
+            for grads, inputs in ((True, outputs), (False, outputs), (True, [])):
+                tk.mixed_sum_backward(outputs[0], inputs, weights, grads)
+    assert picked == set(tk.launch_variants())
 
 
 def test_chunking_rule():
-    assert tk._chunks(40) == [(0, 32), (32, 8)]
-    assert tk._chunks(32) == [(0, 32)]
-    assert [tk._bucket(k) for k in (1, 2, 3, 5, 8, 17, 32)] == [1, 2, 4, 8, 8, 32, 32]
+    assert tk._chunks(40, 32) == [(0, 32), (32, 8)]
+    assert tk._chunks(40, 16) == [(0, 16), (16, 16), (32, 8)]
+    assert tk._chunks(32, 32) == [(0, 32)]
+    assert [tk._bucket(k) for k in (1, 2, 3, 5, 8, 9, 17, 32)] == [1, 2, 4, 8, 8, 16, 32, 32]
 
 
-def test_autotune_switch(monkeypatch):
-    monkeypatch.setenv("FASTNAS_TRITON_AUTOTUNE", "0")
-    assert tk.uses_fixed_config()
-    monkeypatch.setenv("FASTNAS_TRITON_AUTOTUNE", "1")
-    assert tk.uses_fixed_config() == (INTERPRETED or torch.are_deterministic_algorithms_enabled())
+def test_two_processes_give_the_same_bits():
+    """The weight gradient's reduction order depends on (numel, K, dtype) only: a fresh process
+    that first ran other sizes, K and dtypes gets the bits of a fresh process that did not."""
+    script = ROOT / "tests" / "triton_bits.py"
+    runs = [
+        subprocess.run([sys.executable, str(script), *history], capture_output=True, text=True, cwd=ROOT, timeout=900)
+        for history in ([], ["--history"])
+    ]
+    for run in runs:
+        assert run.returncode == 0, run.stderr[-4000:]
+    first, second = (json.loads(run.stdout.strip().splitlines()[-1]) for run in runs)
+    assert first == second
+    assert len(first) == 4  # float32 and float16, two sizes each
 
 
 # --------------------------------------------------------------------------- CUDA only
@@ -360,24 +386,40 @@ def test_large_shapes_on_cuda(shape, k, dtype):
 
 @requires_cuda
 @pytest.mark.parametrize("k", [8, 40])
-def test_real_autotuning_on_cuda(k, monkeypatch):
-    """Autotuning from an empty cache (trials replay the launches) gives correct results, and the
-    tuned, cached launches that follow are bit-identical to the first."""
-    monkeypatch.delenv("FASTNAS_TRITON_AUTOTUNE")
-    if tk.uses_fixed_config():
-        pytest.skip("autotuning is off here (deterministic mode)")
-    tk._mixed_sum_fwd_kernel.cache.clear()
-    tk._mixed_sum_bwd_kernel.cache.clear()
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "misaligned"])
+def test_direct_launches_match_tritons_on_cuda(k, offset):
+    """The first call of a specialisation goes through Triton's launch path, later ones call the
+    compiled kernel's launcher directly: same bits, right values, aligned or not."""
+    tk._compiled.clear()
     outputs, weights, grad = make_inputs((3, 1000, 1001), k, torch.bfloat16, seed=3)
+    if offset:  # the same values one element into a buffer: no input 16-byte aligned
+        flat = torch.cat([outputs[0].new_zeros(offset), torch.stack(outputs).flatten()])
+        outputs = list(flat[offset:].view(k, 3, 1000, 1001).unbind(0))
     y = tk.mixed_sum_forward(outputs, weights)
     dos, dw = tk.mixed_sum_backward(grad, outputs, weights, True)
-    assert len(tk._mixed_sum_bwd_kernel.cache) > 0  # the autotuner ran
+    assert len(tk._compiled) > 0
     y_exact, dos_exact, dw_exact, y_scale, dw_scale = float64_oracle(outputs, weights, grad)
     check_forward(y, outputs, weights, y_exact, y_scale)
     check_backward(dos, dw, grad, dos_exact, dw_exact, dw_scale)
     assert torch.equal(y, tk.mixed_sum_forward(outputs, weights))
     dos2, dw2 = tk.mixed_sum_backward(grad, outputs, weights, True)
     assert torch.equal(dw, dw2) and all(torch.equal(a, b) for a, b in zip(dos, dos2))
+
+
+@requires_cuda
+def test_backward_on_two_streams_on_cuda():
+    """The partial-sum workspace and its counter are per stream: concurrent backwards stay right."""
+    cases = [make_inputs((64, 16, 32, 32), 8, torch.float32, seed=s) for s in (6, 7)]
+    streams = [torch.cuda.Stream() for _ in cases]
+    results = []
+    for (outputs, weights, grad), stream in zip(cases, streams):
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            results.append(tk.mixed_sum_backward(grad, outputs, weights, False)[1])
+    torch.cuda.synchronize()
+    for (outputs, weights, grad), dw in zip(cases, results):
+        _, _, dw_exact, _, dw_scale = float64_oracle(outputs, weights, grad)
+        check_backward([], dw, grad, [], dw_exact, dw_scale)
 
 
 @requires_cuda
