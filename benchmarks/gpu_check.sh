@@ -335,7 +335,7 @@ stage_sanitizer() {
       continue
     fi
     echo "=== compute-sanitizer --tool $tool (budget ${share}s)" | tee -a "$OUT/sanitizer.log"
-    limited "$share" "$OUT/sanitizer.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 FASTNAS_TRITON_AUTOTUNE=0 \
+    limited "$share" "$OUT/sanitizer.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
       "$san" --tool "$tool" --report-api-errors no --error-exitcode 99 "$PY" benchmarks/gpu_sanitize.py \
       $([ "$tool" = racecheck ] && echo --quick)
     case "$RC" in
