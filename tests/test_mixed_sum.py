@@ -282,6 +282,23 @@ def test_func_grad_jacrev_and_hessian_match_the_eager_sum(backend_device):
     torch.testing.assert_close(jac, weights[0] * torch.eye(10, dtype=torch.float64, device=device).view(2, 5, 2, 5))
 
 
+def test_forward_mode_ad_outside_torch_func(backend_device):
+    """torch.autograd.forward_ad dual numbers: the tangent of the bilinear op is one more mixed sum."""
+    import torch.autograd.forward_ad as fwAD
+
+    name, device = backend_device
+    outputs, weights = random_inputs(3, (4, 5), torch.float64, device)
+    weights = weights.double()
+    tangents = [torch.randn_like(o) for o in outputs]
+    weights_tangent = torch.randn_like(weights)
+    with fwAD.dual_level():
+        duals = [fwAD.make_dual(o, t) for o, t in zip(outputs, tangents)]
+        y = fastnas.mixed_sum(duals, fwAD.make_dual(weights, weights_tangent))
+        tangent = fwAD.unpack_dual(y).tangent
+    expected = _eager_sum(outputs, weights_tangent) + _eager_sum(tangents, weights)
+    torch.testing.assert_close(tangent, expected, rtol=1e-12, atol=1e-12)
+
+
 # --------------------------------------------------------------------------- layouts
 
 

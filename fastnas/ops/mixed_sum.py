@@ -27,6 +27,7 @@ from typing import Sequence, Union
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 from fastnas import backend
 from fastnas.ops.reference import accumulation_dtype, mixed_sum_backward_reference
@@ -56,14 +57,17 @@ def _validate(outputs: Sequence[Tensor], weights: Tensor) -> None:
         raise TypeError(
             f"outputs[0] has dtype {first.dtype}; fastnas.mixed_sum supports float16, bfloat16, float32 and float64"
         )
+    dtype, shape, device = first.dtype, first.shape, first.device  # read once: this loop is on the hot path
     for k in range(1, len(outputs)):
-        o = _check_tensor(outputs[k], f"outputs[{k}]")
-        if o.dtype != first.dtype:
-            raise TypeError(f"outputs[{k}] has dtype {o.dtype} but outputs[0] has {first.dtype}")
-        if o.shape != first.shape:
-            raise ValueError(f"outputs[{k}] has shape {tuple(o.shape)} but outputs[0] has {tuple(first.shape)}")
-        if o.device != first.device:
-            raise ValueError(f"outputs[{k}] is on {o.device} but outputs[0] is on {first.device}")
+        o = outputs[k]
+        if not isinstance(o, Tensor) or o.layout != torch.strided:
+            _check_tensor(o, f"outputs[{k}]")
+        if o.dtype != dtype:
+            raise TypeError(f"outputs[{k}] has dtype {o.dtype} but outputs[0] has {dtype}")
+        if o.shape != shape:
+            raise ValueError(f"outputs[{k}] has shape {tuple(o.shape)} but outputs[0] has {tuple(shape)}")
+        if o.device != device:
+            raise ValueError(f"outputs[{k}] is on {o.device} but outputs[0] is on {device}")
     _check_tensor(weights, "weights")
     if weights.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"weights must be a real floating-point tensor, got dtype {weights.dtype}")
@@ -71,8 +75,8 @@ def _validate(outputs: Sequence[Tensor], weights: Tensor) -> None:
         raise ValueError(f"weights must be 1-D of length K={len(outputs)}, got shape {tuple(weights.shape)}")
     if weights.shape[0] != len(outputs):
         raise ValueError(f"weights has length {weights.shape[0]} but there are K={len(outputs)} outputs")
-    if weights.device != first.device:
-        raise ValueError(f"weights is on {weights.device} but outputs are on {first.device}")
+    if weights.device != device:
+        raise ValueError(f"weights is on {weights.device} but outputs are on {device}")
 
 
 # --------------------------------------------------------------------------- autocast
@@ -152,9 +156,17 @@ def shared_dense_layout(tensors: Sequence[Tensor]) -> list[Tensor]:
 # Function: inputs validated, in one dense layout. Every backend handles tensors with no elements.
 
 
+def _accumulation_weights(weights: Tensor, dtype: torch.dtype) -> Tensor:
+    """The weights as the kernels take them: contiguous, in the accumulation dtype of ``dtype``."""
+    acc = accumulation_dtype(dtype)
+    if weights.dtype == acc and weights.is_contiguous():
+        return weights  # the usual case, without a dispatch
+    return weights.to(acc).contiguous()
+
+
 def _forward_impl(outputs: list[Tensor], weights: Tensor) -> Tensor:
     forward, _ = backend.kernels_for(backend.get_backend(outputs[0].device))
-    return forward(outputs, weights.to(accumulation_dtype(outputs[0].dtype)).contiguous())
+    return forward(outputs, _accumulation_weights(weights, outputs[0].dtype))
 
 
 def _backward_impl(
@@ -168,9 +180,12 @@ def _backward_impl(
     elif not is_dense(grad):
         grad = grad.contiguous()
     _, backward = backend.kernels_for(backend.get_backend(grad.device))
-    acc = accumulation_dtype(grad.dtype)
-    outputs_grad, weights_grad = backward(grad, outputs, weights.to(acc).contiguous(), compute_outputs_grad)
-    return list(outputs_grad), weights_grad.to(weights.dtype)
+    outputs_grad, weights_grad = backward(
+        grad, outputs, _accumulation_weights(weights, grad.dtype), compute_outputs_grad
+    )
+    if weights_grad.dtype != weights.dtype:
+        weights_grad = weights_grad.to(weights.dtype)
+    return list(outputs_grad), weights_grad
 
 
 # --------------------------------------------------------------------------- operators
@@ -268,12 +283,39 @@ def _(info, in_dims, outputs: list[Tensor], weights: Tensor):
     return _vmap_rule(info.batch_size, in_dims[0], in_dims[1], outputs, weights), 0
 
 
+def _function_backward(ctx, grad: Tensor):
+    """The backward of both autograd Functions below: ``(d weights, *d outputs)``."""
+    weights, *outputs = ctx.saved_tensors
+    needs_weights_grad, needs_outputs_grad = ctx.needs_input_grad[0], any(ctx.needs_input_grad[1:])
+    outputs_grad, weights_grad = _gradients(
+        grad, outputs if needs_weights_grad else [], weights, needs_outputs_grad, _backward_impl
+    )
+    if not needs_outputs_grad:
+        outputs_grad = [None] * ctx.num_outputs
+    return (weights_grad if needs_weights_grad else None), *outputs_grad
+
+
 class _MixedSumFunction(torch.autograd.Function):
-    """Eager autograd of the mixed sum on the Python backends (triton, reference), and on every
-    backend under torch.func transforms (vmap, grad, jacrev, jacfwd, hessian): the same
+    """Eager autograd of the mixed sum on the Python backends (triton, reference): the same
     implementation as the registered operators, without their dispatch overhead (tens of
-    microseconds a call, which small GPU tensors would feel). The compiled backends have theirs in
-    C++, ``fastnas::_mixed_sum_autograd``. The inputs come in one shared dense layout."""
+    microseconds a call, which small GPU tensors would feel). Written in the classic form (forward
+    with ctx), which costs about a quarter of the host time of the ``setup_context`` form; torch.func
+    transforms and forward-mode AD take :class:`_MixedSumTransformable`. The compiled backends have
+    theirs in C++, ``fastnas::_mixed_sum_autograd``. The inputs come in one shared dense layout."""
+
+    @staticmethod
+    def forward(ctx, weights: Tensor, *outputs: Tensor) -> Tensor:
+        ctx.num_outputs = len(outputs)
+        # the K inputs are needed only for dL/dw: not kept alive when the weights are frozen
+        ctx.save_for_backward(weights, *(outputs if ctx.needs_input_grad[0] else ()))
+        return _forward_impl(list(outputs), weights)
+
+    backward = staticmethod(_function_backward)
+
+
+class _MixedSumTransformable(torch.autograd.Function):
+    """The mixed sum under torch.func transforms (vmap, grad, jacrev, jacfwd, hessian) and forward-mode
+    AD, on every backend: the ``setup_context`` form they require, a batching rule and a tangent."""
 
     @staticmethod
     def forward(weights: Tensor, *outputs: Tensor) -> Tensor:
@@ -283,20 +325,10 @@ class _MixedSumFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output) -> None:
         weights, *outputs = inputs
         ctx.num_outputs = len(outputs)
-        # the K inputs are needed only for dL/dw: not kept alive when the weights are frozen
         ctx.save_for_backward(weights, *(outputs if weights.requires_grad else ()))
         ctx.save_for_forward(weights, *outputs)
 
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        weights, *outputs = ctx.saved_tensors
-        needs_weights_grad, needs_outputs_grad = ctx.needs_input_grad[0], any(ctx.needs_input_grad[1:])
-        outputs_grad, weights_grad = _gradients(
-            grad, outputs if needs_weights_grad else [], weights, needs_outputs_grad, _backward_impl
-        )
-        if not needs_outputs_grad:
-            outputs_grad = [None] * ctx.num_outputs
-        return (weights_grad if needs_weights_grad else None), *outputs_grad
+    backward = staticmethod(_function_backward)
 
     @staticmethod
     def jvp(ctx, weights_tangent: Tensor | None, *outputs_tangent: Tensor | None) -> Tensor:
@@ -388,11 +420,12 @@ def mixed_sum(outputs: OutputsLike, weights: Tensor) -> Tensor:
     if torch.compiler.is_compiling():
         _validate(outputs, weights)
         return torch.ops.fastnas.mixed_sum(outputs, weights)  # traced as one opaque op
+    transformed = _functorch_wrapped((weights, *outputs)) or forward_ad._current_level >= 0
     if (
-        outputs
+        not transformed
+        and outputs
         and isinstance(outputs[0], Tensor)
         and backend.get_backend(outputs[0].device) in backend.COMPILED_BACKENDS
-        and not _functorch_wrapped((weights, *outputs))
     ):
         # checks, layout and autograd node in C++ (csrc/mixed_sum_autograd.cpp): the backward never
         # enters Python. When the op refuses its arguments, the Python checks say which and why.
@@ -402,4 +435,5 @@ def mixed_sum(outputs: OutputsLike, weights: Tensor) -> Tensor:
             _validate(outputs, weights)
             raise
     _validate(outputs, weights)
-    return _MixedSumFunction.apply(weights, *shared_dense_layout(outputs))
+    function = _MixedSumTransformable if transformed else _MixedSumFunction
+    return function.apply(weights, *shared_dense_layout(outputs))
