@@ -569,6 +569,11 @@ def test_bad_input_through_the_registered_op_is_caught_too():
         torch.ops.fastnas.mixed_sum([torch.randn(3), torch.randn(3)], torch.randn(5))
     with pytest.raises(ValueError, match="at least one"):
         torch.ops.fastnas.mixed_sum([], torch.randn(0))
+    backward = torch.ops.fastnas.mixed_sum_backward
+    with pytest.raises(TypeError, match="grad has dtype torch.int64"):
+        backward(torch.ones(3, dtype=torch.int64), [], torch.randn(2), True)
+    with pytest.raises(ValueError, match="grad is on meta but weights is on cpu"):
+        backward(torch.empty(3, device="meta"), [], torch.randn(2), True)
 
 
 @pytest.mark.skipif(not backend.load_extension(), reason="fastnas._C is not built")

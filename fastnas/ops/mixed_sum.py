@@ -209,6 +209,10 @@ def _mixed_sum_backward_op(
     grad: Tensor, outputs: list[Tensor], weights: Tensor, compute_outputs_grad: bool
 ) -> tuple[list[Tensor], Tensor]:
     _check_tensor(grad, "grad")
+    if grad.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"grad has dtype {grad.dtype}; fastnas.mixed_sum supports float16, bfloat16, float32, float64")
+    if grad.device != weights.device:
+        raise ValueError(f"grad is on {grad.device} but weights is on {weights.device}")
     if outputs:
         _validate(outputs, weights)
         outputs = shared_dense_layout(outputs)
