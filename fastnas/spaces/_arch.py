@@ -20,12 +20,15 @@ class EdgeWeights(NamedTuple):
     * ``selected``: None when every op is computed (the weights then carry the sample: 0 and no
       gradient on the ops not sampled), else per edge the op indices to compute, read on the host;
     * ``unselected``: GDAS only, the hard weights of the ops not sampled (0 in the forward), which
-      NAS-Bench-201's cells add as scalars (xautodl's ``forward_gdas``).
+      NAS-Bench-201's cells add as scalars (xautodl's ``forward_gdas``);
+    * ``picked``: with ``selected``, the weight of each edge's selected op ``[E]`` (one gather for
+      every cell, instead of one entry at a time).
     """
 
     weights: Tensor
     selected: list[list[int]] | None
     unselected: Tensor | None
+    picked: Tensor | None
 
 
 class ArchMixin:
@@ -131,11 +134,15 @@ class ArchMixin:
         # that no value is read on the host
         return u.to(p.device).clamp_min(torch.finfo(p.dtype).tiny).log().neg()
 
-    def _edge_weights_of(self, name: str, sample: dict[str, Tensor] | None) -> EdgeWeights:
-        """The weights a forward uses of the architecture parameter ``name`` (see :class:`EdgeWeights`)."""
+    def _edge_weights_of(
+        self, name: str, sample: dict[str, Tensor] | None, edge_scale: Tensor | None = None
+    ) -> EdgeWeights:
+        """The weights a forward uses of the architecture parameter ``name`` (see :class:`EdgeWeights`);
+        ``picked`` times ``edge_scale`` if given (PC-DARTS's edge weights; the cells multiply the
+        other weights by them)."""
         p = getattr(self, name)
         if self.sampler is None:
-            return EdgeWeights(self._normalised(p), None, None)
+            return EdgeWeights(self._normalised(p), None, None, None)
         use_argmax = not self.training and self.eval_arch == "argmax"
         if use_argmax:
             noise = None
@@ -160,9 +167,28 @@ class ArchMixin:
             unselected = hard * (1 - one_hot)
         if self.compute_all_ops or torch.compiler.is_compiling():
             weights = hard if self.sampler == "uniform" else torch.where(one_hot.bool(), hard, hard.detach())
-            return EdgeWeights(weights, None, unselected)
+            return EdgeWeights(weights, None, unselected, None)
         weights = torch.ones_like(p) if self.sampler == "uniform" else hard
-        return EdgeWeights(weights, [[k] for k in index.tolist()], unselected)
+        picked = weights.gather(1, index[:, None]).squeeze(1)
+        if edge_scale is not None:
+            picked = picked * edge_scale
+        return EdgeWeights(weights, [[k] for k in index.tolist()], unselected, picked)
+
+    # ------------------------------------------------------------------ compilation
+
+    def compile_cells(self, **options) -> None:
+        """Regional compilation: compile each search cell with ``torch.compile`` (``fullgraph=True``,
+        ``dynamic=False`` unless ``options`` say otherwise), cells of the same kind and shapes sharing
+        one compiled graph; the stem, the classifier and the sampling stay eager (the samples keep
+        coming from ``self.generator``). Sets ``compute_all_ops = True``: under a sampler every op is
+        computed, weighted 0 when not sampled, so the graph does not depend on the sample (no
+        recompilation, no host read). Call again after ``.to()`` / ``.double()``."""
+        options = {"fullgraph": True, "dynamic": False, **options}
+        self.compute_all_ops = True
+        for cell in self._search_cells():
+            cell.compile_nodes(**options)
+        limit = torch._dynamo.config.recompile_limit  # one compiled graph per kind and shape of cell
+        torch._dynamo.config.recompile_limit = max(limit, len(self._search_cells()))
 
     # ------------------------------------------------------------------ parameter groups
 
@@ -176,10 +202,16 @@ class ArchMixin:
         return [p for p in self.parameters() if id(p) not in arch]
 
 
-def pick_weights(W: Tensor, pairs: Sequence[tuple[int, int]]) -> Tensor:
+def pick_weights(W: Tensor, pairs: Sequence[tuple[int, int]], picked: Tensor | None = None) -> Tensor:
     """``W[e, k]`` for each ``(e, k)`` of ``pairs``, as one 1-D tensor in that order: a slice (no
     index tensor) when the pairs are every column of a range of columns on a range of rows, row by
-    row, else a stack of the entries."""
+    row, else a stack of the entries. ``picked``: ``W[e, k_e]`` per edge (one op per edge, see
+    :class:`EdgeWeights`), sliced the same way."""
+    if picked is not None:
+        edges = [e for e, _ in pairs]
+        if edges == list(range(edges[0], edges[-1] + 1)):
+            return picked[edges[0] : edges[-1] + 1]
+        return torch.stack([picked[e] for e in edges])
     e0, k0 = pairs[0]
     e1, k1 = pairs[-1]
     block = [(e, k) for e in range(e0, e1 + 1) for k in range(k0, k1 + 1)]

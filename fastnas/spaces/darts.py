@@ -35,6 +35,7 @@ from fastnas.spaces import _arch
 from fastnas.spaces._arch import pick_weights
 from fastnas.spaces.ops import (
     Identity,
+    StatUpdates,
     Zero,
     avg_pool_3x3,
     batch_norm,
@@ -145,10 +146,10 @@ class FactorizedReduce(nn.Module):
         self.conv_2 = nn.Conv2d(C_in, C_out // 2, 1, stride=2, padding=0, bias=False)
         self.bn = nn.BatchNorm2d(C_out, affine=affine)
 
-    def forward_relu(self, r: Tensor, unit: Tensor | None = None, counters: list[Tensor] | None = None) -> Tensor:
-        """The op after its ReLU, given ``r = relu(x)`` (``unit``, ``counters``: see :func:`batch_norm`)."""
+    def forward_relu(self, r: Tensor, unit: Tensor | None = None, updates: StatUpdates | None = None) -> Tensor:
+        """The op after its ReLU, given ``r = relu(x)`` (``unit``, ``updates``: see :func:`batch_norm`)."""
         y = torch.cat([self.conv_1(r), self.conv_2(r[:, :, 1:, 1:])], dim=1)
-        return batch_norm(y, self.bn, unit, counters=counters)
+        return batch_norm(y, self.bn, unit, updates=updates)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_relu(torch.relu(x))
@@ -280,6 +281,7 @@ class Cell(nn.Module):
         self.last_computed: list[tuple[int, str]] = []  # (edge, op) pairs of the last eager forward
         # constants of the BatchNorm backward (two kernels fewer per backward)
         self.register_buffer("_bn_unit", bn_constants(steps * C), persistent=False)
+        self._compiled_nodes = None
         self._pack_running_stats()
 
     def _out_edges(self, j: int) -> list[int]:
@@ -307,6 +309,7 @@ class Cell(nn.Module):
         weights: Tensor,
         selected: Sequence[Sequence[int]] | None = None,
         edge_weights: Tensor | None = None,
+        picked: Tensor | None = None,
     ) -> Tensor:
         """Args:
             s0, s1: the outputs of the two previous cells, ``[B, C_prev_prev, H0, W0]``, ``[B, C_prev, H, W]``.
@@ -314,14 +317,41 @@ class Cell(nn.Module):
             selected: per edge, the op indices to compute (GDAS: the sampled one); None: every op.
                 ``none`` is skipped either way.
             edge_weights: ``[num_edges]`` PC-DARTS edge weights (normalised per node), or None (all 1).
+            picked: with ``selected`` (one op per edge), the weight of each edge's op, edge weights
+                included (see :class:`fastnas.spaces._arch.EdgeWeights`): then ``weights`` is not read.
 
         Returns ``[B, multiplier * C, H', W']`` (``H' = H/2`` in a reduction cell).
         """
-        counters: list[Tensor] = []  # num_batches_tracked of every BatchNorm run: one foreach add at the end
-        states = [self._preprocess(self.preprocess0, s0, counters), self._preprocess(self.preprocess1, s1, counters)]
-        k = self.partial_channels
-        if edge_weights is not None:
+        if edge_weights is not None and picked is None:
             weights = weights * edge_weights[:, None]
+        updates = StatUpdates()  # BatchNorm bookkeeping, applied at the end in a few foreach kernels
+        unit = self._bn_unit if self._bn_unit.dtype == s1.dtype else None
+        s0 = self._preprocess(self.preprocess0, s0, unit, updates)
+        s1 = self._preprocess(self.preprocess1, s1, unit, updates)
+        nodes = self.nodes if self._compiled_nodes is None else self._compiled_nodes
+        return nodes(s0, s1, weights, selected, edge_weights, picked, updates)
+
+    def compile_nodes(self, **options) -> None:
+        """Compile :meth:`nodes` with ``torch.compile(**options)``: every cell of the same kind and
+        shapes runs the same compiled code (the preprocessing, whose input shapes differ from cell to
+        cell, stays eager)."""
+        self._compiled_nodes = torch.compile(self.nodes, **options)
+
+    def nodes(
+        self,
+        s0: Tensor,
+        s1: Tensor,
+        weights: Tensor,
+        selected: Sequence[Sequence[int]] | None,
+        edge_weights: Tensor | None,
+        picked: Tensor | None,
+        updates: StatUpdates,
+    ) -> Tensor:
+        """The cell after its preprocessing: ``s0``, ``s1`` ``[B, C, H, W]``, ``weights`` with the
+        edge weights multiplied in (the other arguments as in :meth:`forward`; ``updates`` as in
+        :func:`fastnas.spaces.ops.batch_norm`, applied here)."""
+        states = [s0, s1]
+        k = self.partial_channels
         queues: list[list[tuple[int, int, Tensor]]] = [[] for _ in range(self._steps)]  # (edge, op, output)
         passes: list[list[Tensor]] = [[] for _ in range(self._steps)]  # PC-DARTS: the bypassed channels
         tracing = torch.compiler.is_compiling()
@@ -332,19 +362,22 @@ class Cell(nn.Module):
         node_shape = (B, self.C // k, -(-H // stride), -(-W // stride))
         for i in range(self._steps):
             for j in (0, 1) if i == 0 else (i + 1,):  # the states that became known
-                h = states[j]
-                x = h if k == 1 else h[:, : h.shape[1] // k].contiguous(memory_format=preferred_memory_format(h))
-                self._emit(j, x, selected, queues, counters)
+                x, rest = states[j], None
+                if k > 1:  # one split, whose backward is one concatenation
+                    x, rest = x.split([x.shape[1] // k, x.shape[1] - x.shape[1] // k], dim=1)
+                    x = x.contiguous(memory_format=preferred_memory_format(x))
+                self._emit(j, x, selected, queues, updates)
                 if k > 1:
                     for e in self._out_edges(j):
-                        passes[self.edges[e][0]].append(self._bypass(h, self._ops[e].stride))
+                        passes[self.edges[e][0]].append(self._bypass(rest, self._ops[e].stride))
             queue = queues[i]
             if not tracing:
                 self.last_computed += [(e, PRIMITIVES[q]) for e, q, _ in sorted(queue, key=lambda t: t[:2])]
             offset = i * (i + 3) // 2  # edges of the earlier nodes: 2 + 3 + ... + (i + 1)
             if queue:
                 queue.sort(key=lambda t: t[:2])
-                node = fastnas.mixed_sum([o for *_, o in queue], pick_weights(weights, [(e, q) for e, q, _ in queue]))
+                w = pick_weights(weights, [(e, q) for e, q, _ in queue], picked)
+                node = fastnas.mixed_sum([o for *_, o in queue], w)
             else:  # every sampled op is 'none': the node is zero
                 node = states[0].new_zeros(node_shape)
             if k > 1:
@@ -353,17 +386,17 @@ class Cell(nn.Module):
                 bypass = fastnas.mixed_sum(passes[i], ones)
                 node = channel_shuffle(torch.cat([node, bypass], dim=1), k)
             states.append(node)
-        if counters:
-            torch._foreach_add_(counters, 1)
+        updates.apply()
         return torch.cat(states[-self._multiplier :], dim=1)
 
-    def _preprocess(self, module: nn.Module, s: Tensor, counters: list[Tensor]) -> Tensor:
+    @staticmethod
+    def _preprocess(module: nn.Module, s: Tensor, unit: Tensor | None, updates: StatUpdates) -> Tensor:
         r = torch.relu(s)
         if isinstance(module, FactorizedReduce):
-            return module.forward_relu(r, counters=counters)
-        return run_tail(module.op, r, start=1, counters=counters)
+            return module.forward_relu(r, unit, updates)
+        return run_tail(module.op, r, start=1, unit=unit, updates=updates)
 
-    def _emit(self, j: int, x: Tensor, selected, queues, counters: list[Tensor]) -> None:
+    def _emit(self, j: int, x: Tensor, selected, queues, updates: StatUpdates) -> None:
         """Compute every needed op of every edge leaving state ``j`` (input ``x``) and queue it for
         its target node."""
         edges = self._out_edges(j)
@@ -388,19 +421,19 @@ class Cell(nn.Module):
                 pooled = _pool(name, x, stride)
                 bns = [self._ops[e]._ops[q][1] for e in members]
                 if all(lean_bn_eligible(b) for b in bns):
-                    y = shared_batch_norm(pooled, bns, unit, counters)
+                    y = shared_batch_norm(pooled, bns, unit, updates)
                     outs = [y] * len(members)
                 else:
                     outs = [b(pooled) for b in bns]
             elif name == "skip_connect":
                 fr = [self._ops[e]._ops[q] for e in members]
-                outs = [x if stride == 1 else op.forward_relu(relu_x(), unit, counters) for op in fr]
+                outs = [x if stride == 1 else op.forward_relu(relu_x(), unit, updates) for op in fr]
             else:
-                outs = self._conv_group(q, members, relu_x, unit, counters)
+                outs = self._conv_group(q, members, relu_x, unit, updates)
             for e, out in zip(members, outs):
                 queues[self.edges[e][0]].append((e, q, out))
 
-    def _conv_group(self, q: int, edges: Sequence[int], relu_x, unit, counters: list[Tensor]) -> list[Tensor]:
+    def _conv_group(self, q: int, edges: Sequence[int], relu_x, unit, updates: StatUpdates) -> list[Tensor]:
         """Op ``q`` (a sep or dil conv) of every edge in ``edges``, given ``relu_x(times)``, their
         shared input ``relu(x)`` repeated ``times`` along the channels: each stage of the op is ONE
         convolution over the edges' concatenated weights — the depthwise ones over the input repeated
@@ -418,14 +451,14 @@ class Cell(nn.Module):
 
         y = conv(conv(relu_x(m), 1, m * C), 2, m)
         if PRIMITIVES[q].startswith("sep"):
-            y = torch.relu(batch_norm(y, [s[3] for s in seqs], unit, counters=counters))
+            y = torch.relu(batch_norm(y, [s[3] for s in seqs], unit, updates=updates))
             y = conv(conv(y, 5, m * C), 6, m)
-        outs = batch_norm(y, [s[-1] for s in seqs], unit, parts=m, counters=counters)
+        outs = batch_norm(y, [s[-1] for s in seqs], unit, parts=m, updates=updates)
         return outs if m > 1 else [outs]
 
-    def _bypass(self, h: Tensor, stride: int) -> Tensor:
+    @staticmethod
+    def _bypass(rest: Tensor, stride: int) -> Tensor:
         """PC-DARTS: the channels that skip the ops (max-pooled 2x2 at stride 2)."""
-        rest = h[:, h.shape[1] // self.partial_channels :]
         return rest if stride == 1 else F.max_pool2d(rest, 2, 2)
 
 
@@ -504,6 +537,9 @@ class Network(_arch.ArchMixin, nn.Module):
             self.betas_reduce = nn.Parameter(self._init_segments(self._node_segments()))
             self._arch_names += ["betas_normal", "betas_reduce"]
 
+    def _search_cells(self) -> list[Cell]:
+        return list(self.cells)
+
     def _node_segments(self) -> tuple[int, ...]:
         return tuple(2 + i for i in range(self._steps))
 
@@ -522,17 +558,15 @@ class Network(_arch.ArchMixin, nn.Module):
     def forward(self, x: Tensor, sample: dict[str, Tensor] | None = None) -> Tensor:
         """Logits ``[B, num_classes]`` of images ``x`` ``[B, in_channels, H, W]``. ``sample``: a draw of
         :meth:`sample_architecture` to use (samplers only; None: one is drawn now)."""
-        normal = self._edge_weights_of("alphas_normal", sample)
-        reduce = self._edge_weights_of("alphas_reduce", sample)
         b_normal = b_reduce = None
         if self.partial_channels > 1:
             b_normal, b_reduce = self._edge_weights(self.betas_normal), self._edge_weights(self.betas_reduce)
+        normal = self._edge_weights_of("alphas_normal", sample, b_normal)  # edge weights multiplied in
+        reduce = self._edge_weights_of("alphas_reduce", sample, b_reduce)
         s0 = s1 = self.stem(x.contiguous(memory_format=preferred_memory_format(x)))
         for cell in self.cells:
-            if cell.reduction:
-                s0, s1 = s1, cell(s0, s1, reduce.weights, reduce.selected, b_reduce)
-            else:
-                s0, s1 = s1, cell(s0, s1, normal.weights, normal.selected, b_normal)
+            w, b = (reduce, b_reduce) if cell.reduction else (normal, b_normal)
+            s0, s1 = s1, cell(s0, s1, w.weights, w.selected, b, w.picked)
         out = self.global_pooling(s1)
         return self.classifier(out.flatten(1))
 

@@ -37,6 +37,7 @@ from fastnas.spaces import _arch
 from fastnas.spaces._arch import pick_weights
 from fastnas.spaces.ops import (
     Identity,
+    StatUpdates,
     Zero,
     avg_pool_3x3,
     batch_norm,
@@ -249,6 +250,11 @@ class SearchCell(nn.Module):
         self.register_buffer("_bn_unit", bn_constants((max_nodes - 1) * C_out), persistent=False)
         self._pack_running_stats()
 
+    def compile_nodes(self, **options) -> None:
+        """Compile the cell with ``torch.compile(**options)`` (regional compilation: cells of the same
+        shapes run the same compiled code)."""
+        self.compile(**options)
+
     def _pack_running_stats(self) -> None:
         """The BatchNorms of one conv op on every edge leaving a node are normalised together: their
         statistics are kept side by side (see :func:`fastnas.spaces.ops.pack_running_stats`)."""
@@ -273,6 +279,7 @@ class SearchCell(nn.Module):
         selected: Sequence[Sequence[int]] | None = None,
         *,
         unselected: Tensor | None = None,
+        picked: Tensor | None = None,
     ) -> Tensor:
         """Args:
             inputs: ``[B, C_in, H, W]``.
@@ -281,6 +288,8 @@ class SearchCell(nn.Module):
                 computed.
             unselected: GDAS semantics: ``[num_edges, len(op_names)]`` hard weights of the ops not
                 sampled (0 where sampled), which each node adds as a scalar (see :meth:`forward_gdas`).
+            picked: with ``selected`` (one op per edge), the weight of each edge's op (see
+                :class:`fastnas.spaces._arch.EdgeWeights`).
 
         Returns the last node, ``[B, C_out, H / stride, W / stride]``.
         """
@@ -293,25 +302,27 @@ class SearchCell(nn.Module):
             self.last_computed = []
         nodes = [inputs]
         queues: dict[int, list[tuple[int, int, Tensor]]] = defaultdict(list)  # node -> (edge, op, output)
-        counters: list[Tensor] = []  # num_batches_tracked of every grouped BatchNorm: one foreach add at the end
+        updates = StatUpdates()  # BatchNorm bookkeeping, applied at the end in a few foreach kernels
         for j in range(self.max_nodes - 1):
-            self._emit(j, nodes[j], selected, queues, counters)
+            self._emit(j, nodes[j], selected, queues, updates)
             queue = sorted(queues.pop(j + 1, []), key=lambda t: t[:2])
             if not tracing:
                 self.last_computed += [(self.edge_keys[e], self.op_names[k]) for e, k, _ in queue]
             if queue:
-                node = fastnas.mixed_sum([o for *_, o in queue], pick_weights(weightss, [(e, k) for e, k, _ in queue]))
+                w = pick_weights(weightss, [(e, k) for e, k, _ in queue], picked)
+                node = fastnas.mixed_sum([o for *_, o in queue], w)
             else:  # every computed op of this node is 'none'
                 B, _, H, W = inputs.shape
                 s = self.stride
                 node = inputs.new_zeros(B, self.out_dim, -(-H // s), -(-W // s))
             if unselected is not None:
                 rows = [self.edge2index[f"{j + 1}<-{i}"] for i in range(j + 1)]
-                picked = unselected[rows[0] : rows[-1] + 1] if rows == list(range(rows[0], rows[-1] + 1)) else None
-                node = node + (picked if picked is not None else torch.stack([unselected[e] for e in rows])).sum()
+                if rows == list(range(rows[0], rows[-1] + 1)):
+                    node = node + unselected[rows[0] : rows[-1] + 1].sum()
+                else:
+                    node = node + torch.stack([unselected[e] for e in rows]).sum()
             nodes.append(node)
-        if counters:
-            torch._foreach_add_(counters, 1)
+        updates.apply()
         return nodes[-1]
 
     def forward_gdas(self, inputs: Tensor, hardwts: Tensor, index: Tensor) -> Tensor:
@@ -347,7 +358,7 @@ class SearchCell(nn.Module):
         ones = torch.ones(self.num_edges, len(self.op_names), dtype=inputs.dtype, device=inputs.device)
         return self.forward(inputs, ones, selected)
 
-    def _emit(self, j: int, x: Tensor, selected, pending, counters: list[Tensor]) -> None:
+    def _emit(self, j: int, x: Tensor, selected, pending, updates: StatUpdates) -> None:
         """Compute every needed op of every edge leaving node ``j`` and queue it for its target node."""
         relu: list[Tensor] = []
         pools: dict[tuple[str, int], Tensor] = {}
@@ -389,7 +400,7 @@ class SearchCell(nn.Module):
             if conv.bias is not None:
                 bias = torch.cat([m.op[1].bias for *_, m in group]) if len(group) > 1 else conv.bias
             y = F.conv2d(relu_x(), weight, bias, conv.stride, conv.padding, conv.dilation)
-            outs = batch_norm(y, [m.op[2] for *_, m in group], unit, parts=len(group), counters=counters)
+            outs = batch_norm(y, [m.op[2] for *_, m in group], unit, parts=len(group), updates=updates)
             for (i, e, k, _), out in zip(group, outs if len(group) > 1 else [outs]):
                 self._queue(pending, i, out, e, k)
 
@@ -457,6 +468,9 @@ class Network(_arch.ArchMixin, nn.Module):
         self.alphas = nn.Parameter(self._init_rows(len(self.edge_keys), len(PRIMITIVES)))
         self._arch_names = ["alphas"]
 
+    def _search_cells(self) -> list[SearchCell]:
+        return [cell for cell in self.cells if isinstance(cell, SearchCell)]
+
     def arch_simplex_segments(self, p: Tensor) -> tuple[int, ...] | None:
         """None: every row of ``alphas`` is one simplex."""
         if p is not self.alphas:
@@ -466,11 +480,11 @@ class Network(_arch.ArchMixin, nn.Module):
     def forward(self, x: Tensor, sample: dict[str, Tensor] | None = None) -> Tensor:
         """Logits ``[B, num_classes]`` of images ``x`` ``[B, in_channels, H, W]``. ``sample``: a draw of
         :meth:`sample_architecture` to use (samplers only; None: one is drawn now)."""
-        weights, selected, unselected = self._edge_weights_of("alphas", sample)
+        weights, selected, unselected, picked = self._edge_weights_of("alphas", sample)
         feature = self.stem(x.contiguous(memory_format=preferred_memory_format(x)))
         for cell in self.cells:
             if isinstance(cell, SearchCell):
-                feature = cell(feature, weights, selected, unselected=unselected)
+                feature = cell(feature, weights, selected, unselected=unselected, picked=picked)
             else:
                 feature = cell(feature)
         out = self.global_pooling(self.lastact(feature))

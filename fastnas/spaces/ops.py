@@ -215,13 +215,43 @@ def pack_running_stats(bns: Sequence[nn.BatchNorm2d]) -> None:
             setattr(bn, name, chunk.view(b.shape))
 
 
-def _count_batch(bns: Sequence[nn.BatchNorm2d], counters: list[Tensor] | None) -> None:
+class StatUpdates:
+    """BatchNorm bookkeeping of a whole cell, collected during its forward and applied at its end by
+    :meth:`apply` in a handful of foreach kernels: ``num_batches_tracked += 1`` of every module run,
+    and the running statistics of modules that share another module's output (see
+    :func:`shared_batch_norm`)."""
+
+    def __init__(self) -> None:
+        self.counters: list[Tensor] = []
+        # (module, batch mean, batch invstd, values per channel, momentum)
+        self.shared: list[tuple[nn.BatchNorm2d, Tensor, Tensor, int, float]] = []
+
+    def apply(self) -> None:
+        # buffers and non-differentiable statistics only: nothing here is recorded by autograd
+        if self.counters:
+            torch._foreach_add_(self.counters, 1)
+        if not self.shared:
+            return
+        # unbiased batch variance, as the native kernel stores it: (invstd^-2 - eps) * n / (n - 1)
+        variances = torch._foreach_pow([invstd for _, _, invstd, _, _ in self.shared], -2)
+        torch._foreach_sub_(variances, [bn.eps for bn, *_ in self.shared])
+        torch._foreach_mul_(variances, [n / max(n - 1, 1) for *_, n, _ in self.shared])
+        by_factor: dict[float, tuple[list[Tensor], list[Tensor]]] = {}
+        for (bn, mean, _, _, factor), var in zip(self.shared, variances):
+            buffers, stats = by_factor.setdefault(factor, ([], []))
+            buffers += [bn.running_mean, bn.running_var]
+            stats += [mean, var]
+        for factor, (buffers, stats) in by_factor.items():  # running = (1 - f) * running + f * batch
+            torch._foreach_mul_(buffers, 1.0 - factor)
+            torch._foreach_add_(buffers, stats, alpha=factor)
+
+
+def _count_batch(bns: Sequence[nn.BatchNorm2d], updates: StatUpdates | None) -> None:
     """``num_batches_tracked += 1`` for every module of ``bns`` that counts: now (one kernel when the
-    counters are packed, else one foreach kernel), or later, appended to ``counters``, by whoever
-    collects the counters of a whole cell into one foreach kernel."""
+    counters are packed, else one foreach kernel), or at the end of the cell by ``updates``."""
     tracked = [bn.num_batches_tracked for bn in bns if bn.num_batches_tracked is not None]
-    if counters is not None:
-        counters.extend(tracked)
+    if updates is not None:
+        updates.counters.extend(tracked)
     elif tracked:
         packed = _adjacent(tracked)
         if packed is not None:
@@ -252,28 +282,27 @@ def _tracks(bn: nn.BatchNorm2d) -> bool:
 
 @torch.no_grad()
 def _update_from_batch(
-    bns: Sequence[nn.BatchNorm2d], mean: Tensor, invstd: Tensor, count: int, counters: list[Tensor] | None = None
+    bns: Sequence[nn.BatchNorm2d], mean: Tensor, invstd: Tensor, count: int, updates: StatUpdates | None = None
 ) -> None:
     """Update the running statistics of ``bns`` (each tracking, in training mode) as their own forward
-    would from the batch ``mean`` and ``invstd = 1/sqrt(var + eps)`` of ``count`` values per channel:
-    ``running = (1 - factor) * running + factor * batch`` (variance unbiased, as the native kernel
-    stores it), by foreach kernels over every module of one momentum. ``momentum=None`` (cumulative
-    average, factor ``1 / num_batches_tracked``) reads the count on the host (counted first)."""
-    _count_batch([bn for bn in bns if bn.momentum is None], None)
-    _count_batch([bn for bn in bns if bn.momentum is not None], counters)
-    by_factor: dict[float, list[nn.BatchNorm2d]] = {}
+    would from the batch ``mean`` and ``invstd = 1/sqrt(var + eps)`` of ``count`` values per channel
+    (see :meth:`StatUpdates.apply`): at the end of the cell with ``updates``, else now.
+    ``momentum=None`` (cumulative average, factor ``1 / num_batches_tracked``) is applied now and
+    reads the count on the host."""
+    now = StatUpdates()
     for bn in bns:
-        factor = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
-        by_factor.setdefault(factor, []).append(bn)
-    for factor, group in by_factor.items():
-        var = invstd.to(group[0].running_var.dtype).pow(-2).sub_(group[0].eps).mul_(count / max(count - 1, 1))
-        buffers = [bn.running_mean for bn in group] + [bn.running_var for bn in group]
-        torch._foreach_mul_(buffers, 1.0 - factor)
-        torch._foreach_add_(buffers, [mean.to(var.dtype)] * len(group) + [var] * len(group), alpha=factor)
+        if bn.momentum is None:  # factor 1 / count, counted first
+            bn.num_batches_tracked.add_(1)
+            now.shared.append((bn, mean, invstd, count, 1.0 / float(bn.num_batches_tracked)))
+        else:
+            target = updates if updates is not None else now
+            _count_batch([bn], target)
+            target.shared.append((bn, mean, invstd, count, bn.momentum))
+    now.apply()
 
 
 def _lean_batch_norm(
-    x: Tensor, bns: Sequence[nn.BatchNorm2d], unit: Tensor | None, parts: int, counters: list[Tensor] | None
+    x: Tensor, bns: Sequence[nn.BatchNorm2d], unit: Tensor | None, parts: int, updates: StatUpdates | None
 ):
     """``(outputs, mean, invstd)`` of :func:`batch_norm` for lean-eligible modules of one eps."""
     first = bns[0]
@@ -282,7 +311,7 @@ def _lean_batch_norm(
     tracking = [b for b in bns if _tracks(b)]
     native = len(tracking) == len(bns) and all(b.momentum is not None and b.momentum == first.momentum for b in bns)
     if native:
-        _count_batch(bns, counters)
+        _count_batch(bns, updates)
         running_mean, running_var, momentum, write_back = _group_stats(bns)
     else:  # no statistics to track, or cumulative averages / mixed momenta: updated after the kernel
         running_mean = running_var = write_back = None
@@ -295,7 +324,7 @@ def _lean_batch_norm(
         n = len(bns)
         for b, m, i in zip(bns, mean.chunk(n), invstd.chunk(n)):
             if _tracks(b):
-                _update_from_batch([b], m, i, count, counters)
+                _update_from_batch([b], m, i, count, updates)
     return ys, mean, invstd
 
 
@@ -304,7 +333,7 @@ def batch_norm(
     bn: nn.BatchNorm2d | Sequence[nn.BatchNorm2d],
     unit: Tensor | None = None,
     parts: int = 1,
-    counters: list[Tensor] | None = None,
+    updates: StatUpdates | None = None,
 ) -> Tensor | list[Tensor]:
     """``bn(x)`` for a ``[B, C, H, W]`` tensor, keeping only the output for the backward.
 
@@ -315,18 +344,18 @@ def batch_norm(
     block of ``C / parts`` channels (see :func:`split_channels`), else one tensor. Modules that use
     running statistics or have affine parameters are simply called, each on its block, as the
     reference does. ``unit``: an optional :func:`bn_constants` tensor (saves two kernels per backward);
-    ``counters``: a list that collects the ``num_batches_tracked`` to increment (see :func:`_count_batch`).
+    ``updates``: a :class:`StatUpdates` that applies the batch counts at the end of the cell.
     """
     bns = list(bn) if isinstance(bn, (list, tuple)) else [bn]
     if not all(lean_bn_eligible(b) for b in bns):
         y = torch.cat([b(block) for b, block in zip(bns, x.chunk(len(bns), dim=1))], dim=1)
         return y if parts == 1 else list(y.chunk(parts, dim=1))
-    ys, _, _ = _lean_batch_norm(x, bns, unit, parts, counters)
+    ys, _, _ = _lean_batch_norm(x, bns, unit, parts, updates)
     return ys if parts > 1 else ys[0]
 
 
 def shared_batch_norm(
-    x: Tensor, bns: Sequence[nn.BatchNorm2d], unit: Tensor | None = None, counters: list[Tensor] | None = None
+    x: Tensor, bns: Sequence[nn.BatchNorm2d], unit: Tensor | None = None, updates: StatUpdates | None = None
 ) -> Tensor:
     """``bns[e](x)`` for every ``e`` — the same output, since every module sees the same input and
     normalises with batch statistics — computed once; the first module's running statistics are
@@ -334,10 +363,10 @@ def shared_batch_norm(
     kernels (see :func:`_update_from_batch`). Each module must be :func:`lean_bn_eligible`."""
     if not all(lean_bn_eligible(b) and b.eps == bns[0].eps for b in bns):
         raise ValueError("bns: a shared BatchNorm needs batch statistics, affine=False and one eps on every module")
-    (y,), mean, invstd = _lean_batch_norm(x, bns[:1], unit, 1, counters)
+    (y,), mean, invstd = _lean_batch_norm(x, bns[:1], unit, 1, updates)
     rest = [b for b in bns[1:] if _tracks(b)]
     if rest:
-        _update_from_batch(rest, mean, invstd, x.numel() // x.shape[1], counters)
+        _update_from_batch(rest, mean, invstd, x.numel() // x.shape[1], updates)
     return y
 
 
@@ -349,15 +378,17 @@ def avg_pool_3x3(x: Tensor, stride: int = 1) -> Tensor:
 # --------------------------------------------------------------------------- reference Sequentials, slimmer
 
 
-def run_tail(seq: nn.Sequential, x: Tensor, start: int = 0, counters: list[Tensor] | None = None) -> Tensor:
+def run_tail(
+    seq: nn.Sequential, x: Tensor, start: int = 0, unit: Tensor | None = None, updates: StatUpdates | None = None
+) -> Tensor:
     """``seq[start:](x)`` with every BatchNorm run through :func:`batch_norm` (output-only saving;
-    ``counters`` as there).
+    ``unit``, ``updates`` as there).
 
     Used to apply the reference modules' ``op`` Sequentials after a ReLU shared by several ops.
     """
     for m in list(seq)[start:]:
         if isinstance(m, nn.BatchNorm2d):
-            x = batch_norm(x, m, counters=counters)
+            x = batch_norm(x, m, unit, updates=updates)
         elif isinstance(m, nn.ReLU):
             x = torch.relu(x)
         else:
