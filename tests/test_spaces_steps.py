@@ -232,9 +232,10 @@ def small(space: str, **mode):
 
 
 @pytest.mark.parametrize("space, mode, backend", COMPILE_CASES, ids=str)
-def test_whole_step_compiles_in_one_graph_without_recompiling(space, mode, backend):
+def test_whole_step_compiles_in_one_graph_without_recompiling(space, mode, backend, recwarn, caplog):
     """torch.compile(fullgraph=True) of forward + loss: one graph, no recompilation over several steps
-    (new samples, a new tau), the eager results within float32 tolerance."""
+    (new samples, a new tau), the eager results within float32 tolerance, no warning about cached
+    (``lru_cache``) helpers inside the trace."""
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     torch.manual_seed(9)
@@ -259,6 +260,7 @@ def test_whole_step_compiles_in_one_graph_without_recompiling(space, mode, backe
         assert_grads_close(net, eager)
     stats = torch._dynamo.utils.counters["stats"]
     assert stats["unique_graphs"] == 1 and not torch._dynamo.utils.counters["recompiles"]
+    assert not [w for w in recwarn if "lru_cache" in str(w.message)] and "lru_cache" not in caplog.text
 
 
 def test_regional_compilation_shares_graphs_across_cells():
