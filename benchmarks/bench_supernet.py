@@ -22,6 +22,8 @@ What is measured:
 * ``saved_MiB``: bytes of the distinct tensors autograd keeps for the backward (parameters excluded),
   via ``torch.autograd.graph.saved_tensors_hooks`` — what the forward leaves alive for the backward,
   which is what the peak of a training step is made of.
+* ``kernels``: the non-view ATen operators one step dispatches (``kernel_count.py``; on a GPU, the
+  kernel launches). ``bench_step_kernels.py`` counts every sampler and the reference code too.
 
 Run:  pytest benchmarks/bench_supernet.py --benchmark-only     (results in each benchmark's extra_info)
       python benchmarks/bench_supernet.py [--rounds 5] [--space nb201|darts]   (prints a table)
@@ -43,6 +45,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from eager_supernets import EagerDartsNetwork, EagerNB201Network  # noqa: E402
+from kernel_count import count_kernels  # noqa: E402
 from timing import interleaved_medians, synchronize  # noqa: E402
 
 import fastnas  # noqa: E402
@@ -182,6 +185,12 @@ def measure(space: str, rounds: int = ROUNDS, device: str = DEVICE, with_nhwc: b
     }
     if with_nhwc:
         info["speedup_vs_eager_nhwc"] = round(medians["eager-nhwc"] / medians["fastnas"], 3)
+    kernels = {
+        name: count_kernels(lambda net=net: train_step(net, x, y)).total
+        for name, net in (("fastnas", fast), ("eager", eager))
+    }
+    info["kernels"] = kernels
+    info["kernels_ratio"] = round(kernels["fastnas"] / kernels["eager"], 3)
     for name, measure_fn in (("peak_MiB", peak_bytes), ("saved_MiB", saved_bytes)):
         values = {"fastnas": measure_fn(fast, x, y), "eager": measure_fn(eager, x, y)}
         info[name] = {k: round(v / 2**20, 1) for k, v in values.items()}
@@ -201,14 +210,15 @@ def test_supernet_step(benchmark, space):
 def _table(rows: list[dict]) -> str:
     lines = [
         "| space | batch | device | fastnas s | eager s | speedup | peak MiB fastnas / eager (ratio) "
-        "| saved MiB fastnas / eager (ratio) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| saved MiB fastnas / eager (ratio) | kernels fastnas / eager (ratio) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['space']} | {r['batch']} | {r['device']} ({r['threads']} threads) | {r['median_s']['fastnas']} "
             f"| {r['median_s']['eager']} | {r['speedup']}x | {r['peak_MiB']['fastnas']} / {r['peak_MiB']['eager']} "
-            f"({r['peak_ratio']}) | {r['saved_MiB']['fastnas']} / {r['saved_MiB']['eager']} ({r['saved_ratio']}) |"
+            f"({r['peak_ratio']}) | {r['saved_MiB']['fastnas']} / {r['saved_MiB']['eager']} ({r['saved_ratio']}) "
+            f"| {r['kernels']['fastnas']} / {r['kernels']['eager']} ({r['kernels_ratio']}) |"
         )
     return "\n".join(lines)
 

@@ -111,8 +111,9 @@ def test_gdas_computes_only_the_sampled_ops(partial_channels, mixed_sum_calls):
     torch.manual_seed(8)
     net = darts.Network(C=8, layers=3, sampler="gdas", partial_channels=partial_channels)
     net.generator = torch.Generator().manual_seed(11)
-    _, sel_normal = net._op_weights(net.alphas_normal)
-    _, sel_reduce = net._op_weights(net.alphas_reduce)
+    sample = net.sample_architecture()
+    sel_normal = net._edge_weights_of("alphas_normal", sample).selected
+    sel_reduce = net._edge_weights_of("alphas_reduce", sample).selected
     net.generator = torch.Generator().manual_seed(11)
     net(torch.randn(2, 3, 8, 8)).sum().backward()
     expected_calls = []

@@ -7,25 +7,29 @@ Two kinds of things live here:
   their space's module because DARTS and NAS-Bench-201 name them differently;
 * functional pieces the slim forward uses instead of calling those modules one by one:
 
-  - :func:`batch_norm` — BatchNorm without affine parameters that keeps only its *output* for the
-    backward (the output is kept alive anyway by the mixed sum, which needs it for dL/dw), so the
-    pre-normalisation tensor (the conv output) is freed as soon as the forward moves on;
-  - :func:`batch_norm_split` — the same over the channels of several candidate ops computed by one
-    convolution, returning one dense tensor per op;
-  - :func:`avg_pool_3x3` — ``avg_pool2d(3, 1, 1, count_include_pad=False)`` as a box filter
-    (a depthwise convolution with a ones kernel) times the reciprocal window sizes; on CPU the
-    native NCHW average-pool backward is about five times slower than this;
+  - :func:`batch_norm` — BatchNorm without affine parameters, over the channels of one candidate
+    op or of several ops computed by one (grouped) convolution, that keeps only its *output* for
+    the backward (the output is kept alive anyway by the mixed sum, which needs it for dL/dw), so
+    the pre-normalisation tensor (the conv output) is freed as soon as the forward moves on; with
+    ``parts > 1`` it returns one dense tensor per op, ready for a mixed sum without a copy;
+  - :func:`shared_batch_norm` — one BatchNorm output for several modules that see the same input
+    (a parameterless op on the same tensor on several edges), every module's statistics updated;
+  - :func:`repeat_channels` — ``x`` repeated along the channels in its own memory layout, the input
+    of a depthwise convolution that runs the ops of several edges at once;
+  - :func:`pack_running_stats` — places the running statistics of a group of BatchNorms next to
+    each other in memory, so that one native BatchNorm over the group's channels updates all of
+    them in its own kernel;
   - :func:`run_tail` — applies a reference ``nn.Sequential`` from a given index on, with every
     ``affine=False`` BatchNorm replaced by :func:`batch_norm`.
 
 All of them compute the same mathematics as the modules they stand for, including the running
 statistics updates of BatchNorm (momentum, cumulative average when ``momentum is None``,
-``num_batches_tracked``).
+``num_batches_tracked``). None of them reads a tensor on the host, except the cumulative average
+(``momentum=None``), whose factor depends on the batch count.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Sequence
 
 import torch
@@ -64,20 +68,59 @@ class Identity(nn.Module):
         return x
 
 
-@functools.lru_cache(maxsize=4096)
-def index_tensor(values: tuple[int, ...], device: torch.device) -> Tensor:
-    """A cached int64 tensor of ``values`` on ``device``: after its first use no host-to-device copy
-    (on CUDA a blocking one, which would stall the CPU at every node) is made. Never modify it."""
-    return torch.tensor(values, dtype=torch.long, device=device)
-
-
 def preferred_memory_format(x: Tensor) -> torch.memory_format:
     """The layout the supernets run ``x`` in: channels_last for float32/16-bit CPU tensors (oneDNN's
-    convolutions, pooling and the box filter are markedly faster in NHWC there), the usual contiguous
-    NCHW otherwise (float64 has no oneDNN path: NHWC would be slower)."""
+    convolutions and pooling are markedly faster in NHWC there), the usual contiguous NCHW otherwise
+    (float64 has no oneDNN path: NHWC would be slower)."""
     if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16, torch.float16):
         return torch.channels_last
     return torch.contiguous_format
+
+
+def _is_nhwc(x: Tensor) -> bool:
+    """True when ``x`` (4-D) is laid out channels_last and not (also) contiguous NCHW."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def repeat_channels(x: Tensor, times: int) -> Tensor:
+    """``x.repeat(1, times, 1, 1)`` (``[B, times * C, H, W]``, channel ``t * C + c`` = ``x[:, c]``) in
+    ``x``'s own layout: one copy, whose backward is one sum."""
+    if times == 1:
+        return x
+    B, C, H, W = x.shape
+    if _is_nhwc(x):
+        nhwc = x.permute(0, 2, 3, 1).unsqueeze(3).expand(B, H, W, times, C)
+        return nhwc.reshape(B, H, W, times * C).permute(0, 3, 1, 2)
+    return x.unsqueeze(1).expand(B, times, C, H, W).reshape(B, times * C, H, W)
+
+
+def split_channels(y: Tensor, parts: int) -> list[Tensor]:
+    """``y.chunk(parts, dim=1)`` as dense tensors in ``y``'s layout, copied with ONE kernel into one
+    buffer whose leading dimension is the part (a channel slice of a dense tensor is not dense)."""
+    if parts == 1:
+        return [y]
+    B, C, H, W = y.shape
+    c = C // parts
+    if _is_nhwc(y):
+        src = y.permute(0, 2, 3, 1).reshape(B, H, W, parts, c).permute(3, 0, 1, 2, 4)
+        buf = torch.empty((parts, B, H, W, c), dtype=y.dtype, device=y.device)
+        buf.copy_(src)
+        return [b.permute(0, 3, 1, 2) for b in buf.unbind(0)]
+    buf = torch.empty((parts, B, c, H, W), dtype=y.dtype, device=y.device)
+    buf.copy_(y.reshape(B, parts, c, H, W).transpose(0, 1))
+    return list(buf.unbind(0))
+
+
+def merge_channels(parts: Sequence[Tensor]) -> Tensor:
+    """``torch.cat(parts, dim=1)`` in the layout of ``parts[0]`` (one kernel): the inverse of
+    :func:`split_channels`."""
+    if len(parts) == 1:
+        return parts[0]
+    B, c, H, W = parts[0].shape
+    if _is_nhwc(parts[0]):
+        stacked = torch.stack([p.permute(0, 2, 3, 1) for p in parts], dim=3)
+        return stacked.view(B, H, W, len(parts) * c).permute(0, 3, 1, 2)
+    return torch.stack(list(parts), dim=1).view(B, len(parts) * c, H, W)
 
 
 # --------------------------------------------------------------------------- BatchNorm that keeps its output
@@ -89,208 +132,263 @@ def lean_bn_eligible(bn: nn.BatchNorm2d) -> bool:
     return not bn.affine and (bn.training or not bn.track_running_stats)
 
 
-def _bn_backward_from_output(grad: Tensor, y: Tensor, invstd: Tensor, eps: float) -> Tensor:
+def _bn_backward_from_output(grad: Tensor, y: Tensor, invstd: Tensor, eps: float, unit: Tensor | None) -> Tensor:
     """dL/dx of ``y = (x - mean) * invstd`` with batch statistics, from the output ``y``.
 
     ``dx = invstd * (g - mean(g) - y * mean(g * y))`` per channel: the native training-mode
     BatchNorm backward given ``input = y``, ``save_mean = 0``, ``save_invstd = 1`` and the real
-    ``invstd`` as its affine weight — one fused kernel, no extra tensor kept.
+    ``invstd`` as its affine weight — one fused kernel, no extra tensor kept. ``unit``: a
+    :func:`bn_constants` tensor of ``invstd``'s dtype whose rows give those constants without a kernel.
     """
     if grad.stride() != y.stride():  # the native kernel is fast only when both share one layout
         grad = torch.empty_like(y).copy_(grad)
-    zeros = torch.zeros_like(invstd)
-    ones = torch.ones_like(invstd)
+    C = invstd.shape[0]
+    if unit is not None and unit.dtype == invstd.dtype and unit.device == invstd.device and unit.shape[1] >= C:
+        zeros, ones = unit[0, :C], unit[1, :C]  # contiguous: the channels_last kernel reads them densely
+    else:
+        zeros, ones = torch.zeros_like(invstd), torch.ones_like(invstd)
     dx, _, _ = torch.ops.aten.native_batch_norm_backward(
         grad, y, invstd, None, None, zeros, ones, True, eps, [True, False, False]
     )
     return dx
 
 
+def bn_constants(channels: int) -> Tensor:
+    """``[2, channels]``: a row of zeros and a row of ones, the constants of the BatchNorm backward of
+    :func:`batch_norm` for up to ``channels`` channels (a module buffer, so that no backward creates them)."""
+    return torch.stack([torch.zeros(channels), torch.ones(channels)])
+
+
 class _LeanBatchNorm(torch.autograd.Function):
-    """``y = (x - mean_c) * invstd_c`` with batch statistics; saves ``y`` and ``invstd`` only. Running
-    statistics, when given, are updated in place by the native kernel (as ``F.batch_norm`` does)."""
+    """``y = (x - mean_c) * invstd_c`` with batch statistics over ``x`` ``[B, parts * C, H, W]``,
+    returned as ``parts`` dense tensors (see :func:`split_channels`) followed by the batch ``mean``
+    and ``invstd``; saves the outputs and ``invstd`` only. Running statistics, when given, are
+    updated in place by the native kernel (as ``F.batch_norm`` does)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, eps: float, running_mean: Tensor | None, running_var: Tensor | None, factor: float):
-        y, mean, invstd = torch.native_batch_norm(x, None, None, running_mean, running_var, True, factor, eps)
+    def forward(ctx, x, eps, running_mean, running_var, momentum, unit, parts):
+        y, mean, invstd = torch.native_batch_norm(x, None, None, running_mean, running_var, True, momentum, eps)
+        ys = split_channels(y, parts)
         ctx.eps = eps
-        ctx.save_for_backward(y, invstd)
-        ctx.mark_non_differentiable(mean, invstd)
-        return y, mean, invstd
-
-    @staticmethod
-    def backward(ctx, grad: Tensor, _gm, _gi):
-        y, invstd = ctx.saved_tensors
-        return _bn_backward_from_output(grad, y, invstd, ctx.eps), None, None, None, None
-
-
-def _claim_running_stats(bn: nn.BatchNorm2d | None) -> tuple[Tensor | None, Tensor | None, float]:
-    """``(running_mean, running_var, factor)`` for the native kernel to update in place as ``bn``'s own
-    forward would (``num_batches_tracked`` is counted here); ``(None, None, 0.0)`` when there is nothing
-    to update."""
-    if bn is None or not (bn.training and bn.track_running_stats) or bn.running_mean is None:
-        return None, None, 0.0
-    factor = bn.momentum if bn.momentum is not None else 0.0
-    if bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-        if bn.momentum is None:  # cumulative moving average
-            factor = 1.0 / float(bn.num_batches_tracked)
-    return bn.running_mean, bn.running_var, factor
-
-
-class _LeanBatchNormSplit(torch.autograd.Function):
-    """:class:`_LeanBatchNorm` over ``x`` whose channels are ``parts`` consecutive blocks; returns
-    one dense tensor per block (so that each can enter a mixed sum without a copy)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, eps: float, parts: int):
-        mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)  # biased variance, one pass
-        invstd = torch.rsqrt(var + eps)
-        shift, scale = (-mean * invstd).to(x.dtype), invstd.to(x.dtype)  # 16-bit inputs: stats in float32
-        ys = [
-            torch.addcmul(s[None, :, None, None], xc, i[None, :, None, None])
-            for xc, s, i in zip(x.chunk(parts, dim=1), shift.chunk(parts), scale.chunk(parts))
-        ]
-        ctx.eps = eps
-        ctx.save_for_backward(invstd, *ys)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(invstd, unit, *ys)
         ctx.mark_non_differentiable(mean, invstd)
         return (*ys, mean, invstd)
 
     @staticmethod
     def backward(ctx, *grads):
-        invstd, *ys = ctx.saved_tensors
-        parts = len(ys)
-        dxs = []
-        for g, y, i in zip(grads[:parts], ys, invstd.chunk(parts)):
-            dxs.append(_bn_backward_from_output(torch.zeros_like(y) if g is None else g, y, i, ctx.eps))
-        return torch.cat(dxs, dim=1), None, None
+        invstd, unit, *ys = ctx.saved_tensors
+        grads = [torch.zeros_like(y) if g is None else g for g, y in zip(grads, ys)]
+        dx = _bn_backward_from_output(merge_channels(grads), merge_channels(ys), invstd, ctx.eps, unit)
+        return dx, None, None, None, None, None, None
+
+
+def _adjacent(tensors: Sequence[Tensor]) -> Tensor | None:
+    """One 1-D view over ``tensors`` when they lie next to each other, in order, in one storage
+    (see :func:`pack_running_stats`); else None. Never while tracing (no storage pointers there)."""
+    first = tensors[0]
+    if len(tensors) == 1:
+        return first.view(-1)
+    if torch.compiler.is_compiling() or not first.is_contiguous():
+        return None
+    ptr, end = first.untyped_storage().data_ptr(), first.storage_offset() + first.numel()
+    for t in tensors[1:]:
+        if t.untyped_storage().data_ptr() != ptr or t.storage_offset() != end or not t.is_contiguous():
+            return None
+        end += t.numel()
+    return first.as_strided((end - first.storage_offset(),), (1,), first.storage_offset())
 
 
 @torch.no_grad()
-def update_running_stats(bn: nn.BatchNorm2d, mean: Tensor, invstd: Tensor, count: int) -> None:
-    """Update ``bn``'s running statistics as its own training-mode forward would, from the batch
-    ``mean`` and ``invstd = 1/sqrt(var + eps)`` of ``count`` values per channel."""
-    running_mean, running_var, factor = _claim_running_stats(bn)
-    if running_mean is None:
-        return
-    var = invstd.to(torch.float64).pow(-2).sub_(bn.eps)
-    unbiased = var * (count / max(count - 1, 1))
-    running_mean.mul_(1 - factor).add_(mean.to(running_mean.dtype), alpha=factor)
-    running_var.mul_(1 - factor).add_(unbiased.to(running_var.dtype), alpha=factor)
+def pack_running_stats(bns: Sequence[nn.BatchNorm2d]) -> None:
+    """Move the running statistics (``running_mean``, ``running_var``, ``num_batches_tracked``) of
+    ``bns`` into one storage each, in order, the modules' buffers becoming views of it: then a
+    BatchNorm over the group's concatenated channels updates them all in the native kernel, and the
+    batch counts with one ``add_``. Values, dtypes, devices and state_dict keys are unchanged; a
+    later ``.to()`` or ``.double()`` gives separate buffers again (the supernets pack them again)."""
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        buffers = [getattr(bn, name) for bn in bns]
+        if len(bns) < 2 or any(b is None for b in buffers) or _adjacent(buffers) is not None:
+            continue
+        flat = torch.cat([b.reshape(-1) for b in buffers])
+        for bn, b, chunk in zip(bns, buffers, flat.split([b.numel() for b in buffers])):
+            setattr(bn, name, chunk.view(b.shape))
 
 
-def batch_norm_stats(x: Tensor, bn: nn.BatchNorm2d | float) -> tuple[Tensor, Tensor, Tensor]:
-    """``(y, mean, invstd)`` of an ``affine=False`` batch-statistics BatchNorm of ``x`` ``[B, C, H, W]``;
-    only ``y`` is differentiable and only ``y`` (with ``invstd``) is kept for the backward. ``bn``: the
-    module, whose running statistics are updated, or just an ``eps``."""
-    if isinstance(bn, nn.BatchNorm2d):
-        return _LeanBatchNorm.apply(x, bn.eps, *_claim_running_stats(bn))
-    return _LeanBatchNorm.apply(x, float(bn), None, None, 0.0)
+class StatUpdates:
+    """BatchNorm bookkeeping of a whole cell, collected during its forward and applied at its end by
+    :meth:`apply` in a handful of foreach kernels: ``num_batches_tracked += 1`` of every module run,
+    and the running statistics of modules that share another module's output (see
+    :func:`shared_batch_norm`)."""
+
+    def __init__(self) -> None:
+        self.counters: list[Tensor] = []
+        # (module, batch mean, batch invstd, values per channel, momentum)
+        self.shared: list[tuple[nn.BatchNorm2d, Tensor, Tensor, int, float]] = []
+
+    def apply(self) -> None:
+        # buffers and non-differentiable statistics only: nothing here is recorded by autograd
+        if self.counters:
+            torch._foreach_add_(self.counters, 1)
+        if not self.shared:
+            return
+        # unbiased batch variance, as the native kernel stores it: (invstd^-2 - eps) * n / (n - 1)
+        variances = torch._foreach_pow([invstd for _, _, invstd, _, _ in self.shared], -2)
+        torch._foreach_sub_(variances, [bn.eps for bn, *_ in self.shared])
+        torch._foreach_mul_(variances, [n / max(n - 1, 1) for *_, n, _ in self.shared])
+        by_factor: dict[float, tuple[list[Tensor], list[Tensor]]] = {}
+        for (bn, mean, _, _, factor), var in zip(self.shared, variances):
+            buffers, stats = by_factor.setdefault(factor, ([], []))
+            buffers += [bn.running_mean, bn.running_var]
+            stats += [mean, var]
+        for factor, (buffers, stats) in by_factor.items():  # running = (1 - f) * running + f * batch
+            torch._foreach_mul_(buffers, 1.0 - factor)
+            torch._foreach_add_(buffers, stats, alpha=factor)
 
 
-def batch_norm(x: Tensor, bn: nn.BatchNorm2d | Sequence[nn.BatchNorm2d]) -> Tensor:
+def _count_batch(bns: Sequence[nn.BatchNorm2d], updates: StatUpdates | None) -> None:
+    """``num_batches_tracked += 1`` for every module of ``bns`` that counts: now (one kernel when the
+    counters are packed, else one foreach kernel), or at the end of the cell by ``updates``."""
+    tracked = [bn.num_batches_tracked for bn in bns if bn.num_batches_tracked is not None]
+    if updates is not None:
+        updates.counters.extend(tracked)
+    elif tracked:
+        packed = _adjacent(tracked)
+        if packed is not None:
+            packed.add_(1)
+        else:
+            torch._foreach_add_(tracked, 1)
+
+
+def _group_stats(bns: Sequence[nn.BatchNorm2d]):
+    """``(running_mean, running_var, momentum, write_back)`` for a native BatchNorm over the
+    concatenated channels of ``bns`` (all in training mode, tracking, one momentum): packed views
+    when the buffers are adjacent, else concatenated copies that ``write_back()`` copies back."""
+    means, variances = [bn.running_mean for bn in bns], [bn.running_var for bn in bns]
+    running_mean, running_var = _adjacent(means), _adjacent(variances)
+    if running_mean is not None and running_var is not None:
+        return running_mean, running_var, bns[0].momentum, None
+    running_mean, running_var = torch.cat(means), torch.cat(variances)
+
+    def write_back() -> None:
+        torch._foreach_copy_(means + variances, [*running_mean.chunk(len(bns)), *running_var.chunk(len(bns))])
+
+    return running_mean, running_var, bns[0].momentum, write_back
+
+
+def _tracks(bn: nn.BatchNorm2d) -> bool:
+    return bn.training and bn.track_running_stats and bn.running_mean is not None
+
+
+@torch.no_grad()
+def _update_from_batch(
+    bns: Sequence[nn.BatchNorm2d], mean: Tensor, invstd: Tensor, count: int, updates: StatUpdates | None = None
+) -> None:
+    """Update the running statistics of ``bns`` (each tracking, in training mode) as their own forward
+    would from the batch ``mean`` and ``invstd = 1/sqrt(var + eps)`` of ``count`` values per channel
+    (see :meth:`StatUpdates.apply`): at the end of the cell with ``updates``, else now.
+    ``momentum=None`` (cumulative average, factor ``1 / num_batches_tracked``) is applied now and
+    reads the count on the host."""
+    now = StatUpdates()
+    for bn in bns:
+        if bn.momentum is None:  # factor 1 / count, counted first
+            bn.num_batches_tracked.add_(1)
+            now.shared.append((bn, mean, invstd, count, 1.0 / float(bn.num_batches_tracked)))
+        else:
+            target = updates if updates is not None else now
+            _count_batch([bn], target)
+            target.shared.append((bn, mean, invstd, count, bn.momentum))
+    now.apply()
+
+
+def _lean_batch_norm(
+    x: Tensor, bns: Sequence[nn.BatchNorm2d], unit: Tensor | None, parts: int, updates: StatUpdates | None
+):
+    """``(outputs, mean, invstd)`` of :func:`batch_norm` for lean-eligible modules of one eps."""
+    first = bns[0]
+    if any(b.eps != first.eps for b in bns):
+        raise ValueError("bn: the modules of one group must share eps")
+    tracking = [b for b in bns if _tracks(b)]
+    native = len(tracking) == len(bns) and all(b.momentum is not None and b.momentum == first.momentum for b in bns)
+    if native:
+        _count_batch(bns, updates)
+        running_mean, running_var, momentum, write_back = _group_stats(bns)
+    else:  # no statistics to track, or cumulative averages / mixed momenta: updated after the kernel
+        running_mean = running_var = write_back = None
+        momentum = 0.0
+    *ys, mean, invstd = _LeanBatchNorm.apply(x, first.eps, running_mean, running_var, momentum, unit, parts)
+    if write_back is not None:
+        write_back()
+    if tracking and not native:
+        count = x.numel() // x.shape[1]
+        n = len(bns)
+        for b, m, i in zip(bns, mean.chunk(n), invstd.chunk(n)):
+            if _tracks(b):
+                _update_from_batch([b], m, i, count, updates)
+    return ys, mean, invstd
+
+
+def batch_norm(
+    x: Tensor,
+    bn: nn.BatchNorm2d | Sequence[nn.BatchNorm2d],
+    unit: Tensor | None = None,
+    parts: int = 1,
+    updates: StatUpdates | None = None,
+) -> Tensor | list[Tensor]:
     """``bn(x)`` for a ``[B, C, H, W]`` tensor, keeping only the output for the backward.
 
-    ``bn`` may be a list of BatchNorm modules that all see the same input (the same parameterless
-    op on the same tensor on several edges): then the output is computed once and every module's
-    running statistics are updated. Modules that use running statistics or have affine parameters
-    are simply called (each one), as the reference does.
+    ``bn`` may be a list of modules, each normalising its own block of ``x``'s channels (ops of
+    several edges computed by one convolution): ONE native BatchNorm then normalises them all and
+    updates every module's running statistics (in its own kernel when they were packed with
+    :func:`pack_running_stats`). With ``parts > 1`` the result is ``parts`` dense tensors, one per
+    block of ``C / parts`` channels (see :func:`split_channels`), else one tensor. Modules that use
+    running statistics or have affine parameters are simply called, each on its block, as the
+    reference does. ``unit``: an optional :func:`bn_constants` tensor (saves two kernels per backward);
+    ``updates``: a :class:`StatUpdates` that applies the batch counts at the end of the cell.
     """
     bns = list(bn) if isinstance(bn, (list, tuple)) else [bn]
     if not all(lean_bn_eligible(b) for b in bns):
-        if len(bns) == 1:
-            return bns[0](x)
-        raise ValueError("bn: a shared BatchNorm needs batch statistics and affine=False on every module")
-    y, mean, invstd = batch_norm_stats(x, bns[0])
-    count = x.numel() // max(x.shape[1], 1)
-    for b in bns[1:]:
-        update_running_stats(b, mean, invstd, count)
+        y = torch.cat([b(block) for b, block in zip(bns, x.chunk(len(bns), dim=1))], dim=1)
+        return y if parts == 1 else list(y.chunk(parts, dim=1))
+    ys, _, _ = _lean_batch_norm(x, bns, unit, parts, updates)
+    return ys if parts > 1 else ys[0]
+
+
+def shared_batch_norm(
+    x: Tensor, bns: Sequence[nn.BatchNorm2d], unit: Tensor | None = None, updates: StatUpdates | None = None
+) -> Tensor:
+    """``bns[e](x)`` for every ``e`` — the same output, since every module sees the same input and
+    normalises with batch statistics — computed once; the first module's running statistics are
+    updated by the native kernel, every other module's with the same batch statistics by foreach
+    kernels (see :func:`_update_from_batch`). Each module must be :func:`lean_bn_eligible`."""
+    if not all(lean_bn_eligible(b) and b.eps == bns[0].eps for b in bns):
+        raise ValueError("bns: a shared BatchNorm needs batch statistics, affine=False and one eps on every module")
+    (y,), mean, invstd = _lean_batch_norm(x, bns[:1], unit, 1, updates)
+    rest = [b for b in bns[1:] if _tracks(b)]
+    if rest:
+        _update_from_batch(rest, mean, invstd, x.numel() // x.shape[1], updates)
     return y
 
 
-def batch_norm_split(x: Tensor, bns: Sequence[nn.BatchNorm2d]) -> list[Tensor]:
-    """``[bns[e](x[:, e*C:(e+1)*C]) for e]`` as dense tensors, keeping only those outputs alive.
-
-    ``x`` is ``[B, len(bns) * C, H, W]``, e.g. the output of one convolution whose weight is the
-    concatenation of ``len(bns)`` candidate ops' weights. Every module must be
-    :func:`lean_bn_eligible` and share one ``eps``.
-    """
-    if len(bns) == 1:
-        return [batch_norm(x, bns[0])]
-    if not all(lean_bn_eligible(b) and b.eps == bns[0].eps for b in bns):
-        raise ValueError("bns: batch_norm_split needs batch statistics, affine=False and one eps on every module")
-    *ys, mean, invstd = _LeanBatchNormSplit.apply(x, bns[0].eps, len(bns))
-    count = x.numel() // x.shape[1]
-    for b, m, i in zip(bns, mean.chunk(len(bns)), invstd.chunk(len(bns))):
-        update_running_stats(b, m, i, count)
-    return list(ys)
-
-
-# --------------------------------------------------------------------------- average pooling
-
-
-@functools.lru_cache(maxsize=64)
-def _inverse_window_sizes(H: int, W: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """``1 / (number of in-image taps of the 3x3 window)`` at every output position, ``[H, W]``."""
-    rows = torch.full((H,), 3.0, dtype=torch.float64)
-    cols = torch.full((W,), 3.0, dtype=torch.float64)
-    rows[0] -= 1
-    rows[-1] -= 1
-    cols[0] -= 1
-    cols[-1] -= 1
-    if H == 1:
-        rows[0] = 1
-    if W == 1:
-        cols[0] = 1
-    return (1.0 / torch.outer(rows, cols)).to(dtype=dtype, device=device)
-
-
-@functools.lru_cache(maxsize=64)
-def _ones_kernel(C: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    return torch.ones(C, 1, 3, 3, dtype=dtype, device=device)
-
-
-def _box3x3(x: Tensor) -> Tensor:
-    return F.conv2d(x, _ones_kernel(x.shape[1], x.dtype, x.device), padding=1, groups=x.shape[1])
-
-
-class _AvgPool3x3(torch.autograd.Function):
-    """3x3, stride 1, padding 1, ``count_include_pad=False`` average pooling; keeps nothing alive
-    (its adjoint is the same box filter applied to ``grad / window_size``)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
-        inv = _inverse_window_sizes(x.shape[2], x.shape[3], x.dtype, x.device)
-        ctx.inv = inv
-        return _box3x3(x).mul_(inv)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        return _box3x3(grad * ctx.inv)
-
-
 def avg_pool_3x3(x: Tensor, stride: int = 1) -> Tensor:
-    """``F.avg_pool2d(x, 3, stride, 1, count_include_pad=False)`` of a ``[B, C, H, W]`` tensor.
-
-    At stride 1 on CPU it runs as a depthwise box filter (much faster forward and backward than the
-    native NCHW kernel there); elsewhere it is the native average pooling.
-    """
-    if stride == 1 and x.device.type == "cpu" and x.dim() == 4 and x.dtype in (torch.float32, torch.float64):
-        return _AvgPool3x3.apply(x)
+    """``F.avg_pool2d(x, 3, stride, 1, count_include_pad=False)`` of a ``[B, C, H, W]`` tensor."""
     return F.avg_pool2d(x, 3, stride=stride, padding=1, count_include_pad=False)
 
 
 # --------------------------------------------------------------------------- reference Sequentials, slimmer
 
 
-def run_tail(seq: nn.Sequential, x: Tensor, start: int = 0) -> Tensor:
-    """``seq[start:](x)`` with every BatchNorm run through :func:`batch_norm` (output-only saving).
+def run_tail(
+    seq: nn.Sequential, x: Tensor, start: int = 0, unit: Tensor | None = None, updates: StatUpdates | None = None
+) -> Tensor:
+    """``seq[start:](x)`` with every BatchNorm run through :func:`batch_norm` (output-only saving;
+    ``unit``, ``updates`` as there).
 
     Used to apply the reference modules' ``op`` Sequentials after a ReLU shared by several ops.
     """
     for m in list(seq)[start:]:
         if isinstance(m, nn.BatchNorm2d):
-            x = batch_norm(x, m)
+            x = batch_norm(x, m, unit, updates=updates)
         elif isinstance(m, nn.ReLU):
             x = torch.relu(x)
         else:
