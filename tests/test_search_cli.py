@@ -16,7 +16,7 @@ from search_helpers import TINY_ARGS, assert_same_state, load_checkpoint, snapsh
 
 from fastnas.__main__ import main as fastnas_main
 from fastnas.search.cli import main as search_main
-from fastnas.search.trainer import SearchConfig, _resolve
+from fastnas.search.config import SearchConfig, resolve
 from fastnas.spaces import darts, nb201
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -233,8 +233,8 @@ def test_second_order_refuses_fp16(tmp_path, capsys):
         )
     assert not os.path.exists(out)
     # the combination alone is refused: bf16 and the first-order algorithms with fp16 pass the checks
-    _resolve(SearchConfig(algorithm="darts-2nd", amp="bf16"))
-    _resolve(SearchConfig(algorithm="darts", amp="fp16"))
+    resolve(SearchConfig(algorithm="darts-2nd", amp="bf16"))
+    resolve(SearchConfig(algorithm="darts", amp="fp16"))
 
 
 def test_missing_and_corrupt_data(tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""Data sets of the search driver, held in memory as tensors, and their seeded batching.
+"""Data sets of the runs, held in memory as tensors, and their seeded batching.
 
 * ``digits``: scikit-learn's bundled 8x8 handwritten digits (1,797 images, 10 classes, shipped
   with scikit-learn, no download), split once and for all into 1,497 training and 300 test images.
@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 DATASETS = ("digits", "cifar10", "cifar100")
+EMBEDDED = ("digits",)  # shipped inside an installed package: no --data-dir, no download
 
 
 class DataError(ValueError):
@@ -70,6 +71,11 @@ class ImageData:
         mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
         std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
         return (x.float() / self.scale - mean) / std
+
+
+def is_embedded(name: str) -> bool:
+    """Whether data set ``name`` ships inside an installed package (tiny, no --data-dir)."""
+    return name in EMBEDDED
 
 
 def load_dataset(name: str, data_dir: str | None = None) -> ImageData:

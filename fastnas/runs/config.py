@@ -1,0 +1,73 @@
+"""What every run shares about its configuration: the error type, argument checks, the output directory.
+
+A run's configuration is a dataclass (``SearchConfig``, ``TrainConfig``, ...) whose fields are the
+command's flags (``batch_size`` is ``--batch-size``). It is written to ``config.json`` in the output
+directory when the run starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any
+
+import torch
+
+AMP_MODES = ("none", "bf16", "fp16")
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class RunError(Exception):
+    """Bad input to a run (unknown name, missing or corrupt data or checkpoint, occupied output
+    directory, ...). The message is one line, meant for the user."""
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a config field: ``batch_size`` -> ``--batch-size``."""
+    return "--" + name.replace("_", "-")
+
+
+def require_at_least(cfg: Any, names: tuple[str, ...], low: int = 1) -> None:
+    """Each field in ``names`` is None or an integer >= ``low``."""
+    for name in names:
+        v = getattr(cfg, name)
+        if v is not None and int(v) < low:
+            raise RunError(f"{flag(name)} must be at least {low}, got {v}")
+
+
+def require_finite(cfg: Any, names: tuple[str, ...]) -> None:
+    """Each field in ``names`` is None or a finite number >= 0."""
+    for name in names:
+        v = getattr(cfg, name)
+        if v is not None and not (math.isfinite(v) and v >= 0):
+            raise RunError(f"{flag(name)} must be a finite number >= 0, got {v}")
+
+
+def require_choice(value: str, choices: tuple[str, ...] | list[str], what: str) -> None:
+    if value not in choices:
+        raise RunError(f"unknown {what} {value!r}; choose one of {', '.join(choices)}")
+
+
+def as_dict(cfg: Any) -> dict[str, Any]:
+    """The config's fields, without the ones that are not settings (callables)."""
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "log"}
+
+
+def check_out_dir(out: str, resume: bool, run_files: tuple[str, ...], what: str) -> None:
+    """Refuse to start a new run where one lies (``run_files``), or to resume where none lies."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise RunError(f"--out {out} exists and is not a directory")
+    present = [f for f in run_files if os.path.exists(os.path.join(out, f))]
+    if resume:
+        if not os.path.isfile(os.path.join(out, "checkpoint.pt")):
+            raise RunError(f"nothing to resume: {out} holds no checkpoint.pt")
+    elif present:
+        raise RunError(
+            f"--out {out} already holds a {what} ({present[0]}); pass --resume to continue it or choose another --out"
+        )
+
+
+def config_json(cfg: Any) -> str:
+    return json.dumps(as_dict(cfg), indent=1)

@@ -1,0 +1,60 @@
+"""The PNGs of a run, each written atomically."""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig: Any, path: str, dpi: int = 80) -> None:
+    """Write ``fig`` to ``path`` atomically and close it."""
+    tmp = f"{path}.tmp.{os.getpid()}.png"
+    fig.savefig(tmp, dpi=dpi)
+    _pyplot().close(fig)
+    os.replace(tmp, path)
+
+
+def plot_arch_weights(history: list[dict[str, Any]], path: str, op_names: list[str] | None = None) -> None:
+    """PNG of every edge's op weights over the epochs: one panel per edge, one line per op (named by
+    ``op_names``), the panels of each cell type in their own rows."""
+    if not history:
+        return
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    cells = list(history[0]["arch_weights"])
+    epochs = [h["epoch"] for h in history]
+    n_edges = max(len(history[0]["arch_weights"][c]) for c in cells)
+    cols = min(n_edges, 7)
+    rows_per_cell = math.ceil(n_edges / cols)
+    height = 1.9 * rows_per_cell * len(cells) + 0.5
+    fig, axes = plt.subplots(rows_per_cell * len(cells), cols, figsize=(2.2 * cols, height), squeeze=False)
+    for ci, cell in enumerate(cells):
+        w = np.array([h["arch_weights"][cell] for h in history])  # [epochs, edges, ops]
+        for e in range(rows_per_cell * cols):
+            ax = axes[ci * rows_per_cell + e // cols][e % cols]
+            if e >= w.shape[1]:
+                ax.axis("off")
+                continue
+            for k in range(w.shape[2]):
+                ax.plot(epochs, w[:, e, k], label=op_names[k] if op_names else str(k))
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_ylim(0, 1)
+            ax.set_title(f"{cell} edge {e}", fontsize=8)
+            ax.tick_params(labelsize=6)
+    axes[0][0].legend(fontsize=5, loc="upper left")
+    fig.suptitle("architecture weights over the epochs (one panel per edge, one line per op)", fontsize=9)
+    fig.subplots_adjust(left=0.04, right=0.99, bottom=0.3 / height, top=1 - 0.55 / height, wspace=0.3, hspace=0.6)
+    save_figure(fig, path)

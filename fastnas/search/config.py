@@ -1,0 +1,112 @@
+"""The settings of a search (:class:`SearchConfig`) and their checks (:func:`resolve`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from fastnas.runs import data as data_mod
+from fastnas.runs.config import AMP_MODES, RunError, as_dict, require_at_least, require_choice, require_finite
+from fastnas.search.algorithms import MODES, Algorithm, get_algorithm
+
+SPACES = ("nb201", "darts")
+SearchError = RunError  # the name search users know; every run raises RunError
+
+# per-data-set defaults of the network size and the epochs (paper sizes for CIFAR)
+DATASET_DEFAULTS: dict[str, dict[str, dict[str, int]]] = {
+    "digits": {"nb201": dict(channels=8, cells=1, epochs=20), "darts": dict(channels=8, cells=5, epochs=10)},
+    "cifar10": {"nb201": dict(channels=16, cells=5, epochs=50), "darts": dict(channels=16, cells=8, epochs=50)},
+}
+DATASET_DEFAULTS["cifar100"] = DATASET_DEFAULTS["cifar10"]
+
+
+@dataclass
+class SearchConfig:
+    """Everything that defines a search run. ``None`` fields take the algorithm's or data set's default."""
+
+    space: str = "nb201"
+    algorithm: str = "gaea-darts"
+    mode: str = "bilevel"
+    dataset: str = "digits"
+    data_dir: str | None = None
+    out: str = "runs/search"
+    epochs: int | None = None
+    batch_size: int = 64
+    channels: int | None = None
+    cells: int | None = None
+    seed: int = 0
+    device: str = "cpu"
+    amp: str = "none"
+    resume: bool = False
+    # network weights: SGD with cosine decay (DARTS)
+    lr: float = 0.025
+    lr_min: float = 0.001
+    momentum: float = 0.9
+    weight_decay: float = 3e-4
+    grad_clip: float = 5.0
+    # architecture
+    arch_lr: float | None = None
+    arch_weight_decay: float | None = None
+    entropy_weight: float | None = None
+    arch_warmup: int = 0
+    train_portion: float = 0.5
+    rs_samples: int = 20
+    # batching and bookkeeping
+    accum_steps: int = 1
+    limit_batches: int | None = None
+    stop_after: int | None = None
+    nb201_table: str | None = None
+    threads: int | None = None
+    progress: bool = True
+    log: Callable[[str], None] | None = field(default=None, repr=False, compare=False)
+
+    # fields that may differ between a run and its resumption
+    _RESUME_FREE = ("out", "device", "resume", "stop_after", "nb201_table", "threads", "progress", "data_dir", "log")
+
+    def run_defining(self) -> dict[str, Any]:
+        """The fields a checkpoint must agree with to be resumed by this config."""
+        return {k: v for k, v in self.as_dict().items() if k not in self._RESUME_FREE}
+
+    def as_dict(self) -> dict[str, Any]:
+        return as_dict(self)
+
+
+def resolve(cfg: SearchConfig) -> tuple[SearchConfig, Algorithm]:
+    """Check every field and fill in the defaults; RunError with one line otherwise."""
+    require_choice(cfg.space, SPACES, "space")
+    try:
+        alg = get_algorithm(cfg.algorithm)
+    except ValueError as e:
+        raise RunError(str(e)) from None
+    if cfg.space not in alg.spaces:
+        raise RunError(f"algorithm {alg.name} needs --space {' or '.join(alg.spaces)}, not {cfg.space}")
+    require_choice(cfg.mode, MODES, "mode")
+    if alg.second_order and cfg.mode != "bilevel":
+        raise RunError(f"algorithm {alg.name} (second order) needs --mode bilevel")
+    require_choice(cfg.dataset, data_mod.DATASETS, "data set")
+    require_choice(cfg.amp, AMP_MODES, "--amp")
+    if alg.second_order and cfg.amp == "fp16":
+        raise RunError(
+            f"algorithm {alg.name} (second order) does not support --amp fp16: its unrolled step runs "
+            "without loss scaling; use --amp bf16 or none"
+        )
+    defaults = DATASET_DEFAULTS[cfg.dataset][cfg.space]
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
+    require_at_least(cfg, ("epochs", "batch_size", "channels", "cells", "accum_steps", "rs_samples"))
+    require_at_least(cfg, ("limit_batches", "stop_after", "threads"))
+    require_at_least(cfg, ("arch_warmup",), low=0)
+    if not 0.0 < cfg.train_portion < 1.0:
+        raise RunError(f"--train-portion must lie in (0, 1), got {cfg.train_portion}")
+    require_finite(cfg, ("lr", "lr_min", "momentum", "weight_decay", "grad_clip"))
+    require_finite(cfg, ("arch_lr", "arch_weight_decay", "entropy_weight"))
+    if alg.arch_optimizer == "gaea":
+        lr = alg.arch_lr if cfg.arch_lr is None else cfg.arch_lr
+        lam = alg.entropy_weight if cfg.entropy_weight is None else cfg.entropy_weight
+        if lr * lam >= 1.0:
+            raise RunError(f"--arch-lr times --entropy-weight must be below 1 for GAEA, got {lr} * {lam}")
+    if cfg.space == "darts" and cfg.cells < 3:
+        raise RunError(f"--cells (layers) of the darts space must be at least 3, got {cfg.cells}")
+    if cfg.nb201_table is not None and cfg.space != "nb201":
+        raise RunError("--nb201-table needs --space nb201")
+    return cfg, alg
