@@ -55,7 +55,7 @@ def load_checkpoint(out: str) -> dict:
     return torch.load(os.path.join(out, "checkpoint.pt"), map_location="cpu", weights_only=True)
 
 
-TIMING_KEYS = ("images_per_sec", "train_seconds")
+TIMING_KEYS = ("images_per_sec", "train_seconds", "elapsed_seconds")
 
 
 def assert_same_state(a: dict, b: dict, path: str = "") -> None:

@@ -12,7 +12,7 @@ import dataclasses
 import sys
 from typing import Any, Callable
 
-from fastnas.runs.config import AMP_MODES, RunError
+from fastnas.runs.config import AMP_MODES, RunError, flag, read_config_json
 
 
 class UsageError(Exception):
@@ -36,6 +36,34 @@ def given(args: argparse.Namespace) -> dict[str, Any]:
     if out.pop("no_progress", False):
         out["progress"] = False
     return out
+
+
+# settings of a run's config.json that do not carry over to its resumption
+NOT_CARRIED = ("out", "resume", "stop_after", "progress")
+
+
+def settings(config_cls: type, args: argparse.Namespace) -> dict[str, Any]:
+    """The settings of the run the command line asks for. With ``--resume``, those of the run's
+    ``config.json``, overridden by the flags given; a given flag that would change what the run
+    computes (a field outside ``config_cls._RESUME_FREE``) and differs from ``config.json`` is refused."""
+    asked = given(args)
+    if not asked.get("resume"):
+        return asked
+    out = asked.get("out", config_cls().out)
+    saved = read_config_json(out)
+    if saved is None:  # no config.json: the checkpoint alone says whether the flags fit
+        return asked
+    for f in dataclasses.fields(config_cls):
+        name = f.name
+        if name in asked and name in saved and name not in config_cls._RESUME_FREE and asked[name] != saved[name]:
+            raise RunError(
+                f"{out} is from another run: {name} = {saved[name]!r} there, {asked[name]!r} here; "
+                f"resume without {flag(name)} or choose another --out"
+            )
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    merged = {k: v for k, v in saved.items() if k in names and k not in NOT_CARRIED}
+    merged.update(asked)
+    return merged
 
 
 def to_config(config_cls: type, settings: dict[str, Any]) -> Any:

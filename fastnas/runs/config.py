@@ -71,3 +71,18 @@ def check_out_dir(out: str, resume: bool, run_files: tuple[str, ...], what: str)
 
 def config_json(cfg: Any) -> str:
     return json.dumps(as_dict(cfg), indent=1)
+
+
+def read_config_json(out: str) -> dict[str, Any] | None:
+    """The settings in ``out/config.json``, or None when there is none; RunError if it is corrupt."""
+    path = os.path.join(out, "config.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RunError(f"corrupt {path}: {e}") from None
+    if not isinstance(saved, dict):
+        raise RunError(f"corrupt {path}: not a JSON object")
+    return saved

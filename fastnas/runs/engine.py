@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import sys
 import time
@@ -105,6 +106,7 @@ class EpochRun:
         self.w_scaler = torch.amp.GradScaler(setup.device.type, enabled=cfg.amp == "fp16")
         self.history: list[dict[str, Any]] = []
         self.start_epoch = 0
+        self.elapsed_seconds = 0.0  # wall time of the epochs so far, over every invocation
 
     # ------------------------------------------------------------------ set-up
 
@@ -125,12 +127,20 @@ class EpochRun:
         return model
 
     def init_weight_optimizer(self, nesterov: bool = False) -> None:
-        """SGD with momentum and weight decay over ``self.weight_params``, cosine decay over the epochs."""
+        """SGD with momentum and weight decay over ``self.weight_params`` (learning rate: :meth:`set_epoch_lr`)."""
         cfg = self.cfg
         self.w_opt = torch.optim.SGD(
             self.weight_params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=nesterov
         )
-        self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.w_opt, T_max=cfg.epochs, eta_min=cfg.lr_min)
+
+    def set_epoch_lr(self, epoch: int) -> float:
+        """Set and return the learning rate of 0-based ``epoch``: cosine decay from ``lr`` to ``lr_min``
+        over ``epochs``, in closed form, so a run extended to more epochs follows the longer schedule."""
+        cfg = self.cfg
+        lr = cfg.lr_min + (cfg.lr - cfg.lr_min) * (1 + math.cos(math.pi * epoch / cfg.epochs)) / 2
+        for group in self.w_opt.param_groups:
+            group["lr"] = lr
+        return lr
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -147,10 +157,10 @@ class EpochRun:
             "epoch": epoch,
             "model": self.net.state_dict(),
             "weight_optimizer": self.w_opt.state_dict(),
-            "scheduler": self.sched.state_dict(),
             "weight_scaler": self.w_scaler.state_dict(),
             "rng": rng_state(),
             "history": self.history,
+            "elapsed_seconds": self.elapsed_seconds,
             **self.extra_state(),
         }
 
@@ -159,14 +169,21 @@ class EpochRun:
         try:
             self.net.load_state_dict(ckpt["model"])
             self.w_opt.load_state_dict(ckpt["weight_optimizer"])
-            self.sched.load_state_dict(ckpt["scheduler"])
             self.w_scaler.load_state_dict(ckpt["weight_scaler"])
             self.restore_extra(ckpt)
             set_rng_state(ckpt["rng"])
             self.history = list(ckpt["history"])
             self.start_epoch = int(ckpt["epoch"])
+            self.elapsed_seconds = float(ckpt["elapsed_seconds"])
         except (KeyError, RuntimeError, ValueError, TypeError) as e:
             raise RunError(f"checkpoint {path} does not fit this run: {str(e).splitlines()[0]}") from None
+        epochs = self.cfg.epochs
+        if self.start_epoch >= epochs:
+            more = "" if self.start_epoch > epochs else " (it is finished)"
+            raise RunError(
+                f"the run in {self.cfg.out} has done {self.start_epoch} epochs{more}; "
+                f"pass --epochs with more than {self.start_epoch} to extend it"
+            )
 
     def save(self, epoch: int) -> None:
         """Checkpoint and history after ``epoch`` epochs, plus what :meth:`save_extra` adds (rank 0)."""
@@ -320,16 +337,15 @@ class EpochRun:
         """What :meth:`run` returns when ``--stop-after`` ends the run early."""
         return {"epochs_done": epochs_done, "finished": False, "history": self.history}
 
-    def finish(self, seconds: float) -> dict[str, Any]:
-        """The run's result once every epoch is done (``seconds`` spent in this invocation)."""
+    def finish(self) -> dict[str, Any]:
+        """The run's result once every epoch is done (``self.elapsed_seconds``: the epochs' wall time)."""
         raise NotImplementedError
 
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
-        if self.is_main:
+        if self.is_main:  # a resumed run may have changed --epochs, --device, ...: its config.json follows
             os.makedirs(cfg.out, exist_ok=True)
-            if not cfg.resume:
-                atomic_write_text(os.path.join(cfg.out, "config.json"), config_json(cfg))
+            atomic_write_text(os.path.join(cfg.out, "config.json"), config_json(cfg))
         self.ddp.barrier()
         if self.is_main:
             where = f"{self.ddp.world} processes" if self.ddp.active else str(self.device)
@@ -337,13 +353,14 @@ class EpochRun:
                 f"{self.header()}, {cfg.epochs} epochs, batch {cfg.batch_size}, {where}"
                 + (f", resuming after epoch {self.start_epoch}" if self.start_epoch else "")
             )
-        t_start = time.perf_counter()
         done_now = 0
         for epoch in range(self.start_epoch, cfg.epochs):
+            t0 = time.perf_counter()
             record = self.epoch(epoch)
             self.history.append(record)
             if self.is_main:
                 self.log(self.epoch_line(record))
+            self.elapsed_seconds += time.perf_counter() - t0
             self.save(epoch + 1)
             done_now += 1
             if cfg.stop_after is not None and done_now >= cfg.stop_after and epoch + 1 < cfg.epochs:
@@ -351,4 +368,7 @@ class EpochRun:
                     self.log(f"stopping after {done_now} epochs as asked; continue with --resume")
                     self.on_stop()
                 return self.partial_result(epoch + 1)
-        return self.finish(time.perf_counter() - t_start)
+        t0 = time.perf_counter()
+        result = self.finish()
+        self.elapsed_seconds += time.perf_counter() - t0
+        return result

@@ -26,9 +26,14 @@ def save_figure(fig: Any, path: str, dpi: int = 80) -> None:
     os.replace(tmp, path)
 
 
-def plot_arch_weights(history: list[dict[str, Any]], path: str, op_names: list[str] | None = None) -> None:
-    """PNG of every edge's op weights over the epochs: one panel per edge, one line per op (named by
-    ``op_names``), the panels of each cell type in their own rows."""
+def plot_arch_weights(
+    history: list[dict[str, Any]],
+    path: str,
+    op_names: list[str] | None = None,
+    edge_labels: dict[str, list[str]] | None = None,
+) -> None:
+    """PNG of every edge's op weights over the epochs: one panel per edge (titled by ``edge_labels[cell]``,
+    e.g. ``1<-0``), one line per op (named by ``op_names``), the panels of each cell type in their own rows."""
     if not history:
         return
     plt = _pyplot()
@@ -52,7 +57,8 @@ def plot_arch_weights(history: list[dict[str, Any]], path: str, op_names: list[s
                 ax.plot(epochs, w[:, e, k], label=op_names[k] if op_names else str(k))
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_ylim(0, 1)
-            ax.set_title(f"{cell} edge {e}", fontsize=8)
+            label = edge_labels[cell][e] if edge_labels else f"edge {e}"
+            ax.set_title(label if len(cells) == 1 else f"{cell} {label}", fontsize=8)
             ax.tick_params(labelsize=6)
     axes[0][0].legend(fontsize=5, loc="upper left")
     fig.suptitle("architecture weights over the epochs (one panel per edge, one line per op)", fontsize=9)

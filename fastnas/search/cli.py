@@ -6,6 +6,7 @@ import argparse
 
 from fastnas.runs import cli
 from fastnas.runs.data import DATASETS
+from fastnas.runs.tables import TABLE_HELP
 from fastnas.search.algorithms import ALGORITHMS, MODES
 from fastnas.search.config import SPACES, SearchConfig
 from fastnas.search.loop import run_search
@@ -48,10 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--data-dir", help="folder holding the CIFAR python-pickle release")
     cli.add_output_flags(g, d.out)
-    g.add_argument(
-        "--nb201-table",
-        help="CSV 'arch,accuracy,...' (or the NAS-Bench-201 file, with nas_201_api) to look the result up",
-    )
+    g.add_argument("--nb201-table", help=f"look the result up in a NAS-Bench-201 table: {TABLE_HELP}")
     g = p.add_argument_group("how to run")
     cli.add_running_flags(g, d)
     g = p.add_argument_group("optimisation (defaults follow the papers)")
@@ -76,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> SearchConfig:
-    return cli.to_config(SearchConfig, cli.given(args))
+    return cli.to_config(SearchConfig, cli.settings(SearchConfig, args))
 
 
 def main(argv: list[str] | None = None) -> int:

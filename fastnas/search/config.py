@@ -62,7 +62,19 @@ class SearchConfig:
     log: Callable[[str], None] | None = field(default=None, repr=False, compare=False)
 
     # fields that may differ between a run and its resumption
-    _RESUME_FREE = ("out", "device", "resume", "stop_after", "nb201_table", "threads", "progress", "data_dir", "log")
+    # (``epochs``: a resumed run may be extended; the learning rate follows the longer schedule)
+    _RESUME_FREE = (
+        "out",
+        "device",
+        "resume",
+        "stop_after",
+        "nb201_table",
+        "threads",
+        "progress",
+        "data_dir",
+        "log",
+        "epochs",
+    )
 
     def run_defining(self) -> dict[str, Any]:
         """The fields a checkpoint must agree with to be resumed by this config."""
@@ -91,7 +103,12 @@ def resolve(cfg: SearchConfig) -> tuple[SearchConfig, Algorithm]:
             f"algorithm {alg.name} (second order) does not support --amp fp16: its unrolled step runs "
             "without loss scaling; use --amp bf16 or none"
         )
-    defaults = DATASET_DEFAULTS[cfg.dataset][cfg.space]
+    defaults = dict(DATASET_DEFAULTS[cfg.dataset][cfg.space])
+    if alg.arch_optimizer is not None:  # config.json records the values the run uses
+        defaults["arch_lr"] = alg.arch_lr
+        defaults["arch_weight_decay" if alg.arch_optimizer == "adam" else "entropy_weight"] = (
+            alg.arch_weight_decay if alg.arch_optimizer == "adam" else alg.entropy_weight
+        )
     cfg = dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
     require_at_least(cfg, ("epochs", "batch_size", "channels", "cells", "accum_steps", "rs_samples"))
     require_at_least(cfg, ("limit_batches", "stop_after", "threads"))
@@ -100,11 +117,14 @@ def resolve(cfg: SearchConfig) -> tuple[SearchConfig, Algorithm]:
         raise RunError(f"--train-portion must lie in (0, 1), got {cfg.train_portion}")
     require_finite(cfg, ("lr", "lr_min", "momentum", "weight_decay", "grad_clip"))
     require_finite(cfg, ("arch_lr", "arch_weight_decay", "entropy_weight"))
-    if alg.arch_optimizer == "gaea":
-        lr = alg.arch_lr if cfg.arch_lr is None else cfg.arch_lr
-        lam = alg.entropy_weight if cfg.entropy_weight is None else cfg.entropy_weight
-        if lr * lam >= 1.0:
-            raise RunError(f"--arch-lr times --entropy-weight must be below 1 for GAEA, got {lr} * {lam}")
+    if alg.arch_optimizer == "gaea" and cfg.arch_lr * cfg.entropy_weight >= 1.0:
+        raise RunError(
+            f"--arch-lr times --entropy-weight must be below 1 for GAEA, got {cfg.arch_lr} * {cfg.entropy_weight}"
+        )
+    if alg.arch_optimizer is not None and cfg.arch_warmup >= cfg.epochs:
+        raise RunError(
+            f"--arch-warmup {cfg.arch_warmup} leaves no epoch of architecture updates in --epochs {cfg.epochs}"
+        )
     if cfg.space == "darts" and cfg.cells < 3:
         raise RunError(f"--cells (layers) of the darts space must be at least 3, got {cfg.cells}")
     if cfg.nb201_table is not None and cfg.space != "nb201":

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any
 
 import numpy as np
@@ -77,6 +78,15 @@ def op_names(space: str) -> list[str]:
     return list(PRIMITIVES)
 
 
+def edge_labels(net: nn.Module) -> list[str]:
+    """``"i<-j"`` for every row of a cell's op weights: NAS-Bench-201's ``edge_keys``; in DARTS cells
+    the rows run node by node (nodes 2.. of a cell whose inputs are nodes 0 and 1), inputs in order."""
+    if hasattr(net, "edge_keys"):
+        return list(net.edge_keys)
+    steps = getattr(net, "_steps", 4)
+    return [f"{i}<-{j}" for i in range(2, steps + 2) for j in range(i)]
+
+
 def row_entropy(weights: dict[str, Tensor]) -> dict[str, float]:
     """Mean entropy (nats) of the rows of each weight matrix (rows summing to 1)."""
     out = {}
@@ -101,6 +111,8 @@ def run_search(cfg: SearchConfig) -> dict[str, Any]:
             f"{cfg.mode} split of {cfg.dataset}"
         )
     with process_group(setup.ddp, setup.device, default_threads(cfg)):
+        if table is not None and table.report and setup.ddp.is_main:
+            (cfg.log or print)(table.report)
         return Search(cfg, alg, setup, w_idx, a_idx, table).run()
 
 
@@ -268,7 +280,7 @@ class Search(EpochRun):
             steps = min(steps, len(a_order) // cfg.batch_size)
         if cfg.limit_batches is not None:
             steps = min(steps, cfg.limit_batches)
-        lr = self.w_opt.param_groups[0]["lr"]
+        lr = self.set_epoch_lr(epoch)
         batch = lambda order, i: order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
 
         def step(i: int) -> tuple[float, int, int]:
@@ -283,7 +295,6 @@ class Search(EpochRun):
 
         self.net.train()
         train = self.train_steps(epoch, steps, step)
-        self.sched.step()
         test_loss, test_acc = self._evaluate(self.net, self.data.x_test, self.data.y_test, limit=self.eval_limit())
         self.ddp.check_same(self.arch_params, "architecture parameters")
         weights = self.net.arch_weights()
@@ -342,10 +353,14 @@ class Search(EpochRun):
         return {"arch": self.net.export(), **super().partial_result(epochs_done)}
 
     def on_stop(self) -> None:
-        plot_arch_weights(self.history, os.path.join(self.cfg.out, "arch_weights.png"), op_names(self.cfg.space))
+        labels = {cell: edge_labels(self.net) for cell in self.net.arch_weights()}
+        plot_arch_weights(
+            self.history, os.path.join(self.cfg.out, "arch_weights.png"), op_names(self.cfg.space), labels
+        )
 
-    def finish(self, seconds: float) -> dict[str, Any]:
+    def finish(self) -> dict[str, Any]:
         cfg = self.cfg
+        t0 = time.perf_counter()
         result: dict[str, Any] = {"arch": self.net.export(), "epochs_done": cfg.epochs, "finished": True}
         if self.alg.sampler == "uniform":
             arch, acc = self._random_search()
@@ -355,7 +370,7 @@ class Search(EpochRun):
         if self.history:
             last = self.history[-1]
             result.update({k: last[k] for k in ("train_acc", "test_acc", "entropy")})
-        result["search_seconds"] = seconds
+        result["search_seconds"] = self.elapsed_seconds + time.perf_counter() - t0  # every invocation
         if self.table is not None:
             bench = self.table(result["arch"])
             result["benchmark"] = bench
