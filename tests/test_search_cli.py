@@ -324,7 +324,7 @@ def test_bad_nb201_table(tmp_path, capsys):
 
 def test_top_level_usage(capsys):
     assert fastnas_main([]) == 2
-    assert fastnas_main(["train"]) == 2
+    assert fastnas_main(["evolve"]) == 2
     assert "unknown command" in capsys.readouterr().err
     assert search_main(["--help"]) == 0
     assert "--nb201-table" in capsys.readouterr().out

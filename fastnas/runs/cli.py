@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from typing import Any, Callable
 
@@ -50,6 +51,8 @@ def settings(config_cls: type, args: argparse.Namespace) -> dict[str, Any]:
     if not asked.get("resume"):
         return asked
     out = asked.get("out", config_cls().out)
+    if not os.path.isfile(os.path.join(out, "checkpoint.pt")):
+        raise RunError(f"nothing to resume: {out} holds no checkpoint.pt")
     saved = read_config_json(out)
     if saved is None:  # no config.json: the checkpoint alone says whether the flags fit
         return asked

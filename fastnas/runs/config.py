@@ -55,6 +55,23 @@ def as_dict(cfg: Any) -> dict[str, Any]:
     return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "log"}
 
 
+class RunSettings:
+    """What the configs of the commands (dataclasses) share: which fields define a run."""
+
+    # fields that may differ between a run and its resumption (``epochs``: a run may be extended;
+    # the learning rate then follows the longer schedule)
+    _RESUME_FREE: tuple[str, ...] = (
+        "out", "device", "resume", "stop_after", "threads", "progress", "data_dir", "log", "epochs"
+    )  # fmt: skip
+
+    def run_defining(self) -> dict[str, Any]:
+        """The fields a checkpoint must agree with to be resumed by this config."""
+        return {k: v for k, v in self.as_dict().items() if k not in self._RESUME_FREE}
+
+    def as_dict(self) -> dict[str, Any]:
+        return as_dict(self)
+
+
 def check_out_dir(out: str, resume: bool, run_files: tuple[str, ...], what: str) -> None:
     """Refuse to start a new run where one lies (``run_files``), or to resume where none lies."""
     if os.path.exists(out) and not os.path.isdir(out):

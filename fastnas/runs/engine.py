@@ -200,20 +200,27 @@ class EpochRun:
     # ------------------------------------------------------------------ batches
 
     def augment(self, x: Tensor, gen: torch.Generator) -> Tensor:
-        """The training augmentation of uint8 images ``x`` (random numbers from ``gen``)."""
+        """The data set's augmentation of uint8 images ``x`` (random numbers from ``gen``)."""
         return data_mod.augment_batch(x, gen)
+
+    def augment_normalized(self, x: Tensor, gen: torch.Generator) -> Tensor:
+        """What a command adds to the augmentation, on normalised images (nothing here)."""
+        return x
 
     def micro_batches(self, idx: Tensor, gen: torch.Generator | None) -> Batches:
         """This rank's micro-batches (normalised images, labels) of the global batch ``idx``. The
-        augmentation is drawn for the whole global batch, so every rank draws the same numbers."""
+        augmentation (when ``gen`` is given) is drawn for the whole global batch, so every rank draws
+        the same numbers."""
         idx = idx.to(self.device)
         x, y = self.data.x_train[idx], self.data.y_train[idx]
-        if gen is not None:
+        if gen is not None and self.data.augment:
             x = self.augment(x, gen)
+        x = self.data.normalize(x)
+        if gen is not None:
+            x = self.augment_normalized(x, gen)
         per_rank = len(idx) // self.ddp.world
         mine = slice(self.ddp.rank * per_rank, (self.ddp.rank + 1) * per_rank)
-        xs, ys = x[mine].chunk(self.cfg.accum_steps), y[mine].chunk(self.cfg.accum_steps)
-        return [(self.data.normalize(xx), yy) for xx, yy in zip(xs, ys)]
+        return list(zip(x[mine].chunk(self.cfg.accum_steps), y[mine].chunk(self.cfg.accum_steps)))
 
     def autocast(self):
         if self.amp_dtype is None:

@@ -64,3 +64,21 @@ def plot_arch_weights(
     fig.suptitle("architecture weights over the epochs (one panel per edge, one line per op)", fontsize=9)
     fig.subplots_adjust(left=0.04, right=0.99, bottom=0.3 / height, top=1 - 0.55 / height, wspace=0.3, hspace=0.6)
     save_figure(fig, path)
+
+
+def plot_curves(history: list[dict[str, Any]], path: str, title: str = "") -> None:
+    """PNG of a training run: losses (left) and accuracies (right) of training and test over the epochs."""
+    if not history:
+        return
+    plt = _pyplot()
+    epochs = [h["epoch"] for h in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.4))
+    for split in ("train", "test"):
+        ax_loss.plot(epochs, [h[f"{split}_loss"] for h in history], label=split)
+        ax_acc.plot(epochs, [h[f"{split}_acc"] for h in history], label=split)
+    ax_loss.set(xlabel="epoch", ylabel="loss")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)")
+    ax_acc.legend(fontsize=8)
+    fig.suptitle(title if len(title) < 110 else title[:107] + "...", fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, path)

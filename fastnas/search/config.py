@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 from fastnas.runs import data as data_mod
-from fastnas.runs.config import AMP_MODES, RunError, as_dict, require_at_least, require_choice, require_finite
+from fastnas.runs.config import (
+    AMP_MODES,
+    RunError,
+    RunSettings,
+    require_at_least,
+    require_choice,
+    require_finite,
+)
 from fastnas.search.algorithms import MODES, Algorithm, get_algorithm
 
 SPACES = ("nb201", "darts")
@@ -16,13 +23,14 @@ SearchError = RunError  # the name search users know; every run raises RunError
 # per-data-set defaults of the network size and the epochs (paper sizes for CIFAR)
 DATASET_DEFAULTS: dict[str, dict[str, dict[str, int]]] = {
     "digits": {"nb201": dict(channels=8, cells=1, epochs=20), "darts": dict(channels=8, cells=5, epochs=10)},
+    "distorted-digits": {"nb201": dict(channels=8, cells=1, epochs=20), "darts": dict(channels=8, cells=5, epochs=10)},
     "cifar10": {"nb201": dict(channels=16, cells=5, epochs=50), "darts": dict(channels=16, cells=8, epochs=50)},
 }
 DATASET_DEFAULTS["cifar100"] = DATASET_DEFAULTS["cifar10"]
 
 
 @dataclass
-class SearchConfig:
+class SearchConfig(RunSettings):
     """Everything that defines a search run. ``None`` fields take the algorithm's or data set's default."""
 
     space: str = "nb201"
@@ -61,27 +69,7 @@ class SearchConfig:
     progress: bool = True
     log: Callable[[str], None] | None = field(default=None, repr=False, compare=False)
 
-    # fields that may differ between a run and its resumption
-    # (``epochs``: a resumed run may be extended; the learning rate follows the longer schedule)
-    _RESUME_FREE = (
-        "out",
-        "device",
-        "resume",
-        "stop_after",
-        "nb201_table",
-        "threads",
-        "progress",
-        "data_dir",
-        "log",
-        "epochs",
-    )
-
-    def run_defining(self) -> dict[str, Any]:
-        """The fields a checkpoint must agree with to be resumed by this config."""
-        return {k: v for k, v in self.as_dict().items() if k not in self._RESUME_FREE}
-
-    def as_dict(self) -> dict[str, Any]:
-        return as_dict(self)
+    _RESUME_FREE = (*RunSettings._RESUME_FREE, "nb201_table")
 
 
 def resolve(cfg: SearchConfig) -> tuple[SearchConfig, Algorithm]:
