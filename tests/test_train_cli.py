@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from search_helpers import assert_same_state, load_checkpoint, snapshot
+from search_helpers import assert_same_state, expect_one_line_error, load_checkpoint
 from train_helpers import DARTS_ARCH, NB201_ARCH, TINY_TRAIN
 
 from fastnas.__main__ import main as fastnas_main
@@ -29,14 +29,7 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
 
 
 def _expect_error(args, capsys, needle, watched=None):
-    before = snapshot(watched) if watched else None
-    rc, _, err = run_cli(args, capsys)
-    assert rc == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("fastnas train: error: "), err
-    assert needle in lines[0], lines[0]
-    if watched:
-        assert snapshot(watched) == before, "a rejected command changed the output directory"
+    expect_one_line_error("train", args, capsys, needle, watched)
 
 
 def test_nb201_end_to_end(tmp_path, capsys, networks):

@@ -51,8 +51,8 @@ def settings(config_cls: type, args: argparse.Namespace) -> dict[str, Any]:
     if not asked.get("resume"):
         return asked
     out = asked.get("out", config_cls().out)
-    if not os.path.isfile(os.path.join(out, "checkpoint.pt")):
-        raise RunError(f"nothing to resume: {out} holds no checkpoint.pt")
+    if not os.path.isfile(os.path.join(out, config_cls.RESUME_FILE)):
+        raise RunError(f"nothing to resume: {out} holds no {config_cls.RESUME_FILE}")
     saved = read_config_json(out)
     if saved is None:  # no config.json: the checkpoint alone says whether the flags fit
         return asked
@@ -78,7 +78,10 @@ def to_config(config_cls: type, settings: dict[str, Any]) -> Any:
     return cfg
 
 
-def add_output_flags(g: argparse._ArgumentGroup, default_out: str) -> None:
+def add_data_and_output_flags(g: argparse._ArgumentGroup, dataset_help: str, default_out: str) -> None:
+    """--dataset, --data-dir, --out, --resume, --no-progress."""
+    g.add_argument("--dataset", help=dataset_help)
+    g.add_argument("--data-dir", help="folder holding the CIFAR python-pickle release")
     g.add_argument("--out", help=f"output directory (default {default_out})")
     g.add_argument(
         "--resume",

@@ -64,6 +64,8 @@ class RunSettings:
         "out", "device", "resume", "stop_after", "threads", "progress", "data_dir", "log", "epochs"
     )  # fmt: skip
 
+    RESUME_FILE = "checkpoint.pt"  # what a run in ``out`` must hold to be resumed
+
     def run_defining(self) -> dict[str, Any]:
         """The fields a checkpoint must agree with to be resumed by this config."""
         return {k: v for k, v in self.as_dict().items() if k not in self._RESUME_FREE}
@@ -72,14 +74,17 @@ class RunSettings:
         return as_dict(self)
 
 
-def check_out_dir(out: str, resume: bool, run_files: tuple[str, ...], what: str) -> None:
-    """Refuse to start a new run where one lies (``run_files``), or to resume where none lies."""
+def check_out_dir(
+    out: str, resume: bool, run_files: tuple[str, ...], what: str, resume_file: str = "checkpoint.pt"
+) -> None:
+    """Refuse to start a new run where one lies (``run_files``), or to resume where none lies
+    (no ``resume_file``)."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise RunError(f"--out {out} exists and is not a directory")
     present = [f for f in run_files if os.path.exists(os.path.join(out, f))]
     if resume:
-        if not os.path.isfile(os.path.join(out, "checkpoint.pt")):
-            raise RunError(f"nothing to resume: {out} holds no checkpoint.pt")
+        if not os.path.isfile(os.path.join(out, resume_file)):
+            raise RunError(f"nothing to resume: {out} holds no {resume_file}")
     elif present:
         raise RunError(
             f"--out {out} already holds a {what} ({present[0]}); pass --resume to continue it or choose another --out"

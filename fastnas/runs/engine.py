@@ -59,19 +59,24 @@ def prepare(cfg: Any, run_files: tuple[str, ...], what: str, fmt: str) -> Setup:
     ddp = Dist()
     ddp.check_batch(cfg.batch_size, cfg.accum_steps)
     check_out_dir(cfg.out, cfg.resume, run_files, what)
-    device = resolve_device(cfg.device, ddp)
-    if cfg.amp == "fp16" and device.type == "cpu":
-        raise RunError("--amp fp16 needs a CUDA device (use bf16 on CPU)")
-    try:
-        data = data_mod.load_dataset(cfg.dataset, cfg.data_dir)
-    except data_mod.DataError as e:
-        raise RunError(str(e)) from None
+    device, data = device_and_data(cfg, ddp)
     ckpt = None
     if cfg.resume:
         path = os.path.join(cfg.out, "checkpoint.pt")
         ckpt = load_checkpoint(path, fmt, f"fastnas {what.split()[0]} checkpoint")
         check_resumable(ckpt, cfg.run_defining(), path)
     return Setup(ddp, device, data, ckpt)
+
+
+def device_and_data(cfg: Any, ddp: Dist) -> tuple[torch.device, data_mod.ImageData]:
+    """The device of ``cfg.device`` (which ``cfg.amp`` must suit) and the data set ``cfg.dataset``."""
+    device = resolve_device(cfg.device, ddp)
+    if cfg.amp == "fp16" and device.type == "cpu":
+        raise RunError("--amp fp16 needs a CUDA device (use bf16 on CPU)")
+    try:
+        return device, data_mod.load_dataset(cfg.dataset, cfg.data_dir)
+    except data_mod.DataError as e:
+        raise RunError(str(e)) from None
 
 
 def default_threads(cfg: Any) -> int | None:
@@ -341,7 +346,8 @@ class EpochRun:
         """Called on rank 0 when ``--stop-after`` ends the run early."""
 
     def partial_result(self, epochs_done: int) -> dict[str, Any]:
-        """What :meth:`run` returns when ``--stop-after`` ends the run early."""
+        """What :meth:`run` returns when ``--stop-after`` ends the run early (plus ``epochs_run``, the
+        epochs of this invocation, as after a finished run)."""
         return {"epochs_done": epochs_done, "finished": False, "history": self.history}
 
     def finish(self) -> dict[str, Any]:
@@ -374,8 +380,8 @@ class EpochRun:
                 if self.is_main:
                     self.log(f"stopping after {done_now} epochs as asked; continue with --resume")
                     self.on_stop()
-                return self.partial_result(epoch + 1)
+                return {**self.partial_result(epoch + 1), "epochs_run": done_now}
         t0 = time.perf_counter()
         result = self.finish()
         self.elapsed_seconds += time.perf_counter() - t0
-        return result
+        return {**result, "epochs_run": done_now}

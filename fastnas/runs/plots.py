@@ -82,3 +82,29 @@ def plot_curves(history: list[dict[str, Any]], path: str, title: str = "") -> No
     fig.suptitle(title if len(title) < 110 else title[:107] + "...", fontsize=7)
     fig.tight_layout()
     save_figure(fig, path)
+
+
+def plot_rank_scatter(
+    shared_acc: list[float], truth: list[float], path: str, summary: dict[str, Any], truth_name: str
+) -> None:
+    """PNG of a ranking run: each architecture's shared-weight accuracy against its ground truth, the
+    shared-weight top-1 and top-5 marked, Kendall's tau and Spearman's rho in the title."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 4.2))
+    ax.scatter(shared_acc, truth, s=18, color="tab:blue", label="architectures")
+    order = sorted(range(len(shared_acc)), key=lambda i: -shared_acc[i])
+    top5 = order[:5]
+    ax.scatter([shared_acc[i] for i in top5], [truth[i] for i in top5], s=40, facecolors="none",
+               edgecolors="tab:orange", label="shared-weight top-5")  # fmt: skip
+    ax.scatter([shared_acc[order[0]]], [truth[order[0]]], s=80, marker="*", color="tab:red", label="top-1")
+    fmt = lambda v: "undefined" if v is None else f"{v:.3f}"
+    ax.set_title(
+        f"Kendall tau {fmt(summary['kendall_tau'])}, Spearman rho {fmt(summary['spearman_rho'])} "
+        f"({len(truth)} architectures)",
+        fontsize=9,
+    )
+    ax.set_xlabel("shared-weight accuracy (%)", fontsize=8)
+    ax.set_ylabel(truth_name if len(truth_name) < 50 else "ground truth", fontsize=8)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, path)

@@ -37,12 +37,14 @@ API_COLUMNS = tuple(f"{name}_test_acc" for name in API_DATASETS)
 @dataclass
 class AccuracyTable:
     """Accuracies by NAS-Bench-201 string. ``columns``: the value names, the first the default one;
-    ``report``: one line saying what was skipped while reading, or None."""
+    ``report``: one line saying what was skipped while reading, or None; ``archs``: the architectures
+    a CSV holds (None for the benchmark files, which hold every cell)."""
 
     source: str
     columns: tuple[str, ...]
     lookup_fn: Callable[[str], dict[str, float] | None] = field(repr=False)
     report: str | None = None
+    archs: list[str] | None = field(default=None, repr=False)
 
     def lookup(self, arch: str) -> dict[str, float] | None:
         """The row of ``arch`` (any spelling NAS-Bench-201's parser accepts), or None."""
@@ -127,7 +129,7 @@ def _read_csv(path: str, flag: str) -> AccuracyTable:
     if duplicates:
         notes.append(f"{len(duplicates)} repeated architectures kept their first row ({_lines(duplicates)})")
     report = f"{where}: {len(table)} architectures; " + "; ".join(notes) if notes else None
-    return AccuracyTable(path, tuple(name for _, name in value_cols), table.get, report)
+    return AccuracyTable(path, tuple(name for _, name in value_cols), table.get, report, list(table))
 
 
 def _lines(lines: list[int], most: int = 5) -> str:

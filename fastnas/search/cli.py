@@ -44,11 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--cells", type=int, help="NAS-Bench-201: cells per stage N (1 on digits, 5 on CIFAR); DARTS: layers (5 / 8)"
     )
     g = p.add_argument_group("data and output")
-    g.add_argument(
-        "--dataset", help=f"{', '.join(DATASETS)} (default {d.dataset}: bundled with scikit-learn, no download)"
+    cli.add_data_and_output_flags(
+        g, f"{', '.join(DATASETS)} (default {d.dataset}: built from scikit-learn's digits, no download)", d.out
     )
-    g.add_argument("--data-dir", help="folder holding the CIFAR python-pickle release")
-    cli.add_output_flags(g, d.out)
     g.add_argument("--nb201-table", help=f"look the result up in a NAS-Bench-201 table: {TABLE_HELP}")
     g = p.add_argument_group("how to run")
     cli.add_running_flags(g, d)

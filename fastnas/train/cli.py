@@ -37,9 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--from", dest="from_run", help="a search run's folder: train its arch.txt on its data set")
     g.add_argument("--recipe", help=f"{', '.join(RECIPES)} (default: the architecture's space)")
     g = p.add_argument_group("data and output")
-    g.add_argument("--dataset", help=f"{', '.join(DATASETS)} (default: the --from run's, else {DEFAULT_DATASET})")
-    g.add_argument("--data-dir", help="folder holding the CIFAR python-pickle release")
-    cli.add_output_flags(g, d.out)
+    cli.add_data_and_output_flags(
+        g, f"{', '.join(DATASETS)} (default: the --from run's, else {DEFAULT_DATASET})", d.out
+    )
     g = p.add_argument_group("how to run")
     cli.add_running_flags(g, d)
     g.add_argument("--compile", action="store_true", help="torch.compile the network")
