@@ -151,6 +151,12 @@ def test_provider(benchmark, provider, which, shape, K, dtype):
     benchmark.pedantic(run, setup=CacheFlush(DEVICE), rounds=ROUNDS, iterations=1, warmup_rounds=2)
 
 
+# pytest-benchmark's own table times what these run per round: every provider once, back to back.
+# Its group headings say so; the per-provider medians are in the summary tables printed after it.
+ROUNDS_GROUP = "whole interleaved rounds, every provider once (per-provider medians: tables below)"
+
+
+@pytest.mark.benchmark(group=f"side_by_side: {ROUNDS_GROUP}")
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("shape,K", SHAPES, ids=[shape_id(s, k) for s, k in SHAPES])
 def test_side_by_side(benchmark, shape, K, dtype):
@@ -183,6 +189,7 @@ def test_side_by_side(benchmark, shape, K, dtype):
     benchmark.pedantic(lambda: [fn() for fn in fns.values()], rounds=3, iterations=1)
 
 
+@pytest.mark.benchmark(group=f"cpu_kernel_levels: {ROUNDS_GROUP}")
 @pytest.mark.skipif(DEVICE != "cpu" or "fastnas-cpu" not in PROVIDERS, reason="the CPU kernels' levels, on CPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).removeprefix("torch."))
 def test_cpu_kernel_levels(benchmark, dtype):

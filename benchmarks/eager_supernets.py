@@ -76,28 +76,28 @@ class EagerDartsFactorizedReduce(nn.Module):
         return self.bn(torch.cat([self.conv_1(x), self.conv_2(x[:, :, 1:, 1:])], dim=1))
 
 
-def _sep(C, k, stride, p):
+def _sep(C, k, stride, p, affine=False):
     return EagerSeq(
         nn.Sequential(
             nn.ReLU(inplace=False),
             nn.Conv2d(C, C, k, stride, p, groups=C, bias=False),
             nn.Conv2d(C, C, 1, bias=False),
-            nn.BatchNorm2d(C, affine=False),
+            nn.BatchNorm2d(C, affine=affine),
             nn.ReLU(inplace=False),
             nn.Conv2d(C, C, k, 1, p, groups=C, bias=False),
             nn.Conv2d(C, C, 1, bias=False),
-            nn.BatchNorm2d(C, affine=False),
+            nn.BatchNorm2d(C, affine=affine),
         )
     )
 
 
-def _dil(C, k, stride, p, d):
+def _dil(C, k, stride, p, d, affine=False):
     return EagerSeq(
         nn.Sequential(
             nn.ReLU(inplace=False),
             nn.Conv2d(C, C, k, stride, p, dilation=d, groups=C, bias=False),
             nn.Conv2d(C, C, 1, bias=False),
-            nn.BatchNorm2d(C, affine=False),
+            nn.BatchNorm2d(C, affine=affine),
         )
     )
 

@@ -23,16 +23,35 @@ int64_t check_native_inputs(const at::Tensor& grad, at::TensorList outputs, cons
                             c10::DeviceType device_type, const char* op_name);
 
 // The results of a backward call, allocated as the contract says: K outputs gradients laid out like
-// grad (when compute_outputs_grad; by `empty_like`, the backend's allocator) and weights_grad, [K]
-// when outputs are given, else empty. `done` when nothing is left to compute (no elements, or
-// nothing asked): weights_grad then holds its final value (zeros when there are no elements).
+// grad (when compute_outputs_grad), each from `empty_flat(numel, like)` (the backend's allocator, a
+// 1-D tensor of like's dtype and device), or all K as slices of one such buffer while a
+// SharedGradientStorage lives; and weights_grad, [K] when outputs are given, else empty. `done` when nothing is left to compute (no elements, or nothing asked):
+// weights_grad then holds its final value (zeros when there are no elements).
 struct BackwardResults {
   std::vector<at::Tensor> outputs_grad;
   at::Tensor weights_grad;
   bool done;
 };
 BackwardResults allocate_backward_results(const at::Tensor& grad, at::TensorList outputs, const at::Tensor& weights,
-                                          bool compute_outputs_grad, at::Tensor (*empty_like)(const at::Tensor&));
+                                          bool compute_outputs_grad,
+                                          at::Tensor (*empty_flat)(int64_t numel, const at::Tensor& like));
+
+// While one lives on a thread, the backward kernels allocate the K input gradients as slices of one
+// buffer (see allocate_backward_results). Only the eager autograd node sets it, around its own
+// backward call: its gradients go straight to the autograd engine. Called as registered operators,
+// the kernels return K separate allocations, since torch.library requires that the outputs of a
+// custom operator alias nothing (torch.compile and functionalization rely on it).
+class SharedGradientStorage {
+ public:
+  SharedGradientStorage();
+  ~SharedGradientStorage();
+  SharedGradientStorage(const SharedGradientStorage&) = delete;
+  SharedGradientStorage& operator=(const SharedGradientStorage&) = delete;
+  static bool active();
+
+ private:
+  bool previous_;
+};
 
 // Strides a and b agree wherever a dimension of `sizes` has more than one element.
 bool same_strides(at::IntArrayRef sizes, at::IntArrayRef a, at::IntArrayRef b);

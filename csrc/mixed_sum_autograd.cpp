@@ -38,7 +38,30 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> native_backward(const at::Tensor
 
 // The weights in the kernels' accumulation dtype (float64 for float64 inputs, float32 otherwise).
 at::Tensor accumulation_weights(const at::Tensor& weights, const at::Tensor& like) {
-  return weights.to(accumulation_type(like.scalar_type())).contiguous();
+  const at::ScalarType acc = accumulation_type(like.scalar_type());
+  if (weights.scalar_type() == acc && weights.is_contiguous()) return weights;  // no dispatch: the usual case
+  return weights.to(acc).contiguous();
+}
+
+// The gradients by the reference formulas (fastnas/ops/reference.py) in ATen ops that autograd records:
+// d o_k = w_k g and d w_k = sum(g * o_k), in the accumulation dtype, rounded once. Second and higher
+// derivatives through them are exact.
+variable_list differentiable_backward(const at::Tensor& grad, const std::vector<at::Tensor>& outputs,
+                                      const at::Tensor& weights, bool needs_outputs_grad, bool needs_weights_grad) {
+  const at::ScalarType acc = accumulation_type(grad.scalar_type());
+  const at::Tensor g = grad.to(acc);
+  const at::Tensor w = weights.to(acc);
+  variable_list result{at::Tensor()};
+  if (needs_weights_grad) {
+    std::vector<at::Tensor> sums;
+    sums.reserve(outputs.size());
+    for (const at::Tensor& o : outputs) sums.push_back((g * o.to(acc)).sum());
+    result[0] = at::stack(sums).to(weights.scalar_type());
+  }
+  for (int64_t k = 0; k < weights.size(0); ++k) {
+    result.push_back(needs_outputs_grad ? (w[k] * g).to(grad.scalar_type()) : at::Tensor());
+  }
+  return result;
 }
 
 class MixedSum : public torch::autograd::Function<MixedSum> {
@@ -51,23 +74,26 @@ class MixedSum : public torch::autograd::Function<MixedSum> {
     ctx->saved_data["needs_outputs_grad"] = needs_outputs_grad;
     ctx->saved_data["needs_weights_grad"] = needs_weights_grad;
     ctx->saved_data["strides"] = outputs[0].strides().vec();
-    // the K inputs are needed only for dL/dw: not kept alive when the weights are frozen
-    std::vector<at::Tensor> saved{w};
+    // The weights themselves, not w: a backward recorded for double backward differentiates through
+    // them. The K inputs are needed only for dL/dw: not kept alive when the weights are frozen.
+    std::vector<at::Tensor> saved{weights};
     if (needs_weights_grad) saved.insert(saved.end(), outputs.begin(), outputs.end());
     ctx->save_for_backward(saved);
     return native_forward(outputs, w);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    TORCH_CHECK(!at::GradMode::is_enabled(),
-                "fastnas.mixed_sum does not support double backward (create_graph=True): its backward is not "
-                "differentiable");
     const variable_list saved = ctx->get_saved_variables();
-    const at::Tensor& w = saved[0];
+    const at::Tensor& weights = saved[0];
     const std::vector<at::Tensor> outputs(saved.begin() + 1, saved.end());
     const bool needs_outputs_grad = ctx->saved_data["needs_outputs_grad"].toBool();
     const bool needs_weights_grad = ctx->saved_data["needs_weights_grad"].toBool();
-    const int64_t K = w.size(0);
+    const int64_t K = weights.size(0);
+    if (at::GradMode::is_enabled()) {
+      // create_graph=True: autograd records this backward, so it is computed with differentiable ops
+      return differentiable_backward(grad_outputs[0], outputs, weights, needs_outputs_grad, needs_weights_grad);
+    }
+    const at::Tensor w = accumulation_weights(weights, grad_outputs[0]);
 
     // the kernels take grad laid out like the inputs (autograd may hand over any strides, even 0)
     at::Tensor grad = grad_outputs[0];
@@ -77,6 +103,7 @@ class MixedSum : public torch::autograd::Function<MixedSum> {
       dense.copy_(grad);
       grad = dense;
     }
+    const SharedGradientStorage one_allocation;  // the K gradients go straight to the autograd engine
     auto [outputs_grad, weights_grad] = native_backward(grad, outputs, w, needs_outputs_grad);
 
     // weights_grad is in the accumulation dtype; autograd casts it to the weights' own dtype

@@ -158,10 +158,14 @@ def _resolve(requested: str, device_type: str) -> str:
         reason = unavailable_reason(requested, device_type)
         if reason is not None:
             raise RuntimeError(f"fastnas backend {requested!r} cannot run {device_type} tensors: {reason}")
+        if requested == "cpu":
+            check_cpu_isa_env()
         return requested
     for name in _AUTO_ORDER.get(device_type, ("reference",)):
         reason = unavailable_reason(name, device_type)
         if reason is None:
+            if name == "cpu":
+                check_cpu_isa_env()
             return name
         if name in COMPILED_BACKENDS and device_type == name:
             _warn_once(f"fastnas: backend {name!r} unavailable, falling back ({reason})")
@@ -175,6 +179,14 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
 
 
 CPU_ISA_LEVELS = ("avx512", "avx2", "portable")  # instruction-set levels of the CPU kernels, best first
+
+
+def check_cpu_isa_env() -> None:
+    """Raise ValueError when FASTNAS_CPU_ISA names no level (any case is accepted): a misspelt cap
+    would otherwise be ignored without a word."""
+    value = os.environ.get("FASTNAS_CPU_ISA")
+    if value and value.lower() not in CPU_ISA_LEVELS:
+        raise ValueError(f"FASTNAS_CPU_ISA must be one of {', '.join(CPU_ISA_LEVELS)} (any case), got {value!r}")
 
 
 def cpu_isa_levels() -> list[str]:

@@ -147,3 +147,50 @@ def test_bad_arguments_name_the_argument():
         GAEA([torch.zeros(3, dtype=torch.long)])
     with pytest.raises(ValueError, match="segments"):
         simplex_normalize(torch.rand(2, 5), segments=(2, 2))
+
+
+def test_first_step_refuses_logits_naming_the_parameter():
+    from fastnas.spaces import nb201
+
+    net = nb201.Network(C=4, N=1, num_classes=3)  # DARTS-style logits, not simplex weights
+    net.alphas.data.normal_()
+    opt = GAEA(net.arch_parameters(), lr=0.1)
+    net.alphas.grad = torch.randn_like(net.alphas)
+    before = net.alphas.detach().clone()
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[0\] \(shape \(6, 5\)\) has negative"):
+        opt.step()
+    assert torch.equal(net.alphas.detach(), before)  # nothing was stepped
+
+
+def test_first_step_refuses_pc_darts_edge_weights_without_segments():
+    from fastnas.spaces import darts
+
+    net = darts.Network(C=4, layers=2, num_classes=3, arch="simplex", partial_channels=2)
+    for p in net.arch_parameters():
+        p.grad = torch.randn_like(p)
+    with pytest.raises(ValueError, match=r"must sum to 1.*segments.*arch_simplex_segments"):
+        GAEA(net.arch_parameters(), lr=0.1).step()
+    groups: dict = {}
+    for p in net.arch_parameters():
+        groups.setdefault(net.arch_simplex_segments(p), []).append(p)
+    GAEA([{"params": ps, "segments": seg} for seg, ps in groups.items()], lr=0.1).step()
+    for p in net.arch_parameters():
+        seg = net.arch_simplex_segments(p)
+        for part in torch.split(p.detach(), list(seg) if seg else [p.shape[-1]], -1):
+            torch.testing.assert_close(part.sum(-1), torch.ones(part.shape[:-1]))
+
+
+def test_first_step_names_named_parameters_and_checks_segments():
+    p = torch.nn.Parameter(torch.full((3, 4), 0.5))  # rows sum to 2
+    p.grad = torch.zeros_like(p)
+    opt = GAEA([{"params": [p], "param_names": ["alphas"]}], lr=0.1)
+    with pytest.raises(ValueError, match="GAEA parameter 'alphas' .*each row must sum to 1"):
+        opt.step()
+    q = torch.nn.Parameter(torch.full((2, 4), 0.25))  # rows are simplices, but not segments (2, 2)
+    q.grad = torch.zeros_like(q)
+    with pytest.raises(ValueError, match=r"segments \(2, 2\) of a row must sum to 1"):
+        GAEA([q], segments=(2, 2)).step()
+    r = torch.nn.Parameter(torch.tensor([[0.5, float("nan")]]))
+    r.grad = torch.zeros_like(r)
+    with pytest.raises(ValueError, match="non-finite"):
+        GAEA([r]).step()

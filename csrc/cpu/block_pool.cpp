@@ -1,5 +1,8 @@
 #include "cpu/block_pool.h"
 
+#include <ATen/EmptyTensor.h>
+#include <c10/core/Allocator.h>
+#include <c10/core/CPUAllocator.h>
 #include <c10/core/impl/alloc_cpu.h>
 
 #include <cstdlib>
@@ -60,15 +63,49 @@ BlockPool& pool() {
   return *instance;
 }
 
+// What a pooled block's deleter needs: the block and its size (the DataPtr's context).
+struct PooledBlock {
+  void* data;
+  size_t bytes;
+};
+
+void give_back_block(void* context) {
+  auto* block = static_cast<PooledBlock*>(context);
+  c10::profiledCPUMemoryReporter().Delete(block->data);
+  pool().give_back(block->data, block->bytes);
+  delete block;
+}
+
+// Blocks of kMinPooledBytes and more come from the pool; smaller ones from torch's CPU allocator.
+class PooledCpuAllocator final : public c10::Allocator {
+ public:
+  c10::DataPtr allocate(size_t bytes) override {
+    if (bytes < kMinPooledBytes || pool_limit_bytes() == 0) return c10::GetDefaultCPUAllocator()->allocate(bytes);
+    void* data = pool().take(bytes);
+    c10::profiledCPUMemoryReporter().New(data, bytes);
+    return {data, new PooledBlock{data, bytes}, &give_back_block, c10::Device(c10::DeviceType::CPU)};
+  }
+
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+};
+
+PooledCpuAllocator& pooled_allocator() {
+  static PooledCpuAllocator* instance = new PooledCpuAllocator();
+  return *instance;
+}
+
 }  // namespace
 
 at::Tensor pooled_empty_like(const at::Tensor& like) {
-  const size_t bytes = static_cast<size_t>(like.numel()) * like.element_size();
-  if (bytes < kMinPooledBytes || pool_limit_bytes() == 0) return at::empty_like(like);
-  void* block = pool().take(bytes);
-  return at::from_blob(
-      block, like.sizes(), like.strides(), [bytes](void* data) { pool().give_back(data, bytes); },
-      like.options());
+  return at::detail::empty_strided_generic(like.sizes(), like.strides(), &pooled_allocator(),
+                                           c10::DispatchKeySet(c10::DispatchKey::CPU), like.scalar_type());
+}
+
+at::Tensor pooled_empty_flat(int64_t numel, const at::Tensor& like) {
+  return at::detail::empty_generic({numel}, &pooled_allocator(), c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                   like.scalar_type(), std::nullopt);
 }
 
 }  // namespace fastnas

@@ -5,6 +5,10 @@
 // memory ran at about a quarter of the speed of writing into memory already mapped (measured on a
 // 2-core EPYC). Blocks of the kernels' own results are kept here when freed and handed out again
 // for the same size, up to FASTNAS_CPU_POOL_MB megabytes in all (default 256; 0 turns it off).
+//
+// The cache sits behind a c10::Allocator, so its tensors are ordinary ones: resizable (a resize
+// allocates through the same allocator), and every block handed out or given back is reported to
+// torch's memory profiler, as the default CPU allocator reports its own.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -14,5 +18,8 @@ namespace fastnas {
 // An uninitialised tensor with the sizes, strides, dtype and device of `like` (a non-overlapping and
 // dense CPU tensor), its memory taken from the cache when it holds a block of that size.
 at::Tensor pooled_empty_like(const at::Tensor& like);
+
+// An uninitialised 1-D CPU tensor of `numel` elements of like's dtype, from the cache likewise.
+at::Tensor pooled_empty_flat(int64_t numel, const at::Tensor& like);
 
 }  // namespace fastnas

@@ -378,7 +378,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> mixed_sum_backward_cpu(const at:
       check_native_inputs(grad, outputs, weights, c10::DeviceType::CPU, "fastnas::_mixed_sum_backward");
   const int64_t numel = grad.numel();
   BackwardResults results =
-      allocate_backward_results(grad, outputs, weights, compute_outputs_grad, &pooled_empty_like);
+      allocate_backward_results(grad, outputs, weights, compute_outputs_grad, &pooled_empty_flat);
   if (results.done) return {results.outputs_grad, results.weights_grad};
   std::vector<at::Tensor>& outputs_grad = results.outputs_grad;  // named, not bound: lambdas capture them
   at::Tensor& weights_grad = results.weights_grad;

@@ -7,6 +7,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #include <atomic>
 #include <initializer_list>
@@ -274,7 +275,7 @@ const char* isa_name(Isa isa) {
 
 bool isa_from_name(const char* name, Isa* isa) {
   for (Isa level : {Isa::kAvx512, Isa::kAvx2, Isa::kPortable}) {
-    if (name != nullptr && strcmp(name, isa_name(level)) == 0) {
+    if (name != nullptr && strcasecmp(name, isa_name(level)) == 0) {  // FASTNAS_CPU_ISA=AVX2 is avx2
       *isa = level;
       return true;
     }
@@ -284,8 +285,8 @@ bool isa_from_name(const char* name, Isa* isa) {
 
 namespace {
 
-// The best level this CPU supports and this build compiled, capped by FASTNAS_CPU_ISA (unknown
-// names are ignored, as an unset variable).
+// The best level this CPU supports and this build compiled, capped by FASTNAS_CPU_ISA (fastnas.backend
+// refuses an unknown name with an error before the CPU backend first runs).
 Isa supported_isa() {
   static const Isa isa = [] {
     const Isa detected = detect_isa();

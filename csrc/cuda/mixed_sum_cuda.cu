@@ -396,7 +396,8 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> mixed_sum_backward_cuda(const at
   const int64_t numel = grad.numel();
   const bool want_weights_grad = !outputs.empty();
   BackwardResults results = allocate_backward_results(
-      grad, outputs, weights, compute_outputs_grad, [](const at::Tensor& t) { return at::empty_like(t); });
+      grad, outputs, weights, compute_outputs_grad,
+      [](int64_t numel, const at::Tensor& like) { return at::empty({numel}, like.options()); });
   if (results.done) return {results.outputs_grad, results.weights_grad};
   std::vector<at::Tensor>& outputs_grad = results.outputs_grad;  // named, not bound: lambdas capture them
   at::Tensor& weights_grad = results.weights_grad;

@@ -27,10 +27,9 @@ from typing import Sequence, Union
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from fastnas import backend
-from fastnas.ops.reference import accumulation_dtype
+from fastnas.ops.reference import accumulation_dtype, mixed_sum_backward_reference
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -55,8 +54,7 @@ def _validate(outputs: Sequence[Tensor], weights: Tensor) -> None:
     first = _check_tensor(outputs[0], "outputs[0]")
     if first.dtype not in SUPPORTED_DTYPES:
         raise TypeError(
-            f"outputs[0] has dtype {first.dtype}; fastnas.mixed_sum supports float16, bfloat16, "
-            "float32 and float64"
+            f"outputs[0] has dtype {first.dtype}; fastnas.mixed_sum supports float16, bfloat16, float32 and float64"
         )
     for k in range(1, len(outputs)):
         o = _check_tensor(outputs[k], f"outputs[{k}]")
@@ -75,6 +73,41 @@ def _validate(outputs: Sequence[Tensor], weights: Tensor) -> None:
         raise ValueError(f"weights has length {weights.shape[0]} but there are K={len(outputs)} outputs")
     if weights.device != first.device:
         raise ValueError(f"weights is on {weights.device} but outputs are on {first.device}")
+
+
+# --------------------------------------------------------------------------- autocast
+
+AUTOCAST_DEVICE_TYPES = ("cpu", "cuda")
+
+
+def autocast_promote(outputs: list[Tensor]) -> list[Tensor]:
+    """The K inputs in one dtype, for a call under ``torch.autocast``.
+
+    Under autocast the candidate ops of one edge come out in different dtypes: a convolution in the
+    autocast dtype, an identity, a pooling or a BatchNorm in float32. They are promoted to the widest
+    dtype among them, as the eager ``sum(w * o)`` does and as autocast itself treats multi-input ops
+    (``cat``, ``stack``): the result equals the eager supernet's, and nothing computed in float32 is
+    rounded to 16 bits. Outside autocast, mixed dtypes stay an error.
+    """
+    first = outputs[0]
+    dtype = first.dtype
+    mixed = False
+    for o in outputs[1:]:
+        if isinstance(o, Tensor) and o.dtype != dtype and o.is_floating_point() and first.is_floating_point():
+            dtype = torch.promote_types(dtype, o.dtype)
+            mixed = True
+    if not mixed:
+        return outputs
+    return [o.to(dtype) if isinstance(o, Tensor) and o.is_floating_point() else o for o in outputs]
+
+
+def _under_autocast(t: object) -> bool:
+    return (
+        torch._C._is_any_autocast_enabled()  # one cheap call on the hot path, when autocast is off
+        and isinstance(t, Tensor)
+        and t.device.type in AUTOCAST_DEVICE_TYPES
+        and torch.is_autocast_enabled(t.device.type)
+    )
 
 
 # --------------------------------------------------------------------------- layout
@@ -185,10 +218,30 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(weights, *(outputs if ctx.needs_weights_grad else ()))
 
 
+def _functorch_wrapped(tensors: Sequence[object]) -> bool:
+    """Whether a torch.func transform (vmap, grad, jacrev, ...) wraps any of ``tensors`` (a single
+    cheap call when no transform is active, the common case)."""
+    if torch._C._functorch.peek_interpreter_stack() is None:
+        return False
+    return any(isinstance(t, Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+
+
+def _gradients(grad: Tensor, outputs: list[Tensor], weights: Tensor, compute_outputs_grad: bool, fused):
+    """``(outputs_grad, weights_grad)`` of the mixed sum: by the fused kernels (``fused``), or, when
+    autograd records the backward itself (``create_graph=True``) or a torch.func transform batches
+    it, by the reference formulas in plain torch ops, which autograd differentiates exactly (second
+    and higher derivatives) and vmap batches."""
+    if torch.is_grad_enabled() or _functorch_wrapped((grad, weights, *outputs)):
+        return mixed_sum_backward_reference(grad, outputs, weights, compute_outputs_grad)
+    return fused(grad, outputs, weights, compute_outputs_grad)
+
+
 def _backward(ctx, grad: Tensor):
     weights, *outputs = ctx.saved_tensors
     compute_outputs_grad = ctx.needs_outputs_grad
-    outputs_grad, weights_grad = torch.ops.fastnas.mixed_sum_backward(grad, outputs, weights, compute_outputs_grad)
+    outputs_grad, weights_grad = _gradients(
+        grad, outputs, weights, compute_outputs_grad, torch.ops.fastnas.mixed_sum_backward
+    )
     if not compute_outputs_grad:
         outputs_grad = [None] * ctx.num_outputs
     return outputs_grad, (weights_grad if ctx.needs_weights_grad else None)
@@ -197,30 +250,90 @@ def _backward(ctx, grad: Tensor):
 _mixed_sum_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _vmap_rule(size: int, outputs_dims, weights_dim, outputs: Sequence[Tensor], weights: Tensor) -> Tensor:
+    """The mixed sum of a torch.func.vmap batch of ``size`` (result batched along dimension 0): the
+    batch becomes every input's leading dimension. Batched outputs with shared weights are still one
+    fused call; per-sample weights are summed by the reference formula."""
+    outputs_dims = outputs_dims if outputs_dims is not None else [None] * len(outputs)
+    batched = [o.movedim(d, 0) if d is not None else o.expand(size, *o.shape) for o, d in zip(outputs, outputs_dims)]
+    if weights_dim is None:
+        return mixed_sum(batched, weights)
+    acc = accumulation_dtype(batched[0].dtype)
+    w = weights.movedim(weights_dim, 0).to(acc).reshape(size, len(batched), *([1] * (batched[0].dim() - 1)))
+    return sum(w[:, k] * o.to(acc) for k, o in enumerate(batched)).to(batched[0].dtype)
+
+
+@_mixed_sum_op.register_vmap
+def _(info, in_dims, outputs: list[Tensor], weights: Tensor):
+    return _vmap_rule(info.batch_size, in_dims[0], in_dims[1], outputs, weights), 0
+
+
 class _MixedSumFunction(torch.autograd.Function):
-    """Eager autograd of the mixed sum on the Python backends (triton, reference): the same
+    """Eager autograd of the mixed sum on the Python backends (triton, reference), and on every
+    backend under torch.func transforms (vmap, grad, jacrev, jacfwd, hessian): the same
     implementation as the registered operators, without their dispatch overhead (tens of
     microseconds a call, which small GPU tensors would feel). The compiled backends have theirs in
-    C++, ``fastnas::_mixed_sum_autograd``."""
+    C++, ``fastnas::_mixed_sum_autograd``. The inputs come in one shared dense layout."""
 
     @staticmethod
-    def forward(ctx, weights: Tensor, *outputs: Tensor) -> Tensor:
-        outputs = shared_dense_layout(outputs)
+    def forward(weights: Tensor, *outputs: Tensor) -> Tensor:
+        return _forward_impl(list(outputs), weights)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        weights, *outputs = inputs
         ctx.num_outputs = len(outputs)
-        ctx.needs_weights_grad = ctx.needs_input_grad[0]
-        ctx.needs_outputs_grad = any(ctx.needs_input_grad[1:])
         # the K inputs are needed only for dL/dw: not kept alive when the weights are frozen
-        ctx.save_for_backward(weights, *(outputs if ctx.needs_weights_grad else ()))
-        return _forward_impl(outputs, weights)
+        ctx.save_for_backward(weights, *(outputs if weights.requires_grad else ()))
+        ctx.save_for_forward(weights, *outputs)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad: Tensor):
         weights, *outputs = ctx.saved_tensors
-        outputs_grad, weights_grad = _backward_impl(grad, outputs, weights, ctx.needs_outputs_grad)
-        if not ctx.needs_outputs_grad:
+        needs_weights_grad, needs_outputs_grad = ctx.needs_input_grad[0], any(ctx.needs_input_grad[1:])
+        outputs_grad, weights_grad = _gradients(
+            grad, outputs if needs_weights_grad else [], weights, needs_outputs_grad, _backward_impl
+        )
+        if not needs_outputs_grad:
             outputs_grad = [None] * ctx.num_outputs
-        return (weights_grad if ctx.needs_weights_grad else None), *outputs_grad
+        return (weights_grad if needs_weights_grad else None), *outputs_grad
+
+    @staticmethod
+    def jvp(ctx, weights_tangent: Tensor | None, *outputs_tangent: Tensor | None) -> Tensor:
+        # bilinear: dy = sum_k (dw_k o_k + w_k do_k), itself one mixed sum
+        weights, *outputs = ctx.saved_tensors
+        terms = [*outputs] if weights_tangent is not None else []
+        coefficients = [weights_tangent] if weights_tangent is not None else []
+        for k, tangent in enumerate(outputs_tangent):
+            if tangent is not None:
+                terms.append(tangent)
+                coefficients.append(weights[k : k + 1])
+        if not terms:
+            return torch.zeros_like(outputs[0])
+        return mixed_sum(terms, torch.cat([c.to(weights.dtype) for c in coefficients]))
+
+    @staticmethod
+    def vmap(info, in_dims, weights: Tensor, *outputs: Tensor):
+        return _vmap_rule(info.batch_size, list(in_dims[1:]), in_dims[0], outputs, weights), 0
+
+
+def _register_autocast_promotion() -> torch.library.Library:
+    """``torch.ops.fastnas.mixed_sum`` called directly under autocast promotes like :func:`mixed_sum`.
+    Returns the registering library, which must stay alive for the registration to last."""
+    library = torch.library.Library("fastnas", "IMPL")
+    for device_type in AUTOCAST_DEVICE_TYPES:
+        key_name = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+        keys = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key_name))
+
+        def kernel(_keyset, outputs: list[Tensor], weights: Tensor, keys=keys) -> Tensor:
+            with torch._C._ExcludeDispatchKeyGuard(keys):
+                return torch.ops.fastnas.mixed_sum.default(autocast_promote(list(outputs)), weights)
+
+        library.impl("mixed_sum", kernel, key_name, with_keyset=True)
+    return library
+
+
+_AUTOCAST_LIBRARY = _register_autocast_promotion()
 
 
 def register_native_fakes() -> None:
@@ -270,6 +383,8 @@ def mixed_sum(outputs: OutputsLike, weights: Tensor) -> Tensor:
         outputs = list(outputs)
     else:
         raise TypeError(f"outputs must be a list or tuple of tensors or one tensor, got {type(outputs).__name__}")
+    if len(outputs) > 1 and _under_autocast(outputs[0]):
+        outputs = autocast_promote(outputs)
     if torch.compiler.is_compiling():
         _validate(outputs, weights)
         return torch.ops.fastnas.mixed_sum(outputs, weights)  # traced as one opaque op
@@ -277,6 +392,7 @@ def mixed_sum(outputs: OutputsLike, weights: Tensor) -> Tensor:
         outputs
         and isinstance(outputs[0], Tensor)
         and backend.get_backend(outputs[0].device) in backend.COMPILED_BACKENDS
+        and not _functorch_wrapped((weights, *outputs))
     ):
         # checks, layout and autograd node in C++ (csrc/mixed_sum_autograd.cpp): the backward never
         # enters Python. When the op refuses its arguments, the Python checks say which and why.
@@ -286,4 +402,4 @@ def mixed_sum(outputs: OutputsLike, weights: Tensor) -> Tensor:
             _validate(outputs, weights)
             raise
     _validate(outputs, weights)
-    return _MixedSumFunction.apply(weights, *outputs)
+    return _MixedSumFunction.apply(weights, *shared_dense_layout(outputs))

@@ -154,6 +154,8 @@ class GAEA(Optimizer):
                 raise RuntimeError("GAEA does not support sparse gradients")
             for p in params:
                 st = self.state[p]
+                if st.get("step", 0) == 0:
+                    _check_on_simplex(p, segments, self._describe(group, p))
                 st["step"] = st.get("step", 0) + 1
             # exponent z = (1 - lr*lam) * log(theta) - lr * (grad + lam), all parameters at once
             z = torch._foreach_log(params)
@@ -171,6 +173,48 @@ class GAEA(Optimizer):
             torch._foreach_div_(z, [_simplex_sums(t, segments) for t in z])
             torch._foreach_copy_(params, z)
         return loss
+
+    def _describe(self, group: dict[str, Any], p: Tensor) -> str:
+        """How an error names a parameter: its name when the group has ``param_names``, else its place."""
+        g = next(g for g, other in enumerate(self.param_groups) if other is group)
+        i = next(i for i, q in enumerate(group["params"]) if q is p)
+        names = group.get("param_names")
+        where = repr(names[i]) if names else f"param_groups[{g}]['params'][{i}]"
+        return f"GAEA parameter {where} (shape {tuple(p.shape)})"
+
+
+# how far from 1 a simplex sum may be before GAEA refuses it: rounding of a float32/bf16 normalisation
+_SIMPLEX_SUM_TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-4}
+
+
+def _check_on_simplex(p: Tensor, segments: tuple[int, ...] | None, name: str) -> None:
+    """Raise unless every row (or segment) of ``p`` is a probability vector. Run once per parameter,
+    on its first step (one reduction and one host read): a parameter off the simplex would turn into
+    NaN (negative entries) or be renormalised across the wrong entries without a word."""
+    x = p.detach()
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} has non-finite entries: GAEA's parameters must lie on the probability simplex")
+    if bool((x < 0).any()):
+        raise ValueError(
+            f"{name} has negative entries (min {x.min().item():.4g}): GAEA's parameters are probabilities, not "
+            "logits. Build the network with arch='simplex' (fastnas.spaces), or put the values on the simplex "
+            "with fastnas.optim.simplex_normalize before the first step."
+        )
+    sums = _simplex_sums(x.double(), segments)
+    worst = (sums - 1.0).abs().max().item() if sums.numel() else 0.0
+    if worst > _SIMPLEX_SUM_TOLERANCE.get(p.dtype, 1e-2):
+        layout = "each row" if segments is None else f"each of the segments {segments} of a row"
+        hint = (
+            " A parameter that holds several simplices per row (PC-DARTS's edge weights, one simplex per node) "
+            "needs its segments: GAEA([{'params': [p], 'segments': net.arch_simplex_segments(p)}, ...]) with "
+            "one param group per segment layout."
+            if segments is None
+            else ""
+        )
+        raise ValueError(
+            f"{name}: {layout} must sum to 1, but a sum is off by {worst:.3g}. Put it on the simplex with "
+            f"fastnas.optim.simplex_normalize(p, segments=...) before the first step.{hint}"
+        )
 
 
 def _check_hyper(lr: float, floor: float, lam: float, where: str) -> None:
