@@ -150,18 +150,3 @@ def assert_fp32_step_close(fast, eager, x) -> None:
     for k in grads_fast:
         scale = grads_eager[k].abs().max().item()
         torch.testing.assert_close(grads_fast[k], grads_eager[k], rtol=1e-3, atol=1e-3 * scale + 1e-5)
-
-
-@pytest.fixture
-def networks(monkeypatch):
-    """``fastnas.networks``: the real package, or its stand-in (tests/stand_in_networks.py) while it is missing."""
-    import importlib
-
-    try:
-        return importlib.import_module("fastnas.networks")
-    except ImportError:
-        from stand_in_networks import module
-
-        monkeypatch.setitem(sys.modules, "fastnas.networks", module)
-        monkeypatch.setattr(fastnas, "networks", module, raising=False)
-        return module

@@ -14,8 +14,6 @@ from search_helpers import expect_one_line_error
 from fastnas.__main__ import main as fastnas_main
 from fastnas.rank.run import rank_correlations, top_k
 
-pytestmark = pytest.mark.usefixtures("networks")
-
 # 5 cells, a supernet of 2 epochs, standalone trainings of 1 epoch: every part a few steps
 TINY_RANK = [
     *("--count", "5", "--epochs", "2", "--train-epochs", "1", "--channels", "4", "--batch-size", "16"),
@@ -36,23 +34,8 @@ def _expect_error(args, capsys, needle, watched=None):
 @pytest.fixture(scope="module")
 def ranked(tmp_path_factory):
     """One tiny ranking run with standalone ground truth, shared by the tests below."""
-    import importlib
-
-    try:
-        importlib.import_module("fastnas.networks")
-        patch = None
-    except ImportError:  # the stand-in, for this module-scoped run
-        from stand_in_networks import module
-
-        import fastnas
-
-        patch = pytest.MonkeyPatch()
-        patch.setitem(sys.modules, "fastnas.networks", module)
-        patch.setattr(fastnas, "networks", module, raising=False)
     out = tmp_path_factory.mktemp("rank") / "run"
     rc = fastnas_main(["rank", "--out", str(out), *TINY_RANK])
-    if patch is not None:
-        patch.undo()
     assert rc == 0
     return out
 

@@ -13,13 +13,13 @@ import torch
 from search_helpers import assert_same_state, expect_one_line_error, load_checkpoint
 from train_helpers import DARTS_ARCH, NB201_ARCH, TINY_TRAIN
 
+from fastnas import networks
 from fastnas.__main__ import main as fastnas_main
 from fastnas.runs.data import cutout
 from fastnas.train import RECIPES, TrainConfig
 from fastnas.train.recipes import resolve
 
-pytestmark = pytest.mark.usefixtures("networks")
-HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
@@ -32,7 +32,7 @@ def _expect_error(args, capsys, needle, watched=None):
     expect_one_line_error("train", args, capsys, needle, watched)
 
 
-def test_nb201_end_to_end(tmp_path, capsys, networks):
+def test_nb201_end_to_end(tmp_path, capsys):
     out = tmp_path / "run"
     rc, stdout, err = run_cli(["--arch", NB201_ARCH, "--out", str(out), "--epochs", "2", *TINY_TRAIN], capsys)
     assert rc == 0, err
@@ -46,17 +46,12 @@ def test_nb201_end_to_end(tmp_path, capsys, networks):
     assert history[0]["lr"] == 0.1 and history[1]["lr"] == pytest.approx(0.05)  # nb201: 0.1, cosine to 0
     result = json.loads((out / "result.json").read_text())
     assert result["finished"] and result["test_acc"] == history[-1]["test_acc"]
-    net = networks.nb201.TinyNetwork(4, 1, NB201_ARCH, 10, **_grey(networks.nb201.TinyNetwork))
+    net = networks.TinyNetwork(4, 1, NB201_ARCH, 10, in_channels=1)
     assert result["params"] == networks.count_parameters(net) > 0
+    assert result["macs"] == networks.count_macs(net, (1, 16, 16))
     assert result["macs"] > 0 and result["dataset"] == "distorted-digits"
     assert sum(ln.startswith("epoch ") for ln in stdout.splitlines()) == 2
     assert "multiply-adds" in stdout
-
-
-def _grey(cls) -> dict:
-    import inspect
-
-    return {"in_channels": 1} if "in_channels" in inspect.signature(cls).parameters else {}
 
 
 def test_darts_recipe_values_and_regularisers(tmp_path, capsys):
@@ -129,6 +124,7 @@ def test_bad_input(tmp_path, capsys):
     _expect_error(["--arch", "Genotype(normal=", "--out", out], capsys, "--arch")
     _expect_error(["--arch", NB201_ARCH, "--recipe", "enas", "--out", out], capsys, "unknown recipe 'enas'")
     _expect_error(["--arch", NB201_ARCH, "--drop-path", "0.2", "--out", out], capsys, "need a DARTS network")
+    _expect_error(["--arch", DARTS_ARCH, "--auxiliary-weight", "0.4", "--out", out], capsys, "needs 32x32 images")
     _expect_error(["--arch", NB201_ARCH, "--epochs", "0", "--out", out], capsys, "--epochs must be at least 1")
     _expect_error(["--arch", NB201_ARCH, "--amp", "fp16", "--out", out], capsys, "--amp fp16 needs a CUDA device")
     _expect_error(["--arch", NB201_ARCH, "--batch-size", "5000", "--out", out], capsys, "exceeds the 1000 training")
@@ -154,12 +150,12 @@ def test_two_processes_match_one_process(tmp_path):
     statistics excepted: each rank's come from its own half). Both under OMP_NUM_THREADS=1: some CPU
     kernels round differently with another OpenMP thread pool, even at one torch thread."""
     two, one = tmp_path / "two", tmp_path / "one"
-    launch = [sys.executable, os.path.join(HERE, "launch_fastnas.py")]
+    launch = [sys.executable, "-m", "fastnas"]
     args = ["train", "--arch", NB201_ARCH, "--epochs", "1", *TINY_TRAIN]
     env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
                 "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), *launch[1:]]  # fmt: skip
-    run = lambda cmd: subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    run = lambda cmd: subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     proc = run([*torchrun, *args, "--out", str(two)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 processes" in proc.stdout and proc.stdout.count("test accuracy") == 1

@@ -14,7 +14,6 @@ the ranks of a distributed run agree on the global batch and each take their sli
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import pickle
@@ -66,15 +65,6 @@ class ImageData:
             self.mean,
             self.std,
             self.augment,
-        )
-
-    def with_channels(self, channels: int) -> ImageData:
-        """The same grey images repeated over ``channels`` channels (for networks that take RGB)."""
-        if self.in_channels != 1:
-            raise ValueError(f"only grey images repeat over channels; these have {self.in_channels}")
-        rep = lambda x: x.expand(-1, channels, -1, -1).contiguous()
-        return dataclasses.replace(
-            self, x_train=rep(self.x_train), x_test=rep(self.x_test), mean=self.mean * channels, std=self.std * channels
         )
 
     def normalize(self, x: Tensor) -> Tensor:

@@ -15,7 +15,6 @@ Networks come from :mod:`fastnas.networks`: DARTS's ``NetworkCIFAR`` (auxiliary 
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 from typing import Any
@@ -48,15 +47,14 @@ def build_network(cfg: TrainConfig, num_classes: int, in_channels: int) -> nn.Mo
     else:
         cls = networks.nb201.TinyNetwork
         args = (cfg.channels, cfg.cells, cfg.arch, num_classes)
-    kwargs = {"in_channels": in_channels} if "in_channels" in inspect.signature(cls).parameters else {}
-    return cls(*args, **kwargs)
+    return cls(*args, in_channels=in_channels)
 
 
 def network_size(net: nn.Module, input_size: tuple[int, ...]) -> dict[str, int]:
     """Parameters and multiply-adds of one image of ``input_size`` ``(C, H, W)``, as the papers count them."""
     from fastnas import networks
 
-    return {"params": int(networks.count_parameters(net)), "macs": int(networks.count_macs(net, (1, *input_size)))}
+    return {"params": int(networks.count_parameters(net)), "macs": int(networks.count_macs(net, input_size))}
 
 
 def run_train(cfg: TrainConfig) -> dict[str, Any]:
@@ -68,6 +66,11 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     setup = prepare(cfg, RUN_FILES, "training run", CHECKPOINT_FORMAT)
     if cfg.batch_size > len(setup.data.y_train):
         raise RunError(f"--batch-size {cfg.batch_size} exceeds the {len(setup.data.y_train)} training images")
+    size = tuple(setup.data.x_train.shape[-2:])
+    if cfg.auxiliary_weight > 0 and size != (32, 32):
+        raise RunError(
+            f"--auxiliary-weight needs 32x32 images (DARTS's auxiliary head), {cfg.dataset}'s are {size[0]}x{size[1]}"
+        )
     with process_group(setup.ddp, setup.device, default_threads(cfg)):
         return Train(cfg, setup).run()
 
@@ -78,10 +81,7 @@ class Train(EpochRun):
     def __init__(self, cfg: TrainConfig, setup: Setup) -> None:
         super().__init__(cfg, setup)
         seed_everything(cfg.seed)
-        net = build_network(cfg, self.data.num_classes, self.data.in_channels)
-        if "in_channels" not in inspect.signature(type(net)).parameters and self.data.in_channels != 3:
-            self.data = self.data.with_channels(3)  # the papers' networks take RGB images
-        self.net = net.to(self.device)
+        self.net = build_network(cfg, self.data.num_classes, self.data.in_channels).to(self.device)
         self.weight_params = [p for p in self.net.parameters() if p.requires_grad]
         self.model = self.wrap_ddp(frozen=[], find_unused=cfg.space == "nb201")
         if cfg.compile:
