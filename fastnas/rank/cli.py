@@ -15,7 +15,7 @@ from fastnas.search.config import SPACES
 PROG = "fastnas rank"
 
 EPILOG = """examples:
-  fastnas rank --out runs/rank                      # RS-WS supernet, 8 cells trained standalone, distorted digits
+  fastnas rank --out runs/rank                      # RS-WS supernet, 10 cells trained standalone, distorted digits
   fastnas rank --from runs/demo --out runs/rank-gaea   # the supernet of a search run
   fastnas rank --dataset cifar10 --data-dir ~/data --device cuda --count 100 \\
       --nb201-table NAS-Bench-201-v1_1-096897.pth --out runs/rank-c10

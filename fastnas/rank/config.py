@@ -30,7 +30,7 @@ class RankConfig(RunSettings):
     dataset: str | None = None  # default: the --from run's, else distorted-digits
     data_dir: str | None = None
     out: str = "runs/rank"
-    count: int = 8  # architectures to rank
+    count: int = 10  # architectures to rank
     epochs: int | None = None  # of the supernet (search's default)
     batch_size: int = 64
     channels: int | None = None

@@ -83,7 +83,7 @@ def _search_config(cfg: RankConfig) -> SearchConfig:
         space=cfg.space, algorithm=cfg.algorithm, mode=cfg.mode, dataset=cfg.dataset, data_dir=cfg.data_dir,
         out=os.path.join(cfg.out, "supernet"), epochs=cfg.epochs, batch_size=cfg.batch_size, channels=cfg.channels,
         cells=cfg.cells, seed=cfg.seed, device=cfg.device, amp=cfg.amp, accum_steps=cfg.accum_steps,
-        limit_batches=cfg.limit_batches, threads=cfg.threads, progress=cfg.progress, log=cfg.log, rs_samples=1,
+        limit_batches=cfg.limit_batches, threads=cfg.threads, progress=cfg.progress, log=cfg.log, rs_samples=0,
     )  # fmt: skip
     return resolve_search(search_cfg)[0]
 

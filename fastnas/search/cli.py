@@ -14,7 +14,7 @@ from fastnas.search.loop import run_search
 PROG = "fastnas search"
 
 EPILOG = """examples:
-  fastnas search --out runs/demo                        # GAEA-DARTS on NAS-Bench-201, 8x8 digits, CPU
+  fastnas search --out runs/demo                        # GAEA-DARTS on NAS-Bench-201, distorted digits, CPU
   fastnas search --space darts --algorithm gaea-pc-darts --dataset cifar10 --data-dir ~/data \\
       --device cuda --amp bf16 --out runs/pc
   torchrun --nproc_per_node 8 -m fastnas search --device cuda --dataset cifar10 --data-dir ~/data --out runs/ddp
@@ -37,11 +37,17 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"{' or '.join(MODES)}: architecture steps on the training "
         f"data or on a held-out part of it (default {d.mode})",
     )
-    g.add_argument("--epochs", type=int, help="epochs (default: 20 (nb201) or 10 (darts) on digits, 50 on CIFAR)")
-    g.add_argument("--batch-size", type=int, help=f"global batch size (default {d.batch_size})")
-    g.add_argument("--channels", type=int, help="initial channels C (default: 8 on digits, 16 on CIFAR)")
     g.add_argument(
-        "--cells", type=int, help="NAS-Bench-201: cells per stage N (1 on digits, 5 on CIFAR); DARTS: layers (5 / 8)"
+        "--epochs",
+        type=int,
+        help="epochs (default: 40 (nb201) or 10 (darts) on distorted-digits, 20 / 10 on digits, 50 on CIFAR)",
+    )
+    g.add_argument("--batch-size", type=int, help=f"global batch size (default {d.batch_size})")
+    g.add_argument("--channels", type=int, help="initial channels C (default: 8 on the digits, 16 on CIFAR)")
+    g.add_argument(
+        "--cells",
+        type=int,
+        help="NAS-Bench-201: cells per stage N (1 on the digits, 5 on CIFAR); DARTS: layers (5 / 8)",
     )
     g = p.add_argument_group("data and output")
     cli.add_data_and_output_flags(
@@ -56,7 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--momentum", type=float, help=f"(default {d.momentum})")
     g.add_argument("--weight-decay", type=float, help=f"(default {d.weight_decay})")
     g.add_argument("--grad-clip", type=float, help=f"gradient-norm clip (default {d.grad_clip})")
-    g.add_argument("--arch-lr", type=float, help="architecture learning rate (GAEA 0.1, DARTS 3e-4)")
+    g.add_argument(
+        "--arch-lr",
+        type=float,
+        help="architecture learning rate (GAEA 0.1, DARTS 3e-4; 3 times those on distorted-digits)",
+    )
     g.add_argument("--arch-weight-decay", type=float, help="Adam weight decay of the logits (1e-3)")
     g.add_argument("--entropy-weight", type=float, help="GAEA entropic regulariser weight (0)")
     g.add_argument("--arch-warmup", type=int, help="epochs before architecture updates start")
@@ -66,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"bilevel: part of the training set for the weights (default {d.train_portion})",
     )
     g.add_argument(
-        "--rs-samples", type=int, help=f"rs-ws: random architectures scored at the end (default {d.rs_samples})"
+        "--rs-samples",
+        type=int,
+        help=f"rs-ws: random architectures scored with the shared weights at the end (default {d.rs_samples}; 0: none)",
     )
     return p
 

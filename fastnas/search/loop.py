@@ -362,7 +362,7 @@ class Search(EpochRun):
         cfg = self.cfg
         t0 = time.perf_counter()
         result: dict[str, Any] = {"arch": self.net.export(), "epochs_done": cfg.epochs, "finished": True}
-        if self.alg.sampler == "uniform":
+        if self.alg.sampler == "uniform" and cfg.rs_samples > 0:
             arch, acc = self._random_search()
             result.update(arch=arch, rs_ws_selection_acc=acc)
             if self.is_main:
