@@ -35,7 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--space", help=f"{', '.join(SPACES)} (default {d.space})")
     g.add_argument("--algorithm", help=f"trains the supernet: {', '.join(ALGORITHMS)} (default {d.algorithm})")
     g.add_argument("--mode", help=f"{' or '.join(MODES)} (default {d.mode})")
-    g.add_argument("--from", dest="from_run", help="use the supernet of this search run (its checkpoint.pt)")
+    g.add_argument(
+        "--from",
+        dest="from_run",
+        help="use the supernet of this search run (its checkpoint.pt; its space, algorithm and size too)",
+    )
     g.add_argument("--epochs", type=int, help="epochs of the supernet (default: fastnas search's)")
     g.add_argument("--batch-size", type=int, help=f"batch size of the supernet's training (default {d.batch_size})")
     g.add_argument("--channels", type=int, help="initial channels C (default: fastnas search's)")

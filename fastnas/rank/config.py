@@ -62,8 +62,11 @@ def resolve(cfg: RankConfig) -> RankConfig:
         saved = read_config_json(cfg.from_run)
         if saved is None:
             raise RunError(f"--from {cfg.from_run}: no config.json there (not a search run)")
-        keys = ("space", "algorithm", "mode", "channels", "cells", "batch_size", "epochs", "dataset", "data_dir")
-        cfg = dataclasses.replace(cfg, **{k: saved[k] for k in keys if k in saved})
+        # the supernet is that run's; its data set (and folder) the default one
+        taken = ["space", "algorithm", "mode", "channels", "cells", "batch_size", "epochs"]
+        if cfg.dataset is None:
+            taken += ["dataset", "data_dir"]
+        cfg = dataclasses.replace(cfg, **{k: saved[k] for k in taken if k in saved})
     if cfg.dataset is None:
         cfg = dataclasses.replace(cfg, dataset=DEFAULT_DATASET)
     require_choice(cfg.space, SPACES, "space")

@@ -9,6 +9,7 @@
 | :mod:`~fastnas.runs.engine` | the epoch loop: batches, steps, evaluation, history, resume |
 | :mod:`~fastnas.runs.tables` | NAS-Bench-201 accuracy tables (CSV, ``nas_201_api``, ``nats_bench``) |
 | :mod:`~fastnas.runs.plots` | the PNGs of a run |
+| :mod:`~fastnas.runs.cli` | command lines: one-line errors, shared flags, ``--resume`` from ``config.json`` |
 """
 
 from fastnas.runs.config import RunError

@@ -2,9 +2,10 @@
 
 :class:`EpochRun` holds what ``search`` and ``train`` share; a command subclasses it with its
 network, its steps and its epoch record. Its checkpoint holds the model, the weight optimizer, the
-schedule, the gradient scaler, every RNG and the history (plus what the command adds), written
+gradient scaler, every RNG, the history and the time spent (plus what the command adds), written
 atomically after every epoch; a resumed run continues bit-identically on CPU because every epoch's
-batch order and augmentation come from generators seeded by ``(seed, epoch)`` (:mod:`fastnas.runs.data`).
+batch order and augmentation come from generators seeded by ``(seed, epoch)`` (:mod:`fastnas.runs.data`)
+and its learning rate from the closed-form cosine of ``(epoch, epochs)``.
 
 Under ``torchrun`` the network goes through DistributedDataParallel; each rank trains on its slice
 of the global batch and rank 0 writes the files.
