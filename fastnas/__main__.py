@@ -1,10 +1,16 @@
-"""``fastnas`` / ``python -m fastnas``: the command line. Subcommands: ``search``."""
+"""``fastnas`` / ``python -m fastnas``: the command line. Subcommands: ``search``, ``train``, ``rank``."""
 
 from __future__ import annotations
 
+import importlib
 import sys
 
-USAGE = "usage: fastnas {search} [options]   (fastnas search --help for the options)"
+COMMANDS = {
+    "search": "fastnas.search.cli",
+    "train": "fastnas.train.cli",
+    "rank": "fastnas.rank.cli",
+}
+USAGE = "usage: fastnas {search,train,rank} [options]   (fastnas <command> --help for the options)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -14,12 +20,10 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE, file=sys.stderr if not argv else sys.stdout)
         return 2 if not argv else 0
     command, rest = argv[0], argv[1:]
-    if command == "search":
-        from fastnas.search.cli import main as search_main
-
-        return search_main(rest)
-    print(f"fastnas: error: unknown command {command!r}; choose: search", file=sys.stderr)
-    return 2
+    if command not in COMMANDS:
+        print(f"fastnas: error: unknown command {command!r}; choose: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    return importlib.import_module(COMMANDS[command]).main(rest)
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ def load_checkpoint(out: str) -> dict:
     return torch.load(os.path.join(out, "checkpoint.pt"), map_location="cpu", weights_only=True)
 
 
-TIMING_KEYS = ("images_per_sec", "train_seconds")
+TIMING_KEYS = ("images_per_sec", "train_seconds", "elapsed_seconds")
 
 
 def assert_same_state(a: dict, b: dict, path: str = "") -> None:
@@ -74,3 +74,20 @@ def assert_same_state(a: dict, b: dict, path: str = "") -> None:
             assert_same_state(x, y, f"{path}[{i}]")
     else:
         assert a == b, f"{path}: {a!r} != {b!r}"
+
+
+def expect_one_line_error(command: str, args: list[str], capsys, needle: str, watched: str | None = None) -> None:
+    """``fastnas <command> <args>`` exits with status 2 and one ``fastnas <command>: error: ...`` line
+    holding ``needle``, without a traceback; ``watched`` (a folder) is left as it was."""
+    from fastnas.__main__ import main
+
+    before = snapshot(watched) if watched else None
+    rc = main([command, *args])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"fastnas {command}: error: "), err
+    assert needle in lines[0], lines[0]
+    assert "Traceback" not in err
+    if watched:
+        assert snapshot(watched) == before, "a rejected command changed the output directory"

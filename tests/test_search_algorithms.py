@@ -10,7 +10,7 @@ from search_helpers import TINY, load_checkpoint, tiny_cells
 
 from fastnas.search import ALGORITHMS, SearchConfig, run_search
 from fastnas.search.algorithms import gumbel_tau, make_arch_optimizer
-from fastnas.search.trainer import build_network
+from fastnas.search.loop import build_network
 from fastnas.spaces import darts, nb201
 
 # every algorithm on every space it supports, in both forms on NAS-Bench-201 and on the DARTS space

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import signal
@@ -16,7 +17,7 @@ from search_helpers import TINY_ARGS, assert_same_state, load_checkpoint, snapsh
 
 from fastnas.__main__ import main as fastnas_main
 from fastnas.search.cli import main as search_main
-from fastnas.search.trainer import SearchConfig, _resolve
+from fastnas.search.config import SearchConfig, resolve
 from fastnas.spaces import darts, nb201
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -233,8 +234,8 @@ def test_second_order_refuses_fp16(tmp_path, capsys):
         )
     assert not os.path.exists(out)
     # the combination alone is refused: bf16 and the first-order algorithms with fp16 pass the checks
-    _resolve(SearchConfig(algorithm="darts-2nd", amp="bf16"))
-    _resolve(SearchConfig(algorithm="darts", amp="fp16"))
+    resolve(SearchConfig(algorithm="darts-2nd", amp="bf16"))
+    resolve(SearchConfig(algorithm="darts", amp="fp16"))
 
 
 def test_missing_and_corrupt_data(tmp_path, capsys):
@@ -316,14 +317,90 @@ def test_bad_nb201_table(tmp_path, capsys):
     _expect_error(["--out", out, "--nb201-table", str(tmp_path / "missing.csv")], capsys, "does not exist")
     bad = tmp_path / "bad.csv"
     bad.write_text("arch,acc\n|none~0|+|none~0|none~1|+|none~0|none~1|none~2|,high\n")
-    _expect_error(["--out", out, "--nb201-table", str(bad)], capsys, "non-numeric accuracy")
+    _expect_error(["--out", out, "--nb201-table", str(bad)], capsys, "acc 'high' is not a number")
     _expect_error(["--space", "darts", "--out", out, "--nb201-table", str(bad)], capsys, "needs --space nb201")
     assert not os.path.exists(out)
 
 
 def test_top_level_usage(capsys):
     assert fastnas_main([]) == 2
-    assert fastnas_main(["train"]) == 2
+    assert fastnas_main(["evolve"]) == 2
     assert "unknown command" in capsys.readouterr().err
     assert search_main(["--help"]) == 0
     assert "--nb201-table" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- resume with config.json
+
+
+def test_resume_takes_the_settings_from_config_json(tmp_path, capsys):
+    """``--resume`` alone continues a run with its own settings; flags that change what the run
+    computes are refused when they contradict config.json, the others (--threads, ...) are taken."""
+    full, part = tmp_path / "full", tmp_path / "part"
+    extra = ["--algorithm", "darts", "--seed", "5", "--limit-batches", "2"]
+    assert run_cli(_args(full, epochs=3, extra=extra), capsys)[0] == 0
+    assert run_cli([*_args(part, epochs=3, extra=extra), "--stop-after", "1"], capsys)[0] == 0
+    _expect_error(["--out", str(part), "--resume", "--seed", "6"], capsys, "from another run: seed = 5 there, 6 here")
+    _expect_error(["--out", str(part), "--resume", "--algorithm", "gaea-darts"], capsys, "from another run: algorithm")
+    rc, stdout, err = run_cli(["--out", str(part), "--resume", "--stop-after", "1", "--threads", "1"], capsys)
+    assert rc == 0, err
+    assert "darts (bilevel)" in stdout and "resuming after epoch 1" in stdout
+    rc, _, err = run_cli(["--out", str(part), "--resume", "--algorithm", "darts", "--no-progress"], capsys)
+    assert rc == 0, err
+    assert_same_state(load_checkpoint(str(full)), load_checkpoint(str(part)))
+    # the whole run's time, not only the last invocation's
+    result = json.loads((part / "result.json").read_text())
+    history = json.loads((part / "history.json").read_text())
+    assert result["search_seconds"] >= sum(h["train_seconds"] for h in history)
+
+
+def test_a_finished_run_extends_with_more_epochs(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_cli(_args(out, epochs=2, extra=["--limit-batches", "1"]), capsys)[0] == 0
+    _expect_error(
+        ["--out", str(out), "--resume"], capsys, "has done 2 epochs (it is finished); pass --epochs", str(out)
+    )
+    _expect_error(["--out", str(out), "--resume", "--epochs", "1"], capsys, "has done 2 epochs; pass --epochs")
+    rc, stdout, err = run_cli(["--out", str(out), "--resume", "--epochs", "4", "--no-progress"], capsys)
+    assert rc == 0, err
+    assert "4 epochs" in stdout and "resuming after epoch 2" in stdout
+    history = json.loads((out / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+    # the learning rate follows the cosine of the longer run from epoch 3 on
+    lr = lambda e, n: 0.001 + (0.025 - 0.001) * (1 + math.cos(math.pi * e / n)) / 2
+    assert [h["lr"] for h in history] == pytest.approx([lr(0, 2), lr(1, 2), lr(2, 4), lr(3, 4)])
+    assert json.loads((out / "config.json").read_text())["epochs"] == 4
+    assert json.loads((out / "result.json").read_text())["epochs_done"] == 4
+
+
+def test_arch_warmup_must_leave_epochs(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    _expect_error(["--out", out, "--arch-warmup", "5", "--epochs", "1"], capsys, "--arch-warmup 5 leaves no epoch")
+    _expect_error(["--out", out, "--arch-warmup", "2", "--epochs", "2"], capsys, "--arch-warmup 2 leaves no epoch")
+    assert not os.path.exists(out)
+
+
+def test_arch_weight_panels_are_named_by_edge(monkeypatch):
+    from fastnas.runs import plots
+    from fastnas.search.loop import edge_labels
+
+    titles = []
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path: titles.extend(ax.get_title() for ax in fig.axes))
+    net = nb201.Network(C=4, N=1, arch="simplex")
+    history = [{"epoch": 1, "arch_weights": {k: v.tolist() for k, v in net.arch_weights().items()}}]
+    plots.plot_arch_weights(history, "unused.png", list(nb201.PRIMITIVES), {"cell": edge_labels(net)})
+    assert titles[:6] == ["1<-0", "2<-0", "2<-1", "3<-0", "3<-1", "3<-2"]
+    labels = edge_labels(darts.Network(C=4, layers=3, in_channels=1))
+    assert len(labels) == 14 and labels[:5] == ["2<-0", "2<-1", "3<-0", "3<-1", "3<-2"] and labels[-1] == "5<-4"
+
+
+def test_search_reports_what_the_table_skipped(tmp_path, capsys):
+    table = tmp_path / "t.csv"
+    table.write_text(
+        "acc,arch\n10,|none~0|+|none~0|none~1|+|none~0|none~1|none~2|\n5,|bad~0|+|none~0|none~1|+|none~0|none~1|none~2|\n"
+    )
+    rc, stdout, err = run_cli(
+        ["--out", str(tmp_path / "run"), "--epochs", "1", "--nb201-table", str(table), *TINY_ARGS], capsys
+    )
+    assert rc == 0, err
+    assert "skipped 1 rows that are not NAS-Bench-201 architectures (line 3)" in stdout

@@ -41,3 +41,30 @@ def random_architectures(space: str, net: nn.Module, count: int, gen: torch.Gene
             arch.append(w.reshape(p.shape).to(p.device))
         archs.append(arch)
     return archs
+
+
+def random_nb201_archs(count: int, gen: torch.Generator) -> list[str]:
+    """``count`` distinct uniformly random NAS-Bench-201 cells (one op per edge, ``none`` included),
+    as architecture strings, drawn from ``gen``."""
+    from fastnas.spaces.nb201 import PRIMITIVES, format_arch_string
+
+    if not 1 <= count <= len(PRIMITIVES) ** 6:
+        raise ValueError(f"count must lie in [1, {len(PRIMITIVES) ** 6}], got {count}")
+    seen: dict[str, None] = {}
+    while len(seen) < count:
+        ops = torch.randint(0, len(PRIMITIVES), (6,), generator=gen).tolist()
+        nodes = [[(PRIMITIVES[ops[i * (i - 1) // 2 + j]], j) for j in range(i)] for i in range(1, 4)]
+        seen.setdefault(format_arch_string(nodes), None)
+    return list(seen)
+
+
+def nb201_one_hot(arch: str, edge_keys: list[str]) -> Tensor:
+    """The one-hot op weights ``[len(edge_keys), 5]`` (rows in ``edge_keys`` order, ``"i<-j"``) of a
+    NAS-Bench-201 string: fixes a supernet's ``alphas`` (simplex mode) to that cell."""
+    from fastnas.spaces.nb201 import PRIMITIVES, parse_arch_string
+
+    w = torch.zeros(len(edge_keys), len(PRIMITIVES))
+    for i, node in enumerate(parse_arch_string(arch), start=1):
+        for op, j in node:
+            w[edge_keys.index(f"{i}<-{j}"), PRIMITIVES.index(op)] = 1.0
+    return w

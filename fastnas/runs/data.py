@@ -1,4 +1,4 @@
-"""Data sets of the search driver, held in memory as tensors, and their seeded batching.
+"""Data sets of the runs, held in memory as tensors, and their seeded batching.
 
 * ``digits``: scikit-learn's bundled 8x8 handwritten digits (1,797 images, 10 classes, shipped
   with scikit-learn, no download), split once and for all into 1,497 training and 300 test images.
@@ -14,6 +14,7 @@ the ranks of a distributed run agree on the global batch and each take their sli
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 from dataclasses import dataclass
@@ -23,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-DATASETS = ("digits", "cifar10", "cifar100")
+DATASETS = ("distorted-digits", "digits", "cifar10", "cifar100")
+EMBEDDED = ("distorted-digits", "digits")  # shipped inside an installed package: no --data-dir, no download
 
 
 class DataError(ValueError):
@@ -72,12 +74,17 @@ class ImageData:
         return (x.float() / self.scale - mean) / std
 
 
+def is_embedded(name: str) -> bool:
+    """Whether data set ``name`` ships inside an installed package (tiny, no --data-dir)."""
+    return name in EMBEDDED
+
+
 def load_dataset(name: str, data_dir: str | None = None) -> ImageData:
     """Load ``name`` (one of :data:`DATASETS`); CIFAR needs ``data_dir``. Raises :class:`DataError`."""
-    if name == "digits":
+    if name in EMBEDDED:
         if data_dir is not None:
-            raise DataError("the digits data set ships with scikit-learn: it takes no --data-dir")
-        return _load_digits()
+            raise DataError(f"the {name} data set is built from scikit-learn's digits: it takes no --data-dir")
+        return _load_digits() if name == "digits" else _load_distorted_digits()
     if name in ("cifar10", "cifar100"):
         if data_dir is None:
             raise DataError(f"{name} needs --data-dir (a folder holding the python-pickle release)")
@@ -85,28 +92,65 @@ def load_dataset(name: str, data_dir: str | None = None) -> ImageData:
     raise DataError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
 
 
-def _load_digits() -> ImageData:
+def _digits() -> tuple[Tensor, Tensor]:
+    """scikit-learn's 1,797 digits as uint8 ``[N, 1, 8, 8]`` (values 0..16) in one fixed shuffled order."""
     from sklearn.datasets import load_digits
 
     d = load_digits()
-    x = torch.from_numpy(d.images.astype(np.uint8)).unsqueeze(1)  # values 0..16
+    x = torch.from_numpy(d.images.astype(np.uint8)).unsqueeze(1)
     y = torch.from_numpy(d.target.astype(np.int64))
     perm = torch.from_numpy(np.random.RandomState(0).permutation(len(y)))  # one fixed split
-    x, y = x[perm], y[perm]
-    n_test = 300
-    xf = x[:-n_test].float() / 16.0
+    return x[perm], y[perm]
+
+
+def _split(name: str, x: Tensor, y: Tensor, n_train: int, scale: float, classes: int) -> ImageData:
+    """The first ``n_train`` images for training, the rest for testing, normalised by the training images."""
+    xf = x[:n_train].float() / scale
     return ImageData(
-        "digits",
-        x[:-n_test].contiguous(),
-        y[:-n_test].contiguous(),
-        x[-n_test:].contiguous(),
-        y[-n_test:].contiguous(),
-        num_classes=10,
-        scale=16.0,
+        name,
+        x[:n_train].contiguous(),
+        y[:n_train].contiguous(),
+        x[n_train:].contiguous(),
+        y[n_train:].contiguous(),
+        num_classes=classes,
+        scale=scale,
         mean=(float(xf.mean()),),
         std=(float(xf.std()),),
         augment=False,
     )
+
+
+def _load_digits() -> ImageData:
+    x, y = _digits()
+    return _split("digits", x, y, len(y) - 300, 16.0, 10)
+
+
+# distorted-digits: each digit drawn once, for good, at 16x16 with a random rotation, scale and shift
+# and Gaussian noise; few training images, many test images (a steady accuracy to rank by)
+DISTORTED = dict(size=16, degrees=30.0, scale=0.2, shift=0.2, noise=0.3, n_train=1000, seed=0)
+
+
+def _load_distorted_digits() -> ImageData:
+    x, y = _digits()
+    d = DISTORTED
+    gen = torch.Generator().manual_seed(d["seed"])
+    n = len(y)
+    img = F.interpolate(x.float() / 16.0, size=(d["size"], d["size"]), mode="bilinear", align_corners=False)
+    angle = (2 * torch.rand(n, generator=gen) - 1) * math.radians(d["degrees"])
+    zoom = 1 + (2 * torch.rand(n, generator=gen) - 1) * d["scale"]
+    shift = (2 * torch.rand(n, 2, generator=gen) - 1) * d["shift"]
+    theta = torch.stack(
+        [
+            torch.stack([angle.cos() / zoom, -angle.sin() / zoom, shift[:, 0]], -1),
+            torch.stack([angle.sin() / zoom, angle.cos() / zoom, shift[:, 1]], -1),
+        ],
+        1,
+    )  # [N, 2, 3]: output pixel -> input pixel, in [-1, 1] coordinates
+    grid = F.affine_grid(theta, list(img.shape), align_corners=False)
+    img = F.grid_sample(img, grid, align_corners=False, padding_mode="zeros")
+    img = img + d["noise"] * torch.randn(img.shape, generator=gen)
+    x = (img.clamp(0, 1) * 255).round().to(torch.uint8)
+    return _split("distorted-digits", x, y, d["n_train"], 255.0, 10)
 
 
 _CIFAR = {
@@ -225,3 +269,18 @@ def augment_batch(x: Tensor, gen: torch.Generator, pad: int = 4) -> Tensor:
     bi = torch.arange(b, device=x.device)[:, None, None, None]
     ci = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
     return xp[bi, ci, rows, cols]
+
+
+def cutout(x: Tensor, length: int, gen: torch.Generator) -> Tensor:
+    """Cutout (DeVries & Taylor, as DARTS applies it): in each image of ``x`` ``[B, C, H, W]`` one
+    ``length`` x ``length`` square, centred on a random pixel and clipped at the border, set to 0.
+    The centres come from the CPU generator ``gen``."""
+    b, _, h, w = x.shape
+    cy = torch.randint(0, h, (b,), generator=gen).to(x.device)
+    cx = torch.randint(0, w, (b,), generator=gen).to(x.device)
+    rows = torch.arange(h, device=x.device)[None, :]
+    cols = torch.arange(w, device=x.device)[None, :]
+    in_rows = (rows >= (cy - length // 2)[:, None]) & (rows < (cy + length - length // 2)[:, None])  # [B, H]
+    in_cols = (cols >= (cx - length // 2)[:, None]) & (cols < (cx + length - length // 2)[:, None])  # [B, W]
+    keep = ~(in_rows[:, :, None] & in_cols[:, None, :])
+    return x * keep[:, None].to(x.dtype)

@@ -1,0 +1,131 @@
+"""What the command lines share: one-line errors with exit status 2, the flags of every run.
+
+Parsers built here leave out every flag the user did not give (``argparse.SUPPRESS``), so a command
+knows which settings were asked for: the config's defaults fill the rest, and ``--resume`` takes
+them from the run's ``config.json`` instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from typing import Any, Callable
+
+from fastnas.runs.config import AMP_MODES, RunError, flag, read_config_json
+
+
+class UsageError(Exception):
+    """A command line argparse refuses."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with every error raised as :class:`UsageError` (printed as one line by :func:`main`)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(argument_default=argparse.SUPPRESS, **kwargs)
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(message)
+
+
+def given(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings the command line asked for, by config field name."""
+    out = dict(vars(args))
+    if out.pop("no_progress", False):
+        out["progress"] = False
+    return out
+
+
+# settings of a run's config.json that do not carry over to its resumption
+NOT_CARRIED = ("out", "resume", "stop_after", "progress")
+
+
+def settings(config_cls: type, args: argparse.Namespace) -> dict[str, Any]:
+    """The settings of the run the command line asks for. With ``--resume``, those of the run's
+    ``config.json``, overridden by the flags given; a given flag that would change what the run
+    computes (a field outside ``config_cls._RESUME_FREE``) and differs from ``config.json`` is refused."""
+    asked = given(args)
+    if not asked.get("resume"):
+        return asked
+    out = asked.get("out", config_cls().out)
+    if not os.path.isfile(os.path.join(out, config_cls.RESUME_FILE)):
+        raise RunError(f"nothing to resume: {out} holds no {config_cls.RESUME_FILE}")
+    saved = read_config_json(out)
+    if saved is None:  # no config.json: the checkpoint alone says whether the flags fit
+        return asked
+    for f in dataclasses.fields(config_cls):
+        name = f.name
+        if name in asked and name in saved and name not in config_cls._RESUME_FREE and asked[name] != saved[name]:
+            raise RunError(
+                f"{out} is from another run: {name} = {saved[name]!r} there, {asked[name]!r} here; "
+                f"resume without {flag(name)} or choose another --out"
+            )
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    merged = {k: v for k, v in saved.items() if k in names and k not in NOT_CARRIED}
+    merged.update(asked)
+    return merged
+
+
+def to_config(config_cls: type, settings: dict[str, Any]) -> Any:
+    """``config_cls(**settings)``; ``progress`` only where stderr is a terminal."""
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    cfg = config_cls(**{k: v for k, v in settings.items() if k in names})
+    if not sys.stderr.isatty():
+        cfg = dataclasses.replace(cfg, progress=False)
+    return cfg
+
+
+def add_data_and_output_flags(g: argparse._ArgumentGroup, dataset_help: str, default_out: str) -> None:
+    """--dataset, --data-dir, --out, --resume, --no-progress."""
+    g.add_argument("--dataset", help=dataset_help)
+    g.add_argument("--data-dir", help="folder holding the CIFAR python-pickle release")
+    g.add_argument("--out", help=f"output directory (default {default_out})")
+    g.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its last checkpoint, with the settings of its config.json",
+    )
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_running_flags(g: argparse._ArgumentGroup, d: Any) -> None:
+    """--device, --seed, --amp, --threads, --accum-steps, --limit-batches, --stop-after."""
+    g.add_argument("--device", help="cpu, cuda or cuda:N (default cpu; torchrun: one GPU per rank)")
+    g.add_argument("--seed", type=int, help=f"random seed (default {d.seed})")
+    g.add_argument("--amp", help=f"mixed precision: {', '.join(AMP_MODES)} (default {d.amp}; fp16 needs CUDA)")
+    g.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads (default: 1 on the tiny embedded data sets, where more only add overhead; else torch's)",
+    )
+    g.add_argument("--accum-steps", type=int, help="split each batch into this many micro-batches")
+    g.add_argument(
+        "--limit-batches", type=int, help="at most this many steps per epoch and batches per evaluation (smoke tests)"
+    )
+    g.add_argument(
+        "--stop-after",
+        type=int,
+        help="stop (resumably) after this many epochs of this invocation, e.g. for time-limited jobs",
+    )
+
+
+def main(prog: str, parser: argparse.ArgumentParser, argv: list[str] | None, run: Callable[[Any], Any]) -> int:
+    """Parse ``argv`` and call ``run(args)``; return the exit status: 0 on success, 2 (with one
+    ``<prog>: error: ...`` line on stderr) on bad input, 130 on Ctrl-C."""
+    try:
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as e:  # --help
+            return int(e.code or 0)
+        run(args)
+    except (UsageError, RunError) as e:
+        message = " ".join(str(e).split())  # one line
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; continue with --resume", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,388 @@
+"""The epoch loop every command runs: batches, the weight step, evaluation, history, checkpoints, resume.
+
+:class:`EpochRun` holds what ``search`` and ``train`` share; a command subclasses it with its
+network, its steps and its epoch record. Its checkpoint holds the model, the weight optimizer, the
+gradient scaler, every RNG, the history and the time spent (plus what the command adds), written
+atomically after every epoch; a resumed run continues bit-identically on CPU because every epoch's
+batch order and augmentation come from generators seeded by ``(seed, epoch)`` (:mod:`fastnas.runs.data`)
+and its learning rate from the closed-form cosine of ``(epoch, epochs)``.
+
+Under ``torchrun`` the network goes through DistributedDataParallel; each rank trains on its slice
+of the global batch and rank 0 writes the files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fastnas.runs import data as data_mod
+from fastnas.runs.checkpoint import (
+    atomic_torch_save,
+    atomic_write_text,
+    check_resumable,
+    load_checkpoint,
+    rng_state,
+    set_rng_state,
+)
+from fastnas.runs.config import AMP_DTYPES, RunError, check_out_dir, config_json
+from fastnas.runs.distributed import Dist, resolve_device
+
+Batches = list[tuple[Tensor, Tensor]]
+
+
+@dataclass
+class Setup:
+    """What :func:`prepare` found: the processes, the device, the data and the checkpoint to resume."""
+
+    ddp: Dist
+    device: torch.device
+    data: data_mod.ImageData
+    ckpt: dict[str, Any] | None
+
+
+def prepare(cfg: Any, run_files: tuple[str, ...], what: str, fmt: str) -> Setup:
+    """The checks and loads every run starts with; RunError (before anything is written) for bad input.
+
+    ``cfg`` has the fields ``out``, ``resume``, ``device``, ``amp``, ``batch_size``, ``accum_steps``,
+    ``dataset`` and ``data_dir``; ``what`` names the run ("search run"), ``fmt`` its checkpoint format.
+    """
+    ddp = Dist()
+    ddp.check_batch(cfg.batch_size, cfg.accum_steps)
+    check_out_dir(cfg.out, cfg.resume, run_files, what)
+    device, data = device_and_data(cfg, ddp)
+    ckpt = None
+    if cfg.resume:
+        path = os.path.join(cfg.out, "checkpoint.pt")
+        ckpt = load_checkpoint(path, fmt, f"fastnas {what.split()[0]} checkpoint")
+        check_resumable(ckpt, cfg.run_defining(), path)
+    return Setup(ddp, device, data, ckpt)
+
+
+def device_and_data(cfg: Any, ddp: Dist) -> tuple[torch.device, data_mod.ImageData]:
+    """The device of ``cfg.device`` (which ``cfg.amp`` must suit) and the data set ``cfg.dataset``."""
+    device = resolve_device(cfg.device, ddp)
+    if cfg.amp == "fp16" and device.type == "cpu":
+        raise RunError("--amp fp16 needs a CUDA device (use bf16 on CPU)")
+    try:
+        return device, data_mod.load_dataset(cfg.dataset, cfg.data_dir)
+    except data_mod.DataError as e:
+        raise RunError(str(e)) from None
+
+
+def default_threads(cfg: Any) -> int | None:
+    """``--threads``, else 1 on the tiny embedded data sets (more threads only add overhead there)."""
+    return cfg.threads or (1 if data_mod.is_embedded(cfg.dataset) else None)
+
+
+class EpochRun:
+    """The shared part of a run of ``cfg.epochs`` epochs (see the module docstring).
+
+    A subclass sets ``self.net`` (the network), ``self.model`` (the network or its DDP wrapper),
+    ``self.weight_params`` and calls :meth:`init_weight_optimizer` before :meth:`restore`; it
+    implements :meth:`epoch` (one epoch, returning its history record), :meth:`epoch_line` and
+    :meth:`finish`, and may add to the checkpoint with :meth:`extra_state` / :meth:`restore_extra`.
+    """
+
+    checkpoint_format = ""
+    command = ""
+
+    net: nn.Module
+    model: nn.Module
+    weight_params: list[nn.Parameter]
+
+    def __init__(self, cfg: Any, setup: Setup) -> None:
+        self.cfg = cfg
+        self.ddp = setup.ddp
+        self.device = setup.device
+        self.data = setup.data.to(setup.device)
+        self.is_main = self.ddp.is_main
+        self.log: Callable[[str], None] = cfg.log or (lambda s: print(s, flush=True))
+        self.amp_dtype = AMP_DTYPES[cfg.amp]
+        self.w_scaler = torch.amp.GradScaler(setup.device.type, enabled=cfg.amp == "fp16")
+        self.history: list[dict[str, Any]] = []
+        self.start_epoch = 0
+        self.elapsed_seconds = 0.0  # wall time of the epochs so far, over every invocation
+
+    # ------------------------------------------------------------------ set-up
+
+    def wrap_ddp(self, frozen: list[nn.Parameter], find_unused: bool) -> nn.Module:
+        """``self.net`` in DistributedDataParallel when distributed (else itself). DDP registers only
+        the parameters that require grad when it is built: ``frozen`` stay out of its buckets."""
+        if not self.ddp.active:
+            return self.net
+        for p in frozen:
+            p.requires_grad_(False)
+        model = nn.parallel.DistributedDataParallel(
+            self.net,
+            device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            find_unused_parameters=find_unused,
+        )
+        for p in frozen:
+            p.requires_grad_(True)
+        return model
+
+    def init_weight_optimizer(self, nesterov: bool = False) -> None:
+        """SGD with momentum and weight decay over ``self.weight_params`` (learning rate: :meth:`set_epoch_lr`)."""
+        cfg = self.cfg
+        self.w_opt = torch.optim.SGD(
+            self.weight_params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=nesterov
+        )
+
+    def set_epoch_lr(self, epoch: int) -> float:
+        """Set and return the learning rate of 0-based ``epoch``: cosine decay from ``lr`` to ``lr_min``
+        over ``epochs``, in closed form, so a run extended to more epochs follows the longer schedule."""
+        cfg = self.cfg
+        lr = cfg.lr_min + (cfg.lr - cfg.lr_min) * (1 + math.cos(math.pi * epoch / cfg.epochs)) / 2
+        for group in self.w_opt.param_groups:
+            group["lr"] = lr
+        return lr
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def restore_extra(self, ckpt: dict[str, Any]) -> None:
+        pass
+
+    def state(self, epoch: int) -> dict[str, Any]:
+        return {
+            "format": self.checkpoint_format,
+            "config": self.cfg.run_defining(),
+            "epoch": epoch,
+            "model": self.net.state_dict(),
+            "weight_optimizer": self.w_opt.state_dict(),
+            "weight_scaler": self.w_scaler.state_dict(),
+            "rng": rng_state(),
+            "history": self.history,
+            "elapsed_seconds": self.elapsed_seconds,
+            **self.extra_state(),
+        }
+
+    def restore(self, ckpt: dict[str, Any]) -> None:
+        path = os.path.join(self.cfg.out, "checkpoint.pt")
+        try:
+            self.net.load_state_dict(ckpt["model"])
+            self.w_opt.load_state_dict(ckpt["weight_optimizer"])
+            self.w_scaler.load_state_dict(ckpt["weight_scaler"])
+            self.restore_extra(ckpt)
+            set_rng_state(ckpt["rng"])
+            self.history = list(ckpt["history"])
+            self.start_epoch = int(ckpt["epoch"])
+            self.elapsed_seconds = float(ckpt["elapsed_seconds"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as e:
+            raise RunError(f"checkpoint {path} does not fit this run: {str(e).splitlines()[0]}") from None
+        epochs = self.cfg.epochs
+        if self.start_epoch >= epochs:
+            more = "" if self.start_epoch > epochs else " (it is finished)"
+            raise RunError(
+                f"the run in {self.cfg.out} has done {self.start_epoch} epochs{more}; "
+                f"pass --epochs with more than {self.start_epoch} to extend it"
+            )
+
+    def save(self, epoch: int) -> None:
+        """Checkpoint and history after ``epoch`` epochs, plus what :meth:`save_extra` adds (rank 0)."""
+        if not self.is_main:
+            return
+        out = self.cfg.out
+        atomic_torch_save(self.state(epoch), os.path.join(out, "checkpoint.pt"))
+        atomic_write_text(os.path.join(out, "history.json"), json.dumps(self.history, indent=1))
+        self.save_extra()
+
+    def save_extra(self) -> None:
+        pass
+
+    # ------------------------------------------------------------------ batches
+
+    def augment(self, x: Tensor, gen: torch.Generator) -> Tensor:
+        """The data set's augmentation of uint8 images ``x`` (random numbers from ``gen``)."""
+        return data_mod.augment_batch(x, gen)
+
+    def augment_normalized(self, x: Tensor, gen: torch.Generator) -> Tensor:
+        """What a command adds to the augmentation, on normalised images (nothing here)."""
+        return x
+
+    def micro_batches(self, idx: Tensor, gen: torch.Generator | None) -> Batches:
+        """This rank's micro-batches (normalised images, labels) of the global batch ``idx``. The
+        augmentation (when ``gen`` is given) is drawn for the whole global batch, so every rank draws
+        the same numbers."""
+        idx = idx.to(self.device)
+        x, y = self.data.x_train[idx], self.data.y_train[idx]
+        if gen is not None and self.data.augment:
+            x = self.augment(x, gen)
+        x = self.data.normalize(x)
+        if gen is not None:
+            x = self.augment_normalized(x, gen)
+        per_rank = len(idx) // self.ddp.world
+        mine = slice(self.ddp.rank * per_rank, (self.ddp.rank + 1) * per_rank)
+        return list(zip(x[mine].chunk(self.cfg.accum_steps), y[mine].chunk(self.cfg.accum_steps)))
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    # ------------------------------------------------------------------ steps
+
+    def weight_step(
+        self,
+        batches: Batches,
+        loss_fn: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]],
+        before_step: Callable[[], None] | None = None,
+    ) -> tuple[float, int, int]:
+        """One SGD step of the weights on this rank's micro-batches (DDP all-reduces the gradients).
+        ``loss_fn(x, y)`` returns (loss, logits) and runs under autocast; ``before_step`` runs after
+        the gradients are unscaled and clipped. Returns (sum of losses, correct, images) of this rank."""
+        self.w_opt.zero_grad(set_to_none=True)
+        loss_sum, correct, seen = 0.0, 0, 0
+        for i, (x, y) in enumerate(batches):
+            sync = self.ddp.active and i == len(batches) - 1
+            ctx = contextlib.nullcontext() if (sync or not self.ddp.active) else self.model.no_sync()
+            with ctx:
+                with self.autocast():
+                    loss, logits = loss_fn(x, y)
+                self.w_scaler.scale(loss / len(batches)).backward()
+            loss_sum += float(loss.detach()) * len(y)
+            correct += int((logits.detach().argmax(-1) == y).sum())
+            seen += len(y)
+        self.w_scaler.unscale_(self.w_opt)
+        if self.cfg.grad_clip > 0:
+            nn.utils.clip_grad_norm_(self.weight_params, self.cfg.grad_clip)
+        if before_step is not None:
+            before_step()
+        self.w_scaler.step(self.w_opt)
+        self.w_scaler.update()
+        return loss_sum, correct, seen
+
+    def train_steps(self, epoch: int, steps: int, step: Callable[[int], tuple[float, int, int]]) -> dict[str, float]:
+        """Run ``step(i)`` for ``i < steps`` under a progress bar (``step`` returns this rank's sum of
+        losses, correct and images); return the epoch's training loss, accuracy, images/s and seconds."""
+        cfg = self.cfg
+        bar = None
+        if cfg.progress and self.is_main:
+            from tqdm import tqdm
+
+            bar = tqdm(
+                total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, file=sys.stderr, dynamic_ncols=True
+            )
+        loss_sum, correct, seen = 0.0, 0, 0
+        t0 = time.perf_counter()
+        for i in range(steps):
+            ls, c, n = step(i)
+            loss_sum, correct, seen = loss_sum + ls, correct + c, seen + n
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_sum / max(seen, 1):.3f}", acc=f"{100.0 * correct / max(seen, 1):.1f}")
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - t0
+        if bar is not None:
+            bar.close()
+        loss_sum, correct, seen = self.ddp.all_reduce_sum([loss_sum, float(correct), float(seen)], self.device)
+        return {
+            "train_loss": loss_sum / max(seen, 1),
+            "train_acc": 100.0 * correct / max(seen, 1),
+            "images_per_sec": seen / max(seconds, 1e-9),
+            "train_seconds": seconds,
+        }
+
+    def eval_limit(self, default: int | None = None) -> int | None:
+        """Images to evaluate: ``--limit-batches`` batches in a smoke run, else ``default``."""
+        if self.cfg.limit_batches is None:
+            return default
+        cap = self.cfg.limit_batches * self.cfg.batch_size
+        return cap if default is None else min(cap, default)
+
+    @torch.no_grad()
+    def evaluate(
+        self,
+        net: nn.Module,
+        x_all: Tensor,
+        y_all: Tensor,
+        limit: int | None = None,
+        forward: Callable[[Tensor], Tensor] | None = None,
+    ) -> tuple[float, float]:
+        """Loss and accuracy of ``net`` in eval mode on a shard per rank of the given uint8 images;
+        ``forward`` (default ``net``) maps normalised images to logits."""
+        forward = net if forward is None else forward
+        net.eval()
+        n = len(y_all) if limit is None else min(limit, len(y_all))
+        idx = torch.arange(self.ddp.rank, n, self.ddp.world)
+        loss_sum, correct = 0.0, 0
+        try:
+            for chunk in idx.split(256):
+                chunk = chunk.to(self.device)
+                with self.autocast():
+                    logits = forward(self.data.normalize(x_all[chunk]))
+                loss_sum += float(F.cross_entropy(logits.float(), y_all[chunk], reduction="sum"))
+                correct += int((logits.argmax(-1) == y_all[chunk]).sum())
+        finally:
+            net.train()
+        loss_sum, correct = self.ddp.all_reduce_sum([loss_sum, float(correct)], self.device)
+        return loss_sum / max(n, 1), 100.0 * correct / max(n, 1)
+
+    # ------------------------------------------------------------------ the loop
+
+    def header(self) -> str:
+        raise NotImplementedError
+
+    def epoch(self, epoch: int) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def epoch_line(self, record: dict[str, Any]) -> str:
+        raise NotImplementedError
+
+    def on_stop(self) -> None:
+        """Called on rank 0 when ``--stop-after`` ends the run early."""
+
+    def partial_result(self, epochs_done: int) -> dict[str, Any]:
+        """What :meth:`run` returns when ``--stop-after`` ends the run early (plus ``epochs_run``, the
+        epochs of this invocation, as after a finished run)."""
+        return {"epochs_done": epochs_done, "finished": False, "history": self.history}
+
+    def finish(self) -> dict[str, Any]:
+        """The run's result once every epoch is done (``self.elapsed_seconds``: the epochs' wall time)."""
+        raise NotImplementedError
+
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        if self.is_main:  # a resumed run may have changed --epochs, --device, ...: its config.json follows
+            os.makedirs(cfg.out, exist_ok=True)
+            atomic_write_text(os.path.join(cfg.out, "config.json"), config_json(cfg))
+        self.ddp.barrier()
+        if self.is_main:
+            where = f"{self.ddp.world} processes" if self.ddp.active else str(self.device)
+            self.log(
+                f"{self.header()}, {cfg.epochs} epochs, batch {cfg.batch_size}, {where}"
+                + (f", resuming after epoch {self.start_epoch}" if self.start_epoch else "")
+            )
+        done_now = 0
+        for epoch in range(self.start_epoch, cfg.epochs):
+            t0 = time.perf_counter()
+            record = self.epoch(epoch)
+            self.history.append(record)
+            if self.is_main:
+                self.log(self.epoch_line(record))
+            self.elapsed_seconds += time.perf_counter() - t0
+            self.save(epoch + 1)
+            done_now += 1
+            if cfg.stop_after is not None and done_now >= cfg.stop_after and epoch + 1 < cfg.epochs:
+                if self.is_main:
+                    self.log(f"stopping after {done_now} epochs as asked; continue with --resume")
+                    self.on_stop()
+                return {**self.partial_result(epoch + 1), "epochs_run": done_now}
+        t0 = time.perf_counter()
+        result = self.finish()
+        self.elapsed_seconds += time.perf_counter() - t0
+        return {**result, "epochs_run": done_now}

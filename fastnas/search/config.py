@@ -1,0 +1,126 @@
+"""The settings of a search (:class:`SearchConfig`) and their checks (:func:`resolve`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Callable
+
+from fastnas.runs import data as data_mod
+from fastnas.runs.config import (
+    AMP_MODES,
+    RunError,
+    RunSettings,
+    require_at_least,
+    require_choice,
+    require_finite,
+)
+from fastnas.search.algorithms import MODES, Algorithm, get_algorithm
+
+SPACES = ("nb201", "darts")
+SearchError = RunError  # the name search users know; every run raises RunError
+
+# per-data-set defaults of the network size, the epochs and a factor on the papers' architecture
+# learning rates: distorted-digits gives 7 architecture steps per epoch (500 held-out images, batch 64)
+# where CIFAR-10 gives 390, and at the papers' rates GAEA's weights do not decide in a short run
+DATASET_DEFAULTS: dict[str, dict[str, dict[str, float]]] = {
+    "distorted-digits": {
+        "nb201": dict(channels=8, cells=1, epochs=40, arch_lr_scale=3.0),
+        "darts": dict(channels=8, cells=5, epochs=10, arch_lr_scale=3.0),
+    },
+    "digits": {"nb201": dict(channels=8, cells=1, epochs=20), "darts": dict(channels=8, cells=5, epochs=10)},
+    "cifar10": {"nb201": dict(channels=16, cells=5, epochs=50), "darts": dict(channels=16, cells=8, epochs=50)},
+}
+DATASET_DEFAULTS["cifar100"] = DATASET_DEFAULTS["cifar10"]
+
+
+@dataclass
+class SearchConfig(RunSettings):
+    """Everything that defines a search run. ``None`` fields take the algorithm's or data set's default."""
+
+    space: str = "nb201"
+    algorithm: str = "gaea-darts"
+    mode: str = "bilevel"
+    dataset: str = "distorted-digits"
+    data_dir: str | None = None
+    out: str = "runs/search"
+    epochs: int | None = None
+    batch_size: int = 64
+    channels: int | None = None
+    cells: int | None = None
+    seed: int = 0
+    device: str = "cpu"
+    amp: str = "none"
+    resume: bool = False
+    # network weights: SGD with cosine decay (DARTS)
+    lr: float = 0.025
+    lr_min: float = 0.001
+    momentum: float = 0.9
+    weight_decay: float = 3e-4
+    grad_clip: float = 5.0
+    # architecture
+    arch_lr: float | None = None
+    arch_weight_decay: float | None = None
+    entropy_weight: float | None = None
+    arch_warmup: int = 0
+    train_portion: float = 0.5
+    rs_samples: int = 20  # rs-ws: random architectures scored at the end (0: none, the supernet alone)
+    # batching and bookkeeping
+    accum_steps: int = 1
+    limit_batches: int | None = None
+    stop_after: int | None = None
+    nb201_table: str | None = None
+    threads: int | None = None
+    progress: bool = True
+    log: Callable[[str], None] | None = field(default=None, repr=False, compare=False)
+
+    _RESUME_FREE = (*RunSettings._RESUME_FREE, "nb201_table")
+
+
+def resolve(cfg: SearchConfig) -> tuple[SearchConfig, Algorithm]:
+    """Check every field and fill in the defaults; RunError with one line otherwise."""
+    require_choice(cfg.space, SPACES, "space")
+    try:
+        alg = get_algorithm(cfg.algorithm)
+    except ValueError as e:
+        raise RunError(str(e)) from None
+    if cfg.space not in alg.spaces:
+        raise RunError(f"algorithm {alg.name} needs --space {' or '.join(alg.spaces)}, not {cfg.space}")
+    require_choice(cfg.mode, MODES, "mode")
+    if alg.second_order and cfg.mode != "bilevel":
+        raise RunError(f"algorithm {alg.name} (second order) needs --mode bilevel")
+    require_choice(cfg.dataset, data_mod.DATASETS, "data set")
+    require_choice(cfg.amp, AMP_MODES, "--amp")
+    if alg.second_order and cfg.amp == "fp16":
+        raise RunError(
+            f"algorithm {alg.name} (second order) does not support --amp fp16: its unrolled step runs "
+            "without loss scaling; use --amp bf16 or none"
+        )
+    defaults = dict(DATASET_DEFAULTS[cfg.dataset][cfg.space])
+    arch_lr_scale = defaults.pop("arch_lr_scale", 1.0)
+    if alg.arch_optimizer is not None:  # config.json records the values the run uses
+        defaults["arch_lr"] = alg.arch_lr * arch_lr_scale
+        defaults["arch_weight_decay" if alg.arch_optimizer == "adam" else "entropy_weight"] = (
+            alg.arch_weight_decay if alg.arch_optimizer == "adam" else alg.entropy_weight
+        )
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
+    require_at_least(cfg, ("epochs", "batch_size", "channels", "cells", "accum_steps"))
+    require_at_least(cfg, ("limit_batches", "stop_after", "threads"))
+    require_at_least(cfg, ("arch_warmup", "rs_samples"), low=0)
+    if not 0.0 < cfg.train_portion < 1.0:
+        raise RunError(f"--train-portion must lie in (0, 1), got {cfg.train_portion}")
+    require_finite(cfg, ("lr", "lr_min", "momentum", "weight_decay", "grad_clip"))
+    require_finite(cfg, ("arch_lr", "arch_weight_decay", "entropy_weight"))
+    if alg.arch_optimizer == "gaea" and cfg.arch_lr * cfg.entropy_weight >= 1.0:
+        raise RunError(
+            f"--arch-lr times --entropy-weight must be below 1 for GAEA, got {cfg.arch_lr} * {cfg.entropy_weight}"
+        )
+    if alg.arch_optimizer is not None and cfg.arch_warmup >= cfg.epochs:
+        raise RunError(
+            f"--arch-warmup {cfg.arch_warmup} leaves no epoch of architecture updates in --epochs {cfg.epochs}"
+        )
+    if cfg.space == "darts" and cfg.cells < 3:
+        raise RunError(f"--cells (layers) of the darts space must be at least 3, got {cfg.cells}")
+    if cfg.nb201_table is not None and cfg.space != "nb201":
+        raise RunError("--nb201-table needs --space nb201")
+    return cfg, alg

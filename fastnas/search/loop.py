@@ -1,0 +1,386 @@
+"""The search: architecture steps (first and second order), RS-WS selection, and :func:`run_search`.
+
+:func:`run_search` runs one search described by a :class:`SearchConfig` and writes, in ``config.out``:
+
+* ``arch.txt``: the architecture found (DARTS genotype or NAS-Bench-201 string);
+* ``history.json``: one record per epoch (losses, accuracies, entropy, images/s, weights, ...);
+* ``checkpoint.pt``: everything needed to continue, written atomically after every epoch;
+* ``arch_weights.png``: the architecture weights over the epochs;
+* ``config.json`` and ``result.json`` (the final summary).
+
+Distributed runs (``torchrun``): network weights are synchronised by DDP; architecture parameters
+are kept out of DDP and their gradients all-reduced by hand, so every rank applies the same
+architecture update; GDAS/RS-WS samples come from ``net.generator``, seeded alike on every rank. At
+every epoch's end the ranks compare their architecture parameters bit for bit and stop with an
+error if they differ.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fastnas.runs import data as data_mod
+from fastnas.runs.checkpoint import atomic_write_text, seed_everything
+from fastnas.runs.config import RunError
+from fastnas.runs.distributed import process_group
+from fastnas.runs.engine import Batches, EpochRun, Setup, default_threads, prepare
+from fastnas.runs.plots import plot_arch_weights
+from fastnas.runs.tables import load_nb201_table
+from fastnas.search.algorithms import Algorithm, gumbel_tau, make_arch_optimizer
+from fastnas.search.config import SearchConfig, resolve
+
+CHECKPOINT_FORMAT = "fastnas-search-checkpoint/1"
+RUN_FILES = ("config.json", "checkpoint.pt", "history.json", "arch.txt", "result.json", "arch_weights.png")
+
+
+def build_network(
+    cfg: SearchConfig, alg: Algorithm, num_classes: int, in_channels: int, sampler: Any = "alg"
+) -> nn.Module:
+    """The supernet of ``cfg.space`` in the parametrisation of ``alg`` (``sampler`` overrides its sampler)."""
+    sampler = alg.sampler if sampler == "alg" else sampler
+    if cfg.space == "nb201":
+        from fastnas.spaces import nb201
+
+        return nb201.Network(
+            C=cfg.channels,
+            N=cfg.cells,
+            num_classes=num_classes,
+            in_channels=in_channels,
+            arch=alg.arch,
+            sampler=sampler,
+        )
+    from fastnas.spaces import darts
+
+    return darts.Network(
+        C=cfg.channels,
+        num_classes=num_classes,
+        layers=cfg.cells,
+        in_channels=in_channels,
+        arch=alg.arch,
+        sampler=sampler,
+        partial_channels=alg.partial_channels,
+    )
+
+
+def op_names(space: str) -> list[str]:
+    if space == "nb201":
+        from fastnas.spaces.nb201 import PRIMITIVES
+    else:
+        from fastnas.spaces.darts import PRIMITIVES
+    return list(PRIMITIVES)
+
+
+def edge_labels(net: nn.Module) -> list[str]:
+    """``"i<-j"`` for every row of a cell's op weights: NAS-Bench-201's ``edge_keys``; in DARTS cells
+    the rows run node by node (nodes 2.. of a cell whose inputs are nodes 0 and 1), inputs in order."""
+    if hasattr(net, "edge_keys"):
+        return list(net.edge_keys)
+    steps = getattr(net, "_steps", 4)
+    return [f"{i}<-{j}" for i in range(2, steps + 2) for j in range(i)]
+
+
+def row_entropy(weights: dict[str, Tensor]) -> dict[str, float]:
+    """Mean entropy (nats) of the rows of each weight matrix (rows summing to 1)."""
+    out = {}
+    for name, w in weights.items():
+        w = w.detach().double().clamp_min(1e-30)
+        out[name] = float(-(w * w.log()).sum(-1).mean())
+    return out
+
+
+def run_search(cfg: SearchConfig) -> dict[str, Any]:
+    """Run the search ``cfg`` describes; return the summary also written to ``result.json``.
+
+    Raises :class:`~fastnas.runs.RunError` (before writing anything) for bad input.
+    """
+    cfg, alg = resolve(cfg)
+    setup = prepare(cfg, RUN_FILES, "search run", CHECKPOINT_FORMAT)
+    table = load_nb201_table(cfg.nb201_table) if cfg.nb201_table else None
+    w_idx, a_idx = data_mod.search_split(len(setup.data.y_train), cfg.mode, cfg.train_portion)
+    if len(w_idx) < cfg.batch_size or len(a_idx) < cfg.batch_size:
+        raise RunError(
+            f"--batch-size {cfg.batch_size} exceeds the {min(len(w_idx), len(a_idx))} images of a "
+            f"{cfg.mode} split of {cfg.dataset}"
+        )
+    with process_group(setup.ddp, setup.device, default_threads(cfg)):
+        if table is not None and table.report and setup.ddp.is_main:
+            (cfg.log or print)(table.report)
+        return Search(cfg, alg, setup, w_idx, a_idx, table).run()
+
+
+class Search(EpochRun):
+    checkpoint_format = CHECKPOINT_FORMAT
+
+    def __init__(self, cfg: SearchConfig, alg: Algorithm, setup: Setup, w_idx: Tensor, a_idx: Tensor, table) -> None:
+        super().__init__(cfg, setup)
+        self.alg = alg
+        self.w_idx, self.a_idx = w_idx, a_idx
+        self.table = table
+        seed_everything(cfg.seed)
+        self.net = build_network(cfg, alg, self.data.num_classes, self.data.in_channels).to(self.device)
+        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)
+        self.net.generator = self.generator
+        self.arch_params = list(self.net.arch_parameters())
+        self.weight_params = list(self.net.weight_parameters())
+        self.model = self.wrap_ddp(frozen=self.arch_params, find_unused=alg.sampler is not None)
+        self.init_weight_optimizer()
+        self.a_opt = make_arch_optimizer(alg, self.net, cfg.arch_lr, cfg.arch_weight_decay, cfg.entropy_weight)
+        self.a_scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
+        if setup.ckpt is not None:
+            self.restore(setup.ckpt)
+
+    # ------------------------------------------------------------------ state
+
+    def extra_state(self) -> dict[str, Any]:
+        return {
+            "arch_optimizer": self.a_opt.state_dict() if self.a_opt is not None else None,
+            "arch_scaler": self.a_scaler.state_dict(),
+            "sampler_rng": self.generator.get_state(),
+            "arch": self.net.export(),
+        }
+
+    def restore_extra(self, ckpt: dict[str, Any]) -> None:
+        if self.a_opt is not None:
+            self.a_opt.load_state_dict(ckpt["arch_optimizer"])
+        self.a_scaler.load_state_dict(ckpt["arch_scaler"])
+        self.generator.set_state(ckpt["sampler_rng"])
+
+    def save_extra(self) -> None:
+        atomic_write_text(os.path.join(self.cfg.out, "arch.txt"), self.net.export() + "\n")
+
+    # ------------------------------------------------------------------ steps
+
+    def _arch_grads_allreduce(self) -> None:
+        grads = [p.grad for p in self.arch_params if p.grad is not None]
+        self.ddp.all_reduce_mean_(grads)
+
+    def _arch_step(self, batches: Batches) -> None:
+        """First-order architecture step on held-out micro-batches (the network is called without
+        DDP and differentiated with respect to the architecture only; gradients all-reduced by hand)."""
+        grads = [torch.zeros_like(p) for p in self.arch_params]
+        for x, y in batches:
+            with self.autocast():
+                loss = F.cross_entropy(self.net(x), y) / len(batches)
+            gs = torch.autograd.grad(self.a_scaler.scale(loss), self.arch_params, allow_unused=True)
+            for acc, g in zip(grads, gs):
+                if g is not None:
+                    acc += g
+        for p, g in zip(self.arch_params, grads):
+            p.grad = g
+        self._arch_grads_allreduce()
+        self.a_scaler.step(self.a_opt)
+        self.a_scaler.update()
+        self.a_opt.zero_grad(set_to_none=True)
+
+    def _arch_step_second_order(self, train: Batches, val: Batches) -> None:
+        """DARTS' unrolled architecture gradient: grad_a L_val(w', a) - eta * (finite-difference
+        Hessian-vector product), with w' = w - eta * (momentum * buf + grad_w L_train + wd * w)."""
+        xt = torch.cat([b[0] for b in train])
+        yt = torch.cat([b[1] for b in train])
+        xv = torch.cat([b[0] for b in val])
+        yv = torch.cat([b[1] for b in val])
+        eta = self.w_opt.param_groups[0]["lr"]
+        wd, mom = self.cfg.weight_decay, self.cfg.momentum
+        ws = self.weight_params
+        backup = [w.detach().clone() for w in ws]
+
+        def loss_on(x, y):
+            with self.autocast():
+                return F.cross_entropy(self.net(x), y)
+
+        g_train = torch.autograd.grad(loss_on(xt, yt), ws, allow_unused=True)
+        with torch.no_grad():
+            for w, g in zip(ws, g_train):
+                step = (g if g is not None else torch.zeros_like(w)) + wd * w
+                buf = self.w_opt.state.get(w, {}).get("momentum_buffer")
+                if buf is not None:
+                    step = step + mom * buf
+                w.sub_(eta * step)
+        grads = torch.autograd.grad(loss_on(xv, yv), self.arch_params + ws, allow_unused=True)
+        d_arch = [
+            g if g is not None else torch.zeros_like(p)
+            for g, p in zip(grads[: len(self.arch_params)], self.arch_params)
+        ]
+        d_w = [g if g is not None else torch.zeros_like(w) for g, w in zip(grads[len(self.arch_params) :], ws)]
+        norm = torch.sqrt(sum((g.double() ** 2).sum() for g in d_w)).item()
+        r = 0.01 / max(norm, 1e-12)
+        hv = []
+        for sign in (1.0, -1.0):
+            with torch.no_grad():
+                for w, b, g in zip(ws, backup, d_w):
+                    w.copy_(b + sign * r * g)
+            gs = torch.autograd.grad(loss_on(xt, yt), self.arch_params, allow_unused=True)
+            hv.append([g if g is not None else torch.zeros_like(p) for g, p in zip(gs, self.arch_params)])
+        with torch.no_grad():
+            for w, b in zip(ws, backup):
+                w.copy_(b)
+        for p, da, gp, gn in zip(self.arch_params, d_arch, hv[0], hv[1]):
+            p.grad = da - eta * (gp - gn) / (2 * r)
+        self._arch_grads_allreduce()
+        self.a_opt.step()
+        self.a_opt.zero_grad(set_to_none=True)
+
+    def _joint_arch_step(self) -> None:
+        """ERM: the weight step's backward also gave the architecture its gradient; step it too."""
+        self._arch_grads_allreduce()
+        self.w_scaler.unscale_(self.a_opt)
+        self.w_scaler.step(self.a_opt)
+        self.a_opt.zero_grad(set_to_none=True)
+
+    def _loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        logits = self.model(x)
+        return F.cross_entropy(logits, y), logits
+
+    def _weight_step(self, batches: Batches, joint: bool) -> tuple[float, int, int]:
+        """SGD step of the weights; with ``joint`` (ERM) the same backward also steps the architecture."""
+        if joint:
+            return self.weight_step(batches, self._loss, before_step=self._joint_arch_step)
+        for p in self.arch_params:
+            p.requires_grad_(False)  # no dL/dalpha work in a pure weight step
+        try:
+            return self.weight_step(batches, self._loss)
+        finally:
+            for p in self.arch_params:
+                p.requires_grad_(True)
+
+    # ------------------------------------------------------------------ epochs
+
+    @torch.no_grad()
+    def _evaluate(self, net: nn.Module, x_all: Tensor, y_all: Tensor, limit: int | None = None) -> tuple[float, float]:
+        """Loss and accuracy of ``net`` on the given images, the sampler's generator left untouched."""
+        saved = self.generator.get_state()
+        try:
+            return self.evaluate(net, x_all, y_all, limit)
+        finally:
+            self.generator.set_state(saved)
+
+    def header(self) -> str:
+        cfg = self.cfg
+        return f"fastnas search: {self.alg.name} ({cfg.mode}) on {cfg.space}, {cfg.dataset}"
+
+    def epoch(self, epoch: int) -> dict[str, Any]:
+        cfg, alg = self.cfg, self.alg
+        tau = gumbel_tau(alg, epoch, cfg.epochs)
+        if tau is not None:
+            self.net.tau = tau
+        arch_active = self.a_opt is not None and epoch >= cfg.arch_warmup
+        w_order = data_mod.epoch_order(self.w_idx, cfg.seed, epoch, stream=0)
+        a_order = data_mod.epoch_order(self.a_idx, cfg.seed, epoch, stream=1)
+        aug_gen = data_mod.epoch_generator(cfg.seed, epoch, stream=2) if self.data.augment else None
+        steps = len(w_order) // cfg.batch_size
+        if cfg.mode == "bilevel":
+            steps = min(steps, len(a_order) // cfg.batch_size)
+        if cfg.limit_batches is not None:
+            steps = min(steps, cfg.limit_batches)
+        lr = self.set_epoch_lr(epoch)
+        batch = lambda order, i: order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
+
+        def step(i: int) -> tuple[float, int, int]:
+            w_batch = self.micro_batches(batch(w_order, i), aug_gen)
+            if arch_active and cfg.mode == "bilevel":
+                a_batch = self.micro_batches(batch(a_order, i), aug_gen)
+                if alg.second_order:
+                    self._arch_step_second_order(w_batch, a_batch)
+                else:
+                    self._arch_step(a_batch)
+            return self._weight_step(w_batch, joint=arch_active and cfg.mode == "erm")
+
+        self.net.train()
+        train = self.train_steps(epoch, steps, step)
+        test_loss, test_acc = self._evaluate(self.net, self.data.x_test, self.data.y_test, limit=self.eval_limit())
+        self.ddp.check_same(self.arch_params, "architecture parameters")
+        weights = self.net.arch_weights()
+        ent = row_entropy(weights)
+        return {
+            "epoch": epoch + 1,
+            "lr": lr,
+            "tau": tau,
+            "arch_updates": arch_active,
+            "train_loss": train["train_loss"],
+            "train_acc": train["train_acc"],
+            "test_loss": test_loss,
+            "test_acc": test_acc,
+            "entropy": float(np.mean(list(ent.values()))),
+            "entropy_per_cell": ent,
+            "images_per_sec": train["images_per_sec"],
+            "train_seconds": train["train_seconds"],
+            "arch": self.net.export(),
+            "arch_weights": {k: v.detach().float().cpu().tolist() for k, v in weights.items()},
+        }
+
+    def epoch_line(self, record: dict[str, Any]) -> str:
+        tau = f"  tau {record['tau']:.2f}" if record["tau"] is not None else ""
+        return (
+            f"epoch {record['epoch']}/{self.cfg.epochs}  "
+            f"train loss {record['train_loss']:.4f} acc {record['train_acc']:.2f}%  "
+            f"test loss {record['test_loss']:.4f} acc {record['test_acc']:.2f}%  "
+            f"entropy {record['entropy']:.4f}  {record['images_per_sec']:.0f} img/s{tau}"
+        )
+
+    def _random_search(self) -> tuple[str, float]:
+        """RS-WS selection: score ``rs_samples`` uniformly random architectures with the shared
+        weights on the architecture data; set the best one (one-hot weights) and return it."""
+        from fastnas.search.selection import random_architectures
+
+        cfg = self.cfg
+        eval_net = build_network(cfg, self.alg, self.data.num_classes, self.data.in_channels, sampler=None)
+        eval_net.to(self.device).load_state_dict(self.net.state_dict())
+        gen = data_mod.epoch_generator(cfg.seed, cfg.epochs, stream=3)
+        candidates = random_architectures(cfg.space, eval_net, cfg.rs_samples, gen)
+        x_sel, y_sel = self.data.x_train[self.a_idx.to(self.device)], self.data.y_train[self.a_idx.to(self.device)]
+        best, best_acc = None, -1.0
+        for cand in candidates:
+            with torch.no_grad():
+                for p, w in zip(eval_net.arch_parameters(), cand):
+                    p.copy_(w)
+            _, acc = self._evaluate(eval_net, x_sel, y_sel, limit=self.eval_limit(1024))
+            if acc > best_acc:
+                best, best_acc = cand, acc
+        with torch.no_grad():
+            for p, w in zip(self.net.arch_parameters(), best):
+                p.copy_(w)
+        return self.net.export(), best_acc
+
+    def partial_result(self, epochs_done: int) -> dict[str, Any]:
+        return {"arch": self.net.export(), **super().partial_result(epochs_done)}
+
+    def on_stop(self) -> None:
+        labels = {cell: edge_labels(self.net) for cell in self.net.arch_weights()}
+        plot_arch_weights(
+            self.history, os.path.join(self.cfg.out, "arch_weights.png"), op_names(self.cfg.space), labels
+        )
+
+    def finish(self) -> dict[str, Any]:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        result: dict[str, Any] = {"arch": self.net.export(), "epochs_done": cfg.epochs, "finished": True}
+        if self.alg.sampler == "uniform" and cfg.rs_samples > 0:
+            arch, acc = self._random_search()
+            result.update(arch=arch, rs_ws_selection_acc=acc)
+            if self.is_main:
+                self.log(f"random search with shared weights: best of {cfg.rs_samples} scored {acc:.2f}%")
+        if self.history:
+            last = self.history[-1]
+            result.update({k: last[k] for k in ("train_acc", "test_acc", "entropy")})
+        result["search_seconds"] = self.elapsed_seconds + time.perf_counter() - t0  # every invocation
+        if self.table is not None:
+            bench = self.table(result["arch"])
+            result["benchmark"] = bench
+            if self.is_main:
+                found = ", ".join(f"{k} {v:.2f}" for k, v in bench.items()) if bench else None
+                self.log("benchmark: " + (found or "architecture not in the table"))
+        if self.is_main:
+            self.log(f"architecture: {result['arch']}")
+            atomic_write_text(os.path.join(cfg.out, "arch.txt"), result["arch"] + "\n")
+            atomic_write_text(os.path.join(cfg.out, "result.json"), json.dumps(result, indent=1))
+            self.on_stop()
+        result["history"] = self.history
+        return result
