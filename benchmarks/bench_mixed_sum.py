@@ -137,8 +137,13 @@ def test_provider(benchmark, provider, which, shape, K, dtype):
     else:
         fn, moved = step_fn(provider, which, outputs, weights, grad), bytes_moved(which, K, numel, grad.element_size())
     benchmark.extra_info.update(
-        provider=provider, shape=list(shape), K=K, dtype=str(dtype).removeprefix("torch."),
-        device=DEVICE, **{"pass": which if provider != "copy" else "copy"}, bytes=moved,
+        provider=provider,
+        shape=list(shape),
+        K=K,
+        dtype=str(dtype).removeprefix("torch."),
+        device=DEVICE,
+        **{"pass": which if provider != "copy" else "copy"},
+        bytes=moved,
     )
     for _ in range(3):
         fn()
@@ -172,8 +177,12 @@ def test_side_by_side(benchmark, shape, K, dtype):
     element_size = grad.element_size()
     copy_bandwidth = bytes_moved("copy", K, numel, element_size) / medians["copy"]
     info = {
-        "shape": list(shape), "K": K, "dtype": str(dtype).removeprefix("torch."), "device": DEVICE,
-        "pass": "side-by-side fwd+bwd", "median_ms": {p: round(t * 1e3, 4) for p, t in medians.items()},
+        "shape": list(shape),
+        "K": K,
+        "dtype": str(dtype).removeprefix("torch."),
+        "device": DEVICE,
+        "pass": "side-by-side fwd+bwd",
+        "median_ms": {p: round(t * 1e3, 4) for p, t in medians.items()},
         "copy_GBps": round(copy_bandwidth / 1e9, 2),
     }
     for p in fastnas_providers():

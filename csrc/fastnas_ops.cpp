@@ -112,6 +112,10 @@ TORCH_LIBRARY_FRAGMENT(fastnas, m) {
   m.def(
       "depthwise_conv2d_input_grad(Tensor grad, Tensor weight, int[4] input_size, int[2] stride, int[2] padding,"
       " int[2] dilation) -> Tensor");
+  // Both of them, each where output_mask = [input, weight] asks (else an empty tensor): what autograd calls.
+  m.def(
+      "depthwise_conv2d_backward(Tensor grad, Tensor input, Tensor weight, int[2] stride, int[2] padding,"
+      " int[2] dilation, bool[2] output_mask) -> (Tensor, Tensor)");
 }
 
 }  // namespace fastnas

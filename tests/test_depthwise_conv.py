@@ -103,6 +103,31 @@ def test_opcheck_registered_kernels():
         torch.ops.fastnas.depthwise_conv2d_input_grad.default, (g, w.detach(), list(x.shape), stride, padding, dilation)
     )
 
+    opcheck(
+        torch.ops.fastnas.depthwise_conv2d_backward.default,
+        (g, x.detach(), w.detach(), stride, padding, dilation, [True, True]),
+    )
+
+
+@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format], ids=["nhwc", "nchw"])
+@pytest.mark.parametrize("mask", [(True, True), (True, False), (False, True)])
+def test_backward_op_computes_what_the_mask_asks(mask, memory_format):
+    x, w, stride, padding, dilation = random_case(GEOMETRIES[5], torch.float64, memory_format)
+    g = torch.randn(2, 16, 8, 8, dtype=torch.float64)  # any layout: the op makes it channels_last
+    _, dx_ref, dw_ref = native_grads(x, w, g, stride, padding, dilation)
+    dx, dw = torch.ops.fastnas.depthwise_conv2d_backward(g, x.detach(), w.detach(), stride, padding, dilation, mask)
+    if mask[0]:
+        torch.testing.assert_close(dx, dx_ref, rtol=1e-12, atol=1e-12)
+        assert dx.is_contiguous(memory_format=memory_format)
+    else:
+        assert dx.numel() == 0
+    if mask[1]:
+        torch.testing.assert_close(dw, dw_ref, rtol=1e-12, atol=1e-12)
+    else:
+        assert dw.numel() == 0
+    y = depthwise_conv2d(x, w.detach(), stride, padding, dilation)  # autograd asks for the input only
+    torch.testing.assert_close(torch.autograd.grad(y, x, g)[0], dx_ref, rtol=1e-12, atol=1e-12)
+
 
 def test_bad_input_is_named():
     x = torch.randn(2, 4, 6, 6).contiguous(memory_format=torch.channels_last)

@@ -18,6 +18,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
+#include <tuple>
 #include <cstdint>
 #include <vector>
 
@@ -357,11 +359,37 @@ at::Tensor depthwise_conv2d_input_grad_cpu(const at::Tensor& grad, const at::Ten
   return result;
 }
 
+// Both gradients in one call (what autograd runs: one dispatch per backward, as
+// aten::convolution_backward), each only where output_mask asks for it, else an empty tensor; the
+// input gradient in the input's layout (channels_last, or contiguous).
+std::tuple<at::Tensor, at::Tensor> depthwise_conv2d_backward_cpu(const at::Tensor& grad, const at::Tensor& input,
+                                                                 const at::Tensor& weight, at::IntArrayRef stride,
+                                                                 at::IntArrayRef padding, at::IntArrayRef dilation,
+                                                                 std::array<bool, 2> output_mask) {
+  const char* op = "fastnas::depthwise_conv2d_backward";
+  TORCH_CHECK_VALUE(input.dim() == 4, op, ": input must be 4-D [B, C, H, W], got ", input.dim(), " dimensions");
+  TORCH_CHECK_VALUE(weight.dim() == 4, op, ": weight must be [C, 1, KH, KW], got shape ", weight.sizes());
+  TORCH_CHECK_VALUE(grad.dim() == 4, op, ": grad must be 4-D, got ", grad.dim(), " dimensions");
+  const at::Tensor grad_nhwc = grad.contiguous(at::MemoryFormat::ChannelsLast);
+  at::Tensor input_grad = at::empty({0}, grad.options());
+  at::Tensor weight_grad = at::empty({0}, grad.options());
+  if (output_mask[0]) {
+    input_grad = depthwise_conv2d_input_grad_cpu(grad_nhwc, weight, input.sizes(), stride, padding, dilation);
+    if (!input.is_contiguous(at::MemoryFormat::ChannelsLast)) input_grad = input_grad.contiguous();
+  }
+  if (output_mask[1]) {
+    weight_grad = depthwise_conv2d_weight_grad_cpu(grad_nhwc, input.contiguous(at::MemoryFormat::ChannelsLast),
+                                                   {weight.size(2), weight.size(3)}, stride, padding, dilation);
+  }
+  return {input_grad, weight_grad};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastnas, CPU, m) {
   m.impl("depthwise_conv2d_weight_grad", &depthwise_conv2d_weight_grad_cpu);
   m.impl("depthwise_conv2d_input_grad", &depthwise_conv2d_input_grad_cpu);
+  m.impl("depthwise_conv2d_backward", &depthwise_conv2d_backward_cpu);
 }
 
 }  // namespace fastnas

@@ -2,7 +2,9 @@
 
 The forward is PyTorch's own (``F.conv2d`` with ``groups = channels``). The backward, on CPU float32
 and float64 tensors, is computed by the compiled kernels ``fastnas::depthwise_conv2d_input_grad`` and
-``fastnas::depthwise_conv2d_weight_grad`` (``csrc/cpu/depthwise_conv_cpu.cpp``) in channels_last: oneDNN,
+``fastnas::depthwise_conv2d_weight_grad`` (``csrc/cpu/depthwise_conv_cpu.cpp``) in channels_last, both
+called by one op, ``fastnas::depthwise_conv2d_backward`` (one dispatch per backward, as PyTorch's
+``convolution_backward``): oneDNN,
 which PyTorch uses there, has fast depthwise backward kernels only for some shapes, and its weight
 gradient of a 5x5 or dilated kernel runs 10-30x slower than the forward, when DARTS's separable and
 dilated convolutions are made of nothing else. Elsewhere (CUDA, 16-bit dtypes, no compiled
@@ -69,17 +71,10 @@ class _DepthwiseConv2d(torch.autograd.Function):
             dx = torch.nn.grad.conv2d_input(x.shape, weight, grad, stride, padding, dilation, groups)
             dw = torch.nn.grad.conv2d_weight(x, weight.shape, grad, stride, padding, dilation, groups)
             return (dx if needs_input else None), (dw if needs_weight else None), None, None, None
-        grad = grad.contiguous(memory_format=torch.channels_last)
-        dx = dw = None
-        if needs_input:
-            dx = torch.ops.fastnas.depthwise_conv2d_input_grad(grad, weight, list(x.shape), stride, padding, dilation)
-            if not x.is_contiguous(memory_format=torch.channels_last):
-                dx = dx.contiguous(memory_format=torch.contiguous_format)  # the input's layout back
-        if needs_weight:
-            x_nhwc = x.contiguous(memory_format=torch.channels_last)
-            kernel = list(weight.shape[2:])
-            dw = torch.ops.fastnas.depthwise_conv2d_weight_grad(grad, x_nhwc, kernel, stride, padding, dilation)
-        return dx, dw, None, None, None
+        dx, dw = torch.ops.fastnas.depthwise_conv2d_backward(
+            grad, x, weight, stride, padding, dilation, [needs_input, needs_weight]
+        )
+        return (dx if needs_input else None), (dw if needs_weight else None), None, None, None
 
 
 def depthwise_conv2d(
@@ -115,3 +110,11 @@ def register_native_fakes() -> None:
     @torch.library.register_fake("fastnas::depthwise_conv2d_input_grad")
     def _(grad, weight, input_size, stride, padding, dilation):
         return grad.new_empty(input_size).contiguous(memory_format=torch.channels_last)
+
+    @torch.library.register_fake("fastnas::depthwise_conv2d_backward")
+    def _(grad, input, weight, stride, padding, dilation, output_mask):
+        nhwc = input.is_contiguous(memory_format=torch.channels_last)
+        layout = torch.channels_last if nhwc else torch.contiguous_format
+        dx = grad.new_empty(input.shape).contiguous(memory_format=layout) if output_mask[0] else grad.new_empty(0)
+        dw = grad.new_empty(weight.shape) if output_mask[1] else grad.new_empty(0)
+        return dx, dw
