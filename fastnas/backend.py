@@ -148,10 +148,11 @@ def get_backend(device: torch.device | str = "cpu") -> str:
     cannot run on this device raises RuntimeError naming the backend and the reason.
     """
     device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
-    requested = requested_backend()
-    name = _resolved.get((requested, device_type))
+    # keyed by the raw request (the variable's text as set): names are checked on a miss only
+    raw = _selected if _selected is not None else os.environ.get("FASTNAS_BACKEND", "auto")
+    name = _resolved.get((raw, device_type))
     if name is None:
-        name = _resolved[(requested, device_type)] = _resolve(requested, device_type)
+        name = _resolved[(raw, device_type)] = _resolve(requested_backend(), device_type)
     return name
 
 

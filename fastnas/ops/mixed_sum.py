@@ -58,16 +58,24 @@ def _validate(outputs: Sequence[Tensor], weights: Tensor) -> None:
             f"outputs[0] has dtype {first.dtype}; fastnas.mixed_sum supports float16, bfloat16, float32 and float64"
         )
     dtype, shape, device = first.dtype, first.shape, first.device  # read once: this loop is on the hot path
+    strided = torch.strided
     for k in range(1, len(outputs)):
         o = outputs[k]
-        if not isinstance(o, Tensor) or o.layout != torch.strided:
-            _check_tensor(o, f"outputs[{k}]")
+        # one condition for the common case (dtypes and layouts are singletons: compared by identity)
+        if (
+            isinstance(o, Tensor)
+            and o.layout is strided
+            and o.dtype is dtype
+            and o.shape == shape
+            and o.device == device
+        ):
+            continue
+        _check_tensor(o, f"outputs[{k}]")
         if o.dtype != dtype:
             raise TypeError(f"outputs[{k}] has dtype {o.dtype} but outputs[0] has {dtype}")
         if o.shape != shape:
             raise ValueError(f"outputs[{k}] has shape {tuple(o.shape)} but outputs[0] has {tuple(shape)}")
-        if o.device != device:
-            raise ValueError(f"outputs[{k}] is on {o.device} but outputs[0] is on {device}")
+        raise ValueError(f"outputs[{k}] is on {o.device} but outputs[0] is on {device}")
     _check_tensor(weights, "weights")
     if weights.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"weights must be a real floating-point tensor, got dtype {weights.dtype}")
@@ -164,13 +172,14 @@ def _accumulation_weights(weights: Tensor, dtype: torch.dtype) -> Tensor:
     return weights.to(acc).contiguous()
 
 
-def _forward_impl(outputs: list[Tensor], weights: Tensor) -> Tensor:
-    forward, _ = backend.kernels_for(backend.get_backend(outputs[0].device))
+def _forward_impl(outputs: list[Tensor], weights: Tensor, kernels: tuple | None = None) -> Tensor:
+    """``kernels``: the backend's (forward, backward) when the caller resolved it already."""
+    forward, _ = kernels or backend.kernels_for(backend.get_backend(outputs[0].device))
     return forward(outputs, _accumulation_weights(weights, outputs[0].dtype))
 
 
 def _backward_impl(
-    grad: Tensor, outputs: list[Tensor], weights: Tensor, compute_outputs_grad: bool
+    grad: Tensor, outputs: list[Tensor], weights: Tensor, compute_outputs_grad: bool, kernels: tuple | None = None
 ) -> tuple[list[Tensor], Tensor]:
     if outputs:
         if grad.shape != outputs[0].shape or grad.dtype != outputs[0].dtype:
@@ -179,7 +188,7 @@ def _backward_impl(
             grad = _to_layout_of(grad, outputs[0])
     elif not is_dense(grad):
         grad = grad.contiguous()
-    _, backward = backend.kernels_for(backend.get_backend(grad.device))
+    _, backward = kernels or backend.kernels_for(backend.get_backend(grad.device))
     outputs_grad, weights_grad = backward(
         grad, outputs, _accumulation_weights(weights, grad.dtype), compute_outputs_grad
     )
@@ -287,12 +296,18 @@ def _(info, in_dims, outputs: list[Tensor], weights: Tensor):
     return _vmap_rule(info.batch_size, in_dims[0], in_dims[1], outputs, weights), 0
 
 
-def _function_backward(ctx, grad: Tensor):
-    """The backward of both autograd Functions below: ``(d weights, *d outputs)``."""
+def _function_backward(ctx, grad: Tensor, needs_input_grad: tuple | None = None, kernels: tuple | None = None):
+    """The backward of both autograd Functions below: ``(d weights, *d outputs)``, for the inputs
+    ``(weights, *outputs)`` whose ``needs_input_grad`` is given (default: the context's)."""
     weights, *outputs = ctx.saved_tensors
-    needs_weights_grad, needs_outputs_grad = ctx.needs_input_grad[0], any(ctx.needs_input_grad[1:])
+    needs = ctx.needs_input_grad if needs_input_grad is None else needs_input_grad
+    needs_weights_grad, needs_outputs_grad = needs[0], any(needs[1:])
+
+    def fused(grad, outputs, weights, compute_outputs_grad):
+        return _backward_impl(grad, outputs, weights, compute_outputs_grad, kernels)
+
     outputs_grad, weights_grad = _gradients(
-        grad, outputs if needs_weights_grad else [], weights, needs_outputs_grad, _backward_impl
+        grad, outputs if needs_weights_grad else [], weights, needs_outputs_grad, fused
     )
     if not needs_outputs_grad:
         outputs_grad = [None] * ctx.num_outputs
@@ -308,13 +323,17 @@ class _MixedSumFunction(torch.autograd.Function):
     theirs in C++, ``fastnas::_mixed_sum_autograd``. The inputs come in one shared dense layout."""
 
     @staticmethod
-    def forward(ctx, weights: Tensor, *outputs: Tensor) -> Tensor:
+    def forward(ctx, kernels: tuple, weights: Tensor, *outputs: Tensor) -> Tensor:
+        # kernels: the backend's (forward, backward), resolved once by the caller for both passes
         ctx.num_outputs = len(outputs)
+        ctx.kernels = kernels
         # the K inputs are needed only for dL/dw: not kept alive when the weights are frozen
-        ctx.save_for_backward(weights, *(outputs if ctx.needs_input_grad[0] else ()))
-        return _forward_impl(list(outputs), weights)
+        ctx.save_for_backward(weights, *(outputs if ctx.needs_input_grad[1] else ()))
+        return _forward_impl(list(outputs), weights, kernels)
 
-    backward = staticmethod(_function_backward)
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return None, *_function_backward(ctx, grad, ctx.needs_input_grad[1:], ctx.kernels)
 
 
 class _MixedSumTransformable(torch.autograd.Function):
@@ -425,12 +444,12 @@ def mixed_sum(outputs: OutputsLike, weights: Tensor) -> Tensor:
         _validate(outputs, weights)
         return torch.ops.fastnas.mixed_sum(outputs, weights)  # traced as one opaque op
     transformed = _functorch_wrapped((weights, *outputs)) or forward_ad._current_level >= 0
-    if (
-        not transformed
-        and outputs
-        and isinstance(outputs[0], Tensor)
-        and backend.get_backend(outputs[0].device) in backend.COMPILED_BACKENDS
-    ):
+    name = (
+        None
+        if transformed or not outputs or not isinstance(outputs[0], Tensor)
+        else backend.get_backend(outputs[0].device)
+    )
+    if name in backend.COMPILED_BACKENDS:
         # checks, layout and autograd node in C++ (csrc/mixed_sum_autograd.cpp): the backward never
         # enters Python. When the op refuses its arguments, the Python checks say which and why.
         try:
@@ -439,5 +458,6 @@ def mixed_sum(outputs: OutputsLike, weights: Tensor) -> Tensor:
             _validate(outputs, weights)
             raise
     _validate(outputs, weights)
-    function = _MixedSumTransformable if transformed else _MixedSumFunction
-    return function.apply(weights, *shared_dense_layout(outputs))
+    if transformed:
+        return _MixedSumTransformable.apply(weights, *shared_dense_layout(outputs))
+    return _MixedSumFunction.apply(backend.kernels_for(name), weights, *shared_dense_layout(outputs))
