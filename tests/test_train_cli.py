@@ -127,7 +127,7 @@ def test_bad_input(tmp_path, capsys):
     _expect_error(["--arch", DARTS_ARCH, "--auxiliary-weight", "0.4", "--out", out], capsys, "needs 32x32 images")
     _expect_error(["--arch", NB201_ARCH, "--epochs", "0", "--out", out], capsys, "--epochs must be at least 1")
     _expect_error(["--arch", NB201_ARCH, "--amp", "fp16", "--out", out], capsys, "--amp fp16 needs a CUDA device")
-    _expect_error(["--arch", NB201_ARCH, "--batch-size", "5000", "--out", out], capsys, "exceeds the 1000 training")
+    _expect_error(["--arch", NB201_ARCH, "--batch-size", "5000", "--out", out], capsys, "exceeds the 500 training")
     _expect_error(["--from", str(tmp_path / "nowhere"), "--out", out], capsys, "no arch.txt there")
     _expect_error(["--out", out, "--resume"], capsys, "nothing to resume")
     _expect_error(["--arch", NB201_ARCH, "--lr", "nan", "--out", out], capsys, "--lr must be a finite number")

@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="epochs (default: 40 (nb201) or 10 (darts) on distorted-digits, 20 / 10 on digits, 50 on CIFAR)",
     )
-    g.add_argument("--batch-size", type=int, help=f"global batch size (default {d.batch_size})")
+    g.add_argument("--batch-size", type=int, help="global batch size (default: 32 on distorted-digits, else 64)")
     g.add_argument("--channels", type=int, help="initial channels C (default: 8 on the digits, 16 on CIFAR)")
     g.add_argument(
         "--cells",

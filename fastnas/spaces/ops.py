@@ -36,6 +36,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as module_mod
 
 from fastnas.ops.depthwise_conv import depthwise_conv2d
 
@@ -387,10 +388,13 @@ def run_tail(
     """``seq[start:](x)`` with every BatchNorm run through :func:`batch_norm` (output-only saving;
     ``unit``, ``updates`` as there).
 
-    Used to apply the reference modules' ``op`` Sequentials after a ReLU shared by several ops.
+    Used to apply the reference modules' ``op`` Sequentials after a ReLU shared by several ops. A
+    module with forward hooks (a FLOP counter's, a user's) is called as a module, so they fire.
     """
     for m in list(seq)[start:]:
-        if isinstance(m, nn.BatchNorm2d):
+        if _hooked(m):
+            x = m(x)
+        elif isinstance(m, nn.BatchNorm2d):
             x = batch_norm(x, m, unit, updates=updates)
         elif isinstance(m, nn.ReLU):
             x = torch.relu(x)
@@ -399,6 +403,16 @@ def run_tail(
         else:
             x = m(x)
     return x
+
+
+def _hooked(m: nn.Module) -> bool:
+    """Whether calling ``m`` would run forward hooks (its own or global ones)."""
+    return bool(
+        m._forward_hooks
+        or m._forward_pre_hooks
+        or module_mod._global_forward_hooks
+        or module_mod._global_forward_pre_hooks
+    )
 
 
 def _is_depthwise(m: nn.Module) -> bool:
