@@ -104,6 +104,14 @@ TORCH_LIBRARY_FRAGMENT(fastnas, m) {
   m.def(
       "_mixed_sum_backward(Tensor grad, Tensor[] outputs, Tensor weights, bool compute_outputs_grad)"
       " -> (Tensor[], Tensor)");
+  // Gradients of a depthwise convolution (groups = channels, weight [C, 1, KH, KW]) given the output
+  // gradient `grad`; CPU only (csrc/cpu/depthwise_conv_cpu.cpp), channels_last float32/float64.
+  m.def(
+      "depthwise_conv2d_weight_grad(Tensor grad, Tensor input, int[2] kernel_size, int[2] stride, int[2] padding,"
+      " int[2] dilation) -> Tensor");
+  m.def(
+      "depthwise_conv2d_input_grad(Tensor grad, Tensor weight, int[4] input_size, int[2] stride, int[2] padding,"
+      " int[2] dilation) -> Tensor");
 }
 
 }  // namespace fastnas

@@ -35,6 +35,7 @@
 
 #include "cpu/block_pool.h"
 #include "cpu/mixed_sum_simd.h"
+#include "cpu/multiversion.h"
 #include "mixed_sum.h"
 
 namespace fastnas {
@@ -45,14 +46,7 @@ constexpr int64_t kTilesPerChunk = 4;          // 32768 elements per partial sum
 constexpr int64_t kChunk = kTile * kTilesPerChunk;
 constexpr int64_t kForwardGrainTiles = 2;      // ~16K elements per thread at least
 
-// The leaf loops below are compiled for several instruction sets and picked at load time (GCC/Clang
-// function multiversioning), so a portable build still runs AVX2/AVX-512 code where the CPU has it.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(FASTNAS_NO_MULTIVERSION)
-#define FASTNAS_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define FASTNAS_MULTIVERSION
-#endif
-#define FASTNAS_INLINE inline __attribute__((always_inline))
+// The leaf loops below are multiversioned (see cpu/multiversion.h).
 
 // ---- leaf loops on one tile, in the accumulation type (float or double)
 

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import fastnas
+from fastnas.ops.depthwise_conv import depthwise_conv2d
 from fastnas.spaces import _arch
 from fastnas.spaces._arch import pick_weights
 from fastnas.spaces.ops import (
@@ -457,6 +458,8 @@ class Cell(nn.Module):
         def conv(y: Tensor, index: int, groups: int) -> Tensor:
             layer = seqs[0][index]
             weight = torch.cat([s[index].weight for s in seqs]) if m > 1 else layer.weight
+            if groups == y.shape[1]:
+                return depthwise_conv2d(y, weight, layer.stride, layer.padding, layer.dilation)
             return F.conv2d(y, weight, None, layer.stride, layer.padding, layer.dilation, groups)
 
         y = conv(conv(relu_x(m), 1, m * C), 2, m)

@@ -20,7 +20,8 @@ Two kinds of things live here:
     each other in memory, so that one native BatchNorm over the group's channels updates all of
     them in its own kernel;
   - :func:`run_tail` — applies a reference ``nn.Sequential`` from a given index on, with every
-    ``affine=False`` BatchNorm replaced by :func:`batch_norm`.
+    ``affine=False`` BatchNorm replaced by :func:`batch_norm` and every depthwise convolution by
+    :func:`fastnas.ops.depthwise_conv.depthwise_conv2d`.
 
 All of them compute the same mathematics as the modules they stand for, including the running
 statistics updates of BatchNorm (momentum, cumulative average when ``momentum is None``,
@@ -35,6 +36,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from fastnas.ops.depthwise_conv import depthwise_conv2d
 
 
 class Zero(nn.Module):
@@ -391,6 +394,19 @@ def run_tail(
             x = batch_norm(x, m, unit, updates=updates)
         elif isinstance(m, nn.ReLU):
             x = torch.relu(x)
+        elif _is_depthwise(m):
+            x = depthwise_conv2d(x, m.weight, m.stride, m.padding, m.dilation)
         else:
             x = m(x)
     return x
+
+
+def _is_depthwise(m: nn.Module) -> bool:
+    """A bias-free depthwise ``nn.Conv2d`` (one filter per channel) with numeric padding."""
+    return (
+        isinstance(m, nn.Conv2d)
+        and m.groups == m.in_channels == m.out_channels
+        and m.bias is None
+        and m.padding_mode == "zeros"
+        and not isinstance(m.padding, str)
+    )
