@@ -42,6 +42,8 @@ class RankConfig(RunSettings):
     seed: int = 0
     device: str = "cpu"
     amp: str = "none"
+    compile: bool = False
+    cuda_graphs: bool = False
     resume: bool = False
     accum_steps: int = 1
     limit_batches: int | None = None

@@ -33,6 +33,7 @@ from fastnas.runs.config import RunError, check_out_dir, config_json
 from fastnas.runs.distributed import Dist, process_group
 from fastnas.runs.engine import default_threads, device_and_data
 from fastnas.runs.plots import plot_rank_scatter
+from fastnas.runs.steps import check_cuda_graphs
 from fastnas.runs.tables import AccuracyTable, load_nb201_table
 from fastnas.search.algorithms import get_algorithm
 from fastnas.search.config import SearchConfig
@@ -68,6 +69,8 @@ def run_rank(cfg: RankConfig) -> dict[str, Any]:
     if cfg.from_run is not None and not os.path.isfile(os.path.join(cfg.from_run, "checkpoint.pt")):
         raise RunError(f"--from {cfg.from_run}: no checkpoint.pt there")
     device, data = device_and_data(cfg, Dist())
+    if cfg.cuda_graphs:
+        check_cuda_graphs(device, 1, cfg.amp)
     log = cfg.log or (lambda s: print(s, flush=True))
     os.makedirs(cfg.out, exist_ok=True)
     atomic_write_text(os.path.join(cfg.out, "config.json"), config_json(cfg))
@@ -82,7 +85,8 @@ def _search_config(cfg: RankConfig) -> SearchConfig:
     search_cfg = SearchConfig(
         space=cfg.space, algorithm=cfg.algorithm, mode=cfg.mode, dataset=cfg.dataset, data_dir=cfg.data_dir,
         out=os.path.join(cfg.out, "supernet"), epochs=cfg.epochs, batch_size=cfg.batch_size, channels=cfg.channels,
-        cells=cfg.cells, seed=cfg.seed, device=cfg.device, amp=cfg.amp, accum_steps=cfg.accum_steps,
+        cells=cfg.cells, seed=cfg.seed, device=cfg.device, amp=cfg.amp, compile=cfg.compile,
+        cuda_graphs=cfg.cuda_graphs, accum_steps=cfg.accum_steps,
         limit_batches=cfg.limit_batches, threads=cfg.threads, progress=cfg.progress, log=cfg.log, rs_samples=0,
     )  # fmt: skip
     return resolve_search(search_cfg)[0]
@@ -103,7 +107,8 @@ def _train_config(cfg: RankConfig, search_cfg: SearchConfig, arch: str, out: str
     return TrainConfig(
         arch=arch, dataset=cfg.dataset, data_dir=cfg.data_dir, out=out, epochs=cfg.train_epochs, seed=cfg.seed,
         channels=search_cfg.channels, cells=search_cfg.cells,
-        device=cfg.device, amp=cfg.amp, accum_steps=cfg.accum_steps, limit_batches=cfg.limit_batches,
+        device=cfg.device, amp=cfg.amp, compile=cfg.compile, cuda_graphs=cfg.cuda_graphs,
+        accum_steps=cfg.accum_steps, limit_batches=cfg.limit_batches,
         threads=cfg.threads, progress=cfg.progress, log=cfg.log,
     )  # fmt: skip
 

@@ -92,7 +92,7 @@ def add_data_and_output_flags(g: argparse._ArgumentGroup, dataset_help: str, def
 
 
 def add_running_flags(g: argparse._ArgumentGroup, d: Any) -> None:
-    """--device, --seed, --amp, --threads, --accum-steps, --limit-batches, --stop-after."""
+    """--device, --seed, --amp, --threads, --compile, --cuda-graphs, --accum-steps, --limit-batches, --stop-after."""
     g.add_argument("--device", help="cpu, cuda or cuda:N (default cpu; torchrun: one GPU per rank)")
     g.add_argument("--seed", type=int, help=f"random seed (default {d.seed})")
     g.add_argument("--amp", help=f"mixed precision: {', '.join(AMP_MODES)} (default {d.amp}; fp16 needs CUDA)")
@@ -100,6 +100,17 @@ def add_running_flags(g: argparse._ArgumentGroup, d: Any) -> None:
         "--threads",
         type=int,
         help="CPU threads (default: 1 on the tiny embedded data sets, where more only add overhead; else torch's)",
+    )
+    g.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        help="torch.compile the network: a supernet each kind of cell once (every op computed), "
+        "any other network whole (default off)",
+    )
+    g.add_argument(
+        "--cuda-graphs",
+        action=argparse.BooleanOptionalAction,
+        help="CUDA, one process: replay each kind of training step as a captured CUDA graph (default off)",
     )
     g.add_argument("--accum-steps", type=int, help="split each batch into this many micro-batches")
     g.add_argument(

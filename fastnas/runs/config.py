@@ -59,9 +59,10 @@ class RunSettings:
     """What the configs of the commands (dataclasses) share: which fields define a run."""
 
     # fields that may differ between a run and its resumption (``epochs``: a run may be extended;
-    # the learning rate then follows the longer schedule)
+    # the learning rate then follows the longer schedule; ``compile``, ``cuda_graphs``: how steps run)
     _RESUME_FREE: tuple[str, ...] = (
-        "out", "device", "resume", "stop_after", "threads", "progress", "data_dir", "log", "epochs"
+        "out", "device", "resume", "stop_after", "threads", "progress", "data_dir", "log", "epochs",
+        "compile", "cuda_graphs",
     )  # fmt: skip
 
     RESUME_FILE = "checkpoint.pt"  # what a run in ``out`` must hold to be resumed

@@ -9,6 +9,12 @@ and its learning rate from the closed-form cosine of ``(epoch, epochs)``.
 
 Under ``torchrun`` the network goes through DistributedDataParallel; each rank trains on its slice
 of the global batch and rank 0 writes the files.
+
+A step reads nothing on the host: its batch comes from the epoch's images on the device
+(:mod:`fastnas.runs.batches`), its loss and accuracy stay there (:func:`~fastnas.runs.steps.step_stats`)
+and are read once per epoch, or when the progress bar refreshes (at most every
+``PROGRESS_REFRESH_S`` seconds). ``--compile`` compiles the network and ``--cuda-graphs`` replays
+each kind of step as a CUDA graph (:mod:`fastnas.runs.steps`).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastnas.runs import data as data_mod
+from fastnas.runs.batches import EpochBatches, Normalizer, epoch_batches
 from fastnas.runs.checkpoint import (
     atomic_torch_save,
     atomic_write_text,
@@ -37,8 +44,10 @@ from fastnas.runs.checkpoint import (
 )
 from fastnas.runs.config import AMP_DTYPES, RunError, check_out_dir, config_json
 from fastnas.runs.distributed import Dist, resolve_device
+from fastnas.runs.steps import CapturedStep, check_cuda_graphs, compile_network, eager, step_stats
 
-Batches = list[tuple[Tensor, Tensor]]
+Batches = list[tuple]  # micro-batches: (images, labels, what else the step's loss takes)
+PROGRESS_REFRESH_S = 2.0  # the progress bar's loss and accuracy: a host read at most this often
 
 
 @dataclass
@@ -55,12 +64,15 @@ def prepare(cfg: Any, run_files: tuple[str, ...], what: str, fmt: str) -> Setup:
     """The checks and loads every run starts with; RunError (before anything is written) for bad input.
 
     ``cfg`` has the fields ``out``, ``resume``, ``device``, ``amp``, ``batch_size``, ``accum_steps``,
-    ``dataset`` and ``data_dir``; ``what`` names the run ("search run"), ``fmt`` its checkpoint format.
+    ``dataset``, ``data_dir`` and ``cuda_graphs``; ``what`` names the run ("search run"), ``fmt`` its
+    checkpoint format.
     """
     ddp = Dist()
     ddp.check_batch(cfg.batch_size, cfg.accum_steps)
     check_out_dir(cfg.out, cfg.resume, run_files, what)
     device, data = device_and_data(cfg, ddp)
+    if cfg.cuda_graphs:
+        check_cuda_graphs(device, ddp.world, cfg.amp)
     ckpt = None
     if cfg.resume:
         path = os.path.join(cfg.out, "checkpoint.pt")
@@ -88,10 +100,11 @@ def default_threads(cfg: Any) -> int | None:
 class EpochRun:
     """The shared part of a run of ``cfg.epochs`` epochs (see the module docstring).
 
-    A subclass sets ``self.net`` (the network), ``self.model`` (the network or its DDP wrapper),
-    ``self.weight_params`` and calls :meth:`init_weight_optimizer` before :meth:`restore`; it
-    implements :meth:`epoch` (one epoch, returning its history record), :meth:`epoch_line` and
-    :meth:`finish`, and may add to the checkpoint with :meth:`extra_state` / :meth:`restore_extra`.
+    A subclass sets ``self.net`` (the network; :meth:`prepare_network` compiles it), ``self.model``
+    (the network or its DDP wrapper), ``self.weight_params`` and calls :meth:`init_weight_optimizer`
+    before :meth:`restore`; it implements :meth:`epoch` (one epoch, returning its history record),
+    :meth:`epoch_line` and :meth:`finish`, and may add to the checkpoint with :meth:`extra_state` /
+    :meth:`restore_extra`. Its step functions go through :meth:`step_runner` (CUDA graphs).
     """
 
     checkpoint_format = ""
@@ -106,6 +119,7 @@ class EpochRun:
         self.ddp = setup.ddp
         self.device = setup.device
         self.data = setup.data.to(setup.device)
+        self.normalize = Normalizer(self.data, setup.device)
         self.is_main = self.ddp.is_main
         self.log: Callable[[str], None] = cfg.log or (lambda s: print(s, flush=True))
         self.amp_dtype = AMP_DTYPES[cfg.amp]
@@ -113,8 +127,27 @@ class EpochRun:
         self.history: list[dict[str, Any]] = []
         self.start_epoch = 0
         self.elapsed_seconds = 0.0  # wall time of the epochs so far, over every invocation
+        self.captured: list[CapturedStep] = []
 
     # ------------------------------------------------------------------ set-up
+
+    def prepare_network(self) -> None:
+        """``self.net`` on the device, compiled with ``--compile``; a supernet computing every op with
+        ``--cuda-graphs`` (a graph cannot depend on the sample); before :meth:`wrap_ddp`."""
+        self.net.to(self.device)
+        if self.cfg.compile:
+            compile_network(self.net)
+        if self.cfg.cuda_graphs and hasattr(self.net, "compute_all_ops"):
+            self.net.compute_all_ops = True
+
+    def step_runner(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``fn`` itself, or with ``--cuda-graphs`` a :class:`CapturedStep` of it, captured anew every
+        epoch (the learning rate is a constant of its graph). Each holds its own graph memory."""
+        if not self.cfg.cuda_graphs:
+            return fn
+        step = CapturedStep(fn, capture=self.device.type == "cuda")
+        self.captured.append(step)
+        return step
 
     def wrap_ddp(self, frozen: list[nn.Parameter], find_unused: bool) -> nn.Module:
         """``self.net`` in DistributedDataParallel when distributed (else itself). DDP registers only
@@ -209,53 +242,51 @@ class EpochRun:
         """The data set's augmentation of uint8 images ``x`` (random numbers from ``gen``)."""
         return data_mod.augment_batch(x, gen)
 
-    def augment_normalized(self, x: Tensor, gen: torch.Generator) -> Tensor:
-        """What a command adds to the augmentation, on normalised images (nothing here)."""
-        return x
+    def cutout_mask(self, x: Tensor, gen: torch.Generator) -> Tensor | None:
+        """What a command multiplies a batch's normalised images with (bool ``[B, 1, H, W]``; None:
+        nothing), drawn for uint8 images ``x`` after their augmentation."""
+        return None
 
-    def micro_batches(self, idx: Tensor, gen: torch.Generator | None) -> Batches:
-        """This rank's micro-batches (normalised images, labels) of the global batch ``idx``. The
-        augmentation (when ``gen`` is given) is drawn for the whole global batch, so every rank draws
-        the same numbers."""
-        idx = idx.to(self.device)
-        x, y = self.data.x_train[idx], self.data.y_train[idx]
-        if gen is not None and self.data.augment:
-            x = self.augment(x, gen)
-        x = self.data.normalize(x)
-        if gen is not None:
-            x = self.augment_normalized(x, gen)
-        per_rank = len(idx) // self.ddp.world
-        mine = slice(self.ddp.rank * per_rank, (self.ddp.rank + 1) * per_rank)
-        return list(zip(x[mine].chunk(self.cfg.accum_steps), y[mine].chunk(self.cfg.accum_steps)))
+    def epoch_batches(self, order: Tensor, steps: int, gen: torch.Generator | None) -> EpochBatches:
+        """This rank's micro-batches of the first ``steps`` global batches of training indices
+        ``order`` (see :mod:`fastnas.runs.batches`). The augmentation (when ``gen`` is given) is drawn
+        for whole global batches, so every rank draws the same numbers."""
+        cfg = self.cfg
+        return epoch_batches(
+            self.data, order, steps, cfg.batch_size, self.normalize, gen,
+            augment=self.augment if self.data.augment else None, cutout_mask=self.cutout_mask,
+            rank=self.ddp.rank, world=self.ddp.world, accum_steps=cfg.accum_steps,
+        )  # fmt: skip
 
     def autocast(self):
         if self.amp_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        # a CUDA graph must not capture autocast's cache of cast weights (its casts would not rerun)
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, cache_enabled=not self.cfg.cuda_graphs)
 
     # ------------------------------------------------------------------ steps
 
     def weight_step(
         self,
         batches: Batches,
-        loss_fn: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]],
+        loss_fn: Callable[..., tuple[Tensor, Tensor]],
         before_step: Callable[[], None] | None = None,
-    ) -> tuple[float, int, int]:
+    ) -> Tensor:
         """One SGD step of the weights on this rank's micro-batches (DDP all-reduces the gradients).
-        ``loss_fn(x, y)`` returns (loss, logits) and runs under autocast; ``before_step`` runs after
-        the gradients are unscaled and clipped. Returns (sum of losses, correct, images) of this rank."""
+        ``loss_fn(*micro_batch)`` returns (loss, logits) and runs under autocast; ``before_step`` runs
+        after the gradients are unscaled and clipped. Returns this rank's ``[sum of losses, correct]``
+        (:func:`~fastnas.runs.steps.step_stats`) on the device."""
         self.w_opt.zero_grad(set_to_none=True)
-        loss_sum, correct, seen = 0.0, 0, 0
-        for i, (x, y) in enumerate(batches):
+        stats = None
+        for i, (x, y, *extra) in enumerate(batches):
             sync = self.ddp.active and i == len(batches) - 1
             ctx = contextlib.nullcontext() if (sync or not self.ddp.active) else self.model.no_sync()
             with ctx:
                 with self.autocast():
-                    loss, logits = loss_fn(x, y)
+                    loss, logits = loss_fn(x, y, *extra)
                 self.w_scaler.scale(loss / len(batches)).backward()
-            loss_sum += float(loss.detach()) * len(y)
-            correct += int((logits.detach().argmax(-1) == y).sum())
-            seen += len(y)
+            s = step_stats(loss, logits, y)
+            stats = s if stats is None else stats + s
         self.w_scaler.unscale_(self.w_opt)
         if self.cfg.grad_clip > 0:
             nn.utils.clip_grad_norm_(self.weight_params, self.cfg.grad_clip)
@@ -263,11 +294,13 @@ class EpochRun:
             before_step()
         self.w_scaler.step(self.w_opt)
         self.w_scaler.update()
-        return loss_sum, correct, seen
+        return stats
 
-    def train_steps(self, epoch: int, steps: int, step: Callable[[int], tuple[float, int, int]]) -> dict[str, float]:
-        """Run ``step(i)`` for ``i < steps`` under a progress bar (``step`` returns this rank's sum of
-        losses, correct and images); return the epoch's training loss, accuracy, images/s and seconds."""
+    def train_steps(self, epoch: int, steps: int, step: Callable[[int], tuple[Tensor, int]]) -> dict[str, float]:
+        """Run ``step(i)`` for ``i < steps`` under a progress bar (``step`` returns this rank's
+        ``[sum of losses, correct]`` on the device and its number of images); return the epoch's
+        training loss, accuracy, images/s and seconds. The sums are read on the host at the end, and
+        for the progress bar at most every ``PROGRESS_REFRESH_S`` seconds."""
         cfg = self.cfg
         bar = None
         if cfg.progress and self.is_main:
@@ -276,20 +309,24 @@ class EpochRun:
             bar = tqdm(
                 total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, file=sys.stderr, dynamic_ncols=True
             )
-        loss_sum, correct, seen = 0.0, 0, 0
-        t0 = time.perf_counter()
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+        seen = 0
+        t0 = shown = time.perf_counter()
         for i in range(steps):
-            ls, c, n = step(i)
-            loss_sum, correct, seen = loss_sum + ls, correct + c, seen + n
+            stats, n = step(i)
+            sums += stats
+            seen += n
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss_sum / max(seen, 1):.3f}", acc=f"{100.0 * correct / max(seen, 1):.1f}")
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+                if i == 0 or time.perf_counter() - shown >= PROGRESS_REFRESH_S:
+                    loss_sum, correct = sums.tolist()
+                    bar.set_postfix(loss=f"{loss_sum / max(seen, 1):.3f}", acc=f"{100.0 * correct / max(seen, 1):.1f}")
+                    shown = time.perf_counter()
+        loss_sum, correct = sums.tolist()  # waits for the device: the time below is the steps'
         seconds = time.perf_counter() - t0
         if bar is not None:
             bar.close()
-        loss_sum, correct, seen = self.ddp.all_reduce_sum([loss_sum, float(correct), float(seen)], self.device)
+        loss_sum, correct, seen = self.ddp.all_reduce_sum([loss_sum, correct, float(seen)], self.device)
         return {
             "train_loss": loss_sum / max(seen, 1),
             "train_acc": 100.0 * correct / max(seen, 1),
@@ -313,23 +350,25 @@ class EpochRun:
         limit: int | None = None,
         forward: Callable[[Tensor], Tensor] | None = None,
     ) -> tuple[float, float]:
-        """Loss and accuracy of ``net`` in eval mode on a shard per rank of the given uint8 images;
-        ``forward`` (default ``net``) maps normalised images to logits."""
+        """Loss and accuracy of ``net`` in eval mode on a shard per rank of the given uint8 images (on
+        the device); ``forward`` (default ``net``) maps normalised images to logits. Compiled code runs
+        eagerly here (evaluation batches would compile graphs of their own); the sums are read once."""
         forward = net if forward is None else forward
         net.eval()
         n = len(y_all) if limit is None else min(limit, len(y_all))
-        idx = torch.arange(self.ddp.rank, n, self.ddp.world)
-        loss_sum, correct = 0.0, 0
+        idx = torch.arange(self.ddp.rank, n, self.ddp.world, device=self.device)
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)
         try:
-            for chunk in idx.split(256):
-                chunk = chunk.to(self.device)
-                with self.autocast():
-                    logits = forward(self.data.normalize(x_all[chunk]))
-                loss_sum += float(F.cross_entropy(logits.float(), y_all[chunk], reduction="sum"))
-                correct += int((logits.argmax(-1) == y_all[chunk]).sum())
+            with eager(self.cfg.compile):
+                for chunk in idx.split(256):
+                    y = y_all[chunk]
+                    with self.autocast():
+                        logits = forward(self.normalize(x_all[chunk]))
+                    loss = F.cross_entropy(logits.float(), y, reduction="sum")
+                    sums += torch.stack([loss.double(), (logits.argmax(-1) == y).sum().double()])
         finally:
             net.train()
-        loss_sum, correct = self.ddp.all_reduce_sum([loss_sum, float(correct)], self.device)
+        loss_sum, correct = self.ddp.all_reduce_sum(sums.tolist(), self.device)
         return loss_sum / max(n, 1), 100.0 * correct / max(n, 1)
 
     # ------------------------------------------------------------------ the loop
@@ -370,6 +409,8 @@ class EpochRun:
         done_now = 0
         for epoch in range(self.start_epoch, cfg.epochs):
             t0 = time.perf_counter()
+            for step in self.captured:  # the epoch's learning rate (and tau) are new constants
+                step.reset()
             record = self.epoch(epoch)
             self.history.append(record)
             if self.is_main:

@@ -58,6 +58,8 @@ class SearchConfig(RunSettings):
     seed: int = 0
     device: str = "cpu"
     amp: str = "none"
+    compile: bool = False
+    cuda_graphs: bool = False
     resume: bool = False
     # network weights: SGD with cosine decay (DARTS)
     lr: float = 0.025

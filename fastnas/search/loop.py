@@ -125,17 +125,44 @@ class Search(EpochRun):
         self.w_idx, self.a_idx = w_idx, a_idx
         self.table = table
         seed_everything(cfg.seed)
-        self.net = build_network(cfg, alg, self.data.num_classes, self.data.in_channels).to(self.device)
+        self.net = build_network(cfg, alg, self.data.num_classes, self.data.in_channels)
+        self.prepare_network()
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)
         self.net.generator = self.generator
         self.arch_params = list(self.net.arch_parameters())
         self.weight_params = list(self.net.weight_parameters())
-        self.model = self.wrap_ddp(frozen=self.arch_params, find_unused=alg.sampler is not None)
+        # computing only the sampled ops leaves the others without a gradient
+        find_unused = alg.sampler is not None and not self.net.compute_all_ops
+        self.model = self.wrap_ddp(frozen=self.arch_params, find_unused=find_unused)
         self.init_weight_optimizer()
         self.a_opt = make_arch_optimizer(alg, self.net, cfg.arch_lr, cfg.arch_weight_decay, cfg.entropy_weight)
+        self._arch_optimizer_capturable()
         self.a_scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
+        # the kinds of step; with --cuda-graphs each is replayed as a CUDA graph of its own
+        self._arch_step = self.step_runner(self._arch_step_first_order)
+        self._arch_step_unrolled = self.step_runner(self._arch_step_second_order)
+        self._weight_only_step = self.step_runner(lambda batches: self.weight_step(batches, self._loss))
+        self._joint_step = self.step_runner(
+            lambda batches: self.weight_step(batches, self._loss, before_step=self._joint_arch_step)
+        )
         if setup.ckpt is not None:
             self.restore(setup.ckpt)
+
+    def _arch_optimizer_capturable(self) -> None:
+        """Adam keeps its step count on the device (``capturable``) when CUDA graphs replay its steps,
+        on the host otherwise; a checkpoint's setting, and where its step counts lie, are overridden
+        (a run may be resumed with or without ``--cuda-graphs``)."""
+        if self.a_opt is None:
+            return
+        capturable = self.cfg.cuda_graphs and self.device.type == "cuda"
+        for group in self.a_opt.param_groups:
+            if "capturable" not in group:
+                continue
+            group["capturable"] = capturable
+            for p in group["params"]:
+                state = self.a_opt.state.get(p, {})
+                if isinstance(state.get("step"), Tensor):
+                    state["step"] = state["step"].to(p.device if capturable else "cpu")
 
     # ------------------------------------------------------------------ state
 
@@ -150,6 +177,7 @@ class Search(EpochRun):
     def restore_extra(self, ckpt: dict[str, Any]) -> None:
         if self.a_opt is not None:
             self.a_opt.load_state_dict(ckpt["arch_optimizer"])
+            self._arch_optimizer_capturable()
         self.a_scaler.load_state_dict(ckpt["arch_scaler"])
         self.generator.set_state(ckpt["sampler_rng"])
 
@@ -162,13 +190,14 @@ class Search(EpochRun):
         grads = [p.grad for p in self.arch_params if p.grad is not None]
         self.ddp.all_reduce_mean_(grads)
 
-    def _arch_step(self, batches: Batches) -> None:
-        """First-order architecture step on held-out micro-batches (the network is called without
-        DDP and differentiated with respect to the architecture only; gradients all-reduced by hand)."""
+    def _arch_step_first_order(self, batches: Batches) -> None:
+        """First-order architecture step on held-out micro-batches ``(x, y, sample)`` (the network is
+        called without DDP and differentiated with respect to the architecture only; gradients
+        all-reduced by hand)."""
         grads = [torch.zeros_like(p) for p in self.arch_params]
-        for x, y in batches:
+        for x, y, sample in batches:
             with self.autocast():
-                loss = F.cross_entropy(self.net(x), y) / len(batches)
+                loss = F.cross_entropy(self.net(x, sample), y) / len(batches)
             gs = torch.autograd.grad(self.a_scaler.scale(loss), self.arch_params, allow_unused=True)
             for acc, g in zip(grads, gs):
                 if g is not None:
@@ -182,7 +211,8 @@ class Search(EpochRun):
 
     def _arch_step_second_order(self, train: Batches, val: Batches) -> None:
         """DARTS' unrolled architecture gradient: grad_a L_val(w', a) - eta * (finite-difference
-        Hessian-vector product), with w' = w - eta * (momentum * buf + grad_w L_train + wd * w)."""
+        Hessian-vector product), with w' = w - eta * (momentum * buf + grad_w L_train + wd * w).
+        Micro-batches ``(x, y, sample)``; the finite-difference step stays on the device."""
         xt = torch.cat([b[0] for b in train])
         yt = torch.cat([b[1] for b in train])
         xv = torch.cat([b[0] for b in val])
@@ -210,13 +240,13 @@ class Search(EpochRun):
             for g, p in zip(grads[: len(self.arch_params)], self.arch_params)
         ]
         d_w = [g if g is not None else torch.zeros_like(w) for g, w in zip(grads[len(self.arch_params) :], ws)]
-        norm = torch.sqrt(sum((g.double() ** 2).sum() for g in d_w)).item()
-        r = 0.01 / max(norm, 1e-12)
+        norm = torch.sqrt(sum((g.double() ** 2).sum() for g in d_w))
+        r = 0.01 / norm.clamp_min(1e-12)  # float64 on the device: no host read
         hv = []
         for sign in (1.0, -1.0):
             with torch.no_grad():
                 for w, b, g in zip(ws, backup, d_w):
-                    w.copy_(b + sign * r * g)
+                    w.copy_(b + (sign * r) * g)
             gs = torch.autograd.grad(loss_on(xt, yt), self.arch_params, allow_unused=True)
             hv.append([g if g is not None else torch.zeros_like(p) for g, p in zip(gs, self.arch_params)])
         with torch.no_grad():
@@ -235,18 +265,23 @@ class Search(EpochRun):
         self.w_scaler.step(self.a_opt)
         self.a_opt.zero_grad(set_to_none=True)
 
-    def _loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        logits = self.model(x)
+    def _loss(self, x: Tensor, y: Tensor, sample: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        logits = self.model(x, sample)
         return F.cross_entropy(logits, y), logits
 
-    def _weight_step(self, batches: Batches, joint: bool) -> tuple[float, int, int]:
+    def _with_samples(self, batch: list[tuple[Tensor, Tensor]]) -> Batches:
+        """Micro-batches ``(x, y)`` with a sample of the architecture each, drawn now from
+        ``net.generator`` (``{}`` without a sampler): a step's forwards read it from its arguments."""
+        return [(x, y, self.net.sample_architecture()) for x, y in batch]
+
+    def _weight_step(self, batches: Batches, joint: bool) -> Tensor:
         """SGD step of the weights; with ``joint`` (ERM) the same backward also steps the architecture."""
         if joint:
-            return self.weight_step(batches, self._loss, before_step=self._joint_arch_step)
+            return self._joint_step(batches)
         for p in self.arch_params:
             p.requires_grad_(False)  # no dL/dalpha work in a pure weight step
         try:
-            return self.weight_step(batches, self._loss)
+            return self._weight_only_step(batches)
         finally:
             for p in self.arch_params:
                 p.requires_grad_(True)
@@ -281,17 +316,20 @@ class Search(EpochRun):
         if cfg.limit_batches is not None:
             steps = min(steps, cfg.limit_batches)
         lr = self.set_epoch_lr(epoch)
-        batch = lambda order, i: order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
+        bilevel_arch = arch_active and cfg.mode == "bilevel"
+        w_batches = self.epoch_batches(w_order, steps, aug_gen)
+        a_batches = self.epoch_batches(a_order, steps, aug_gen) if bilevel_arch else None
 
-        def step(i: int) -> tuple[float, int, int]:
-            w_batch = self.micro_batches(batch(w_order, i), aug_gen)
-            if arch_active and cfg.mode == "bilevel":
-                a_batch = self.micro_batches(batch(a_order, i), aug_gen)
+        def step(i: int) -> tuple[Tensor, int]:
+            if a_batches is not None:  # samples drawn in the order the steps use them
+                a_batch = self._with_samples(a_batches[i])
                 if alg.second_order:
-                    self._arch_step_second_order(w_batch, a_batch)
+                    self._arch_step_unrolled(w_batches[i], a_batch)
                 else:
                     self._arch_step(a_batch)
-            return self._weight_step(w_batch, joint=arch_active and cfg.mode == "erm")
+            w_batch = self._with_samples(w_batches[i])
+            stats = self._weight_step(w_batch, joint=arch_active and cfg.mode == "erm")
+            return stats, sum(len(y) for _, y, _ in w_batch)
 
         self.net.train()
         train = self.train_steps(epoch, steps, step)

@@ -42,7 +42,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g = p.add_argument_group("how to run")
     cli.add_running_flags(g, d)
-    g.add_argument("--compile", action="store_true", help="torch.compile the network")
     g = p.add_argument_group("the recipe's values (defaults: the recipe's)")
     g.add_argument("--epochs", type=int)
     g.add_argument("--batch-size", type=int, help="global batch size")

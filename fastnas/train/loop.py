@@ -81,14 +81,13 @@ class Train(EpochRun):
     def __init__(self, cfg: TrainConfig, setup: Setup) -> None:
         super().__init__(cfg, setup)
         seed_everything(cfg.seed)
-        self.net = build_network(cfg, self.data.num_classes, self.data.in_channels).to(self.device)
+        self.net = build_network(cfg, self.data.num_classes, self.data.in_channels)
+        self.size = network_size(self.net, tuple(self.data.x_train.shape[1:]))  # counted before compiling
+        self.prepare_network()
         self.weight_params = [p for p in self.net.parameters() if p.requires_grad]
         self.model = self.wrap_ddp(frozen=[], find_unused=cfg.space == "nb201")
-        if cfg.compile:
-            self.model = torch.compile(self.model)
         self.init_weight_optimizer(nesterov=cfg.nesterov)
-        shape = tuple(self.data.x_train.shape[1:])
-        self.size = network_size(self.net, shape)
+        self._step = self.step_runner(lambda batches: self.weight_step(batches, self._loss))
         if setup.ckpt is not None:
             self.restore(setup.ckpt)
 
@@ -107,11 +106,12 @@ class Train(EpochRun):
             loss = loss + self.cfg.auxiliary_weight * F.cross_entropy(aux, y)
         return loss, logits
 
-    def augment_normalized(self, x: Tensor, gen: torch.Generator) -> Tensor:
+    def cutout_mask(self, x: Tensor, gen: torch.Generator) -> Tensor | None:
         """Cutout (DARTS): one ``cutout`` x ``cutout`` square per image set to 0 (the mean), clipped at the border."""
         if not self.cfg.cutout:
-            return x
-        return data_mod.cutout(x, self.cfg.cutout, gen)
+            return None
+        b, _, h, w = x.shape
+        return data_mod.cutout(torch.ones(b, 1, h, w, device=x.device), self.cfg.cutout, gen).bool()
 
     def augments(self) -> bool:
         return self.data.augment or bool(self.cfg.cutout)
@@ -134,9 +134,11 @@ class Train(EpochRun):
         if cfg.limit_batches is not None:
             steps = min(steps, cfg.limit_batches)
 
-        def step(i: int) -> tuple[float, int, int]:
-            batch = self.micro_batches(order[i * cfg.batch_size : (i + 1) * cfg.batch_size], gen)
-            return self.weight_step(batch, self._loss)
+        batches = self.epoch_batches(order, steps, gen)
+
+        def step(i: int) -> tuple[Tensor, int]:
+            batch = batches[i]
+            return self._step(batch), sum(len(y) for _, y in batch)
 
         self.net.train()
         train = self.train_steps(epoch, steps, step)

@@ -76,6 +76,7 @@ class TrainConfig(RunSettings):
     device: str = "cpu"
     amp: str = "none"
     compile: bool = False
+    cuda_graphs: bool = False
     resume: bool = False
     accum_steps: int = 1
     limit_batches: int | None = None
