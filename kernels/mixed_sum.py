@@ -437,8 +437,11 @@ def _launch(which: int, grid: int, args: tuple, key: tuple, num_warps: int, devi
 
 def _launch_hooks() -> bool:
     """Whether a profiler installed Triton launch hooks (then every launch goes through Triton)."""
-    hooks = (_RUNTIME_KNOBS.launch_enter_hook, _RUNTIME_KNOBS.launch_exit_hook)
-    return any(h is not None and getattr(h, "calls", True) for h in hooks)  # an empty HookChain calls nothing
+    enter, leave = _RUNTIME_KNOBS.launch_enter_hook, _RUNTIME_KNOBS.launch_exit_hook
+    # an empty HookChain (Triton's default) calls nothing; a plain function (older Triton) does
+    return bool(
+        (enter is not None and getattr(enter, "calls", True)) or (leave is not None and getattr(leave, "calls", True))
+    )
 
 
 def variant_of(key: tuple) -> Variant:

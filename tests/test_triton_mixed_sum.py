@@ -443,3 +443,24 @@ def test_int64_offsets_on_cuda():
     assert torch.equal(outputs_grad[1][tail], (-1.5 * grad[tail].float()).half())
     expected = sum((grad[i : i + (1 << 28)].double() ** 2).sum() for i in range(0, n, 1 << 28))
     assert abs(dw[1].item() - expected.item()) <= 1e-4 * expected.item()
+
+
+def test_launch_hooks_send_launches_through_triton():
+    """A profiler's launch hook must be seen, so that launches go through Triton and call it."""
+    from fastnas.kernels import mixed_sum as tk
+
+    knobs = tk._RUNTIME_KNOBS
+    if knobs is None or not hasattr(knobs.launch_enter_hook, "add"):
+        pytest.skip("this Triton has no launch hook chains")
+    assert not tk._launch_hooks()
+
+    def hook(*args, **kwargs):
+        return None
+
+    for chain in (knobs.launch_enter_hook, knobs.launch_exit_hook):
+        chain.add(hook)
+        try:
+            assert tk._launch_hooks()
+        finally:
+            chain.remove(hook)
+    assert not tk._launch_hooks()

@@ -259,7 +259,9 @@ def _gradients(grad: Tensor, outputs: list[Tensor], weights: Tensor, compute_out
     autograd records the backward itself (``create_graph=True``) or a torch.func transform batches
     it, by the reference formulas in plain torch ops, which autograd differentiates exactly (second
     and higher derivatives) and vmap batches."""
-    if torch.is_grad_enabled() or _functorch_wrapped((grad, weights, *outputs)):
+    if torch.is_grad_enabled() or (
+        torch._C._functorch.peek_interpreter_stack() is not None and _functorch_wrapped((grad, weights, *outputs))
+    ):
         return mixed_sum_backward_reference(grad, outputs, weights, compute_outputs_grad)
     return fused(grad, outputs, weights, compute_outputs_grad)
 
@@ -443,7 +445,9 @@ def mixed_sum(outputs: OutputsLike, weights: Tensor) -> Tensor:
     if torch.compiler.is_compiling():
         _validate(outputs, weights)
         return torch.ops.fastnas.mixed_sum(outputs, weights)  # traced as one opaque op
-    transformed = _functorch_wrapped((weights, *outputs)) or forward_ad._current_level >= 0
+    transformed = forward_ad._current_level >= 0 or (
+        torch._C._functorch.peek_interpreter_stack() is not None and _functorch_wrapped((weights, *outputs))
+    )
     name = (
         None
         if transformed or not outputs or not isinstance(outputs[0], Tensor)
