@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from typing import Iterator
 
 import torch
@@ -16,6 +17,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from fastnas.runs.config import RunError
+
+_LEFT_KEY = "fastnas/ranks_left"  # in the job's store: ranks that have torn their process group down
 
 
 class Dist:
@@ -71,6 +74,21 @@ class Dist:
         if self.active:
             dist.barrier()
 
+    def leave(self, timeout_s: float = 30.0) -> None:
+        """Tear the process group down, then wait (at most ``timeout_s``) until every rank has: a rank
+        whose process exits while another still tears down its gloo connections can make that one
+        abort ("terminate called without an active exception")."""
+        store = dist.distributed_c10d._get_default_store()
+        dist.destroy_process_group()
+        self.active = False
+        try:
+            store.add(_LEFT_KEY, 1)
+            deadline = time.monotonic() + timeout_s
+            while store.add(_LEFT_KEY, 0) < self.world and time.monotonic() < deadline:
+                time.sleep(0.005)
+        except (RuntimeError, ValueError):  # the store's host is gone: nobody left to wait for
+            pass
+
     def check_batch(self, batch_size: int, accum_steps: int) -> None:
         if batch_size % (self.world * accum_steps) != 0:
             raise RunError(
@@ -115,5 +133,4 @@ def process_group(ddp: Dist, device: torch.device, threads: int | None) -> Itera
     finally:
         torch.set_num_threads(threads_before)
         if ddp.active:
-            dist.destroy_process_group()
-            ddp.active = False
+            ddp.leave()
