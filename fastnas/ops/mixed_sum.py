@@ -46,8 +46,9 @@ def _check_tensor(t: object, name: str) -> Tensor:
     return t
 
 
-def _validate(outputs: Sequence[Tensor], weights: Tensor) -> None:
-    """Raise a TypeError/ValueError naming the argument for every input the kernels do not take."""
+def _validate(outputs: Sequence[Tensor], weights: Tensor) -> bool:
+    """Raise a TypeError/ValueError naming the argument for every input the kernels do not take.
+    Returns whether every output has the strides of ``outputs[0]`` (read in the same pass)."""
     if not isinstance(outputs, (list, tuple)):
         raise TypeError(f"outputs must be a list or tuple of tensors, got {type(outputs).__name__}")
     if len(outputs) == 0:
@@ -58,7 +59,7 @@ def _validate(outputs: Sequence[Tensor], weights: Tensor) -> None:
             f"outputs[0] has dtype {first.dtype}; fastnas.mixed_sum supports float16, bfloat16, float32 and float64"
         )
     dtype, shape, device = first.dtype, first.shape, first.device  # read once: this loop is on the hot path
-    strided = torch.strided
+    strided, stride, same_strides = torch.strided, first.stride(), True
     for k in range(1, len(outputs)):
         o = outputs[k]
         # one condition for the common case (dtypes and layouts are singletons: compared by identity)
@@ -69,6 +70,7 @@ def _validate(outputs: Sequence[Tensor], weights: Tensor) -> None:
             and o.shape == shape
             and o.device == device
         ):
+            same_strides = same_strides and o.stride() == stride
             continue
         _check_tensor(o, f"outputs[{k}]")
         if o.dtype != dtype:
@@ -85,6 +87,7 @@ def _validate(outputs: Sequence[Tensor], weights: Tensor) -> None:
         raise ValueError(f"weights has length {weights.shape[0]} but there are K={len(outputs)} outputs")
     if weights.device != device:
         raise ValueError(f"weights is on {weights.device} but outputs are on {device}")
+    return same_strides
 
 
 # --------------------------------------------------------------------------- autocast
@@ -461,7 +464,8 @@ def mixed_sum(outputs: OutputsLike, weights: Tensor) -> Tensor:
         except (RuntimeError, TypeError, ValueError):
             _validate(outputs, weights)
             raise
-    _validate(outputs, weights)
+    if not (_validate(outputs, weights) and (outputs[0].is_contiguous() or is_dense(outputs[0]))):
+        outputs = shared_dense_layout(outputs)  # one dense layout for all
     if transformed:
-        return _MixedSumTransformable.apply(weights, *shared_dense_layout(outputs))
-    return _MixedSumFunction.apply(backend.kernels_for(name), weights, *shared_dense_layout(outputs))
+        return _MixedSumTransformable.apply(weights, *outputs)
+    return _MixedSumFunction.apply(backend.kernels_for(name), weights, *outputs)
