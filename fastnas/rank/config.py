@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import dataclass
 
 from fastnas.runs import data as data_mod
 from fastnas.runs.config import (
@@ -39,18 +38,6 @@ class RankConfig(RunSettings):
     nb201_table: str | None = None
     table_column: str | None = None  # default: the table's first column
     train_epochs: int | None = None  # of each standalone training (train's default)
-    seed: int = 0
-    device: str = "cpu"
-    amp: str = "none"
-    compile: bool = False
-    cuda_graphs: bool = False
-    resume: bool = False
-    accum_steps: int = 1
-    limit_batches: int | None = None
-    stop_after: int | None = None
-    threads: int | None = None
-    progress: bool = True
-    log: Callable[[str], None] | None = field(default=None, repr=False, compare=False)
 
     RESUME_FILE = "config.json"  # the ranking run's own file; its parts have their own checkpoints
 

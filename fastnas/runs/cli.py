@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Any, Callable
 
-from fastnas.runs.config import AMP_MODES, RunError, flag, read_config_json
+from fastnas.runs.config import AMP_MODES, RunError, flag, read_config_json, setting_names
 
 
 class UsageError(Exception):
@@ -56,8 +56,7 @@ def settings(config_cls: type, args: argparse.Namespace) -> dict[str, Any]:
     saved = read_config_json(out)
     if saved is None:  # no config.json: the checkpoint alone says whether the flags fit
         return asked
-    for f in dataclasses.fields(config_cls):
-        name = f.name
+    for name in setting_names(config_cls):
         if name in asked and name in saved and name not in config_cls._RESUME_FREE and asked[name] != saved[name]:
             raise RunError(
                 f"{out} is from another run: {name} = {saved[name]!r} there, {asked[name]!r} here; "

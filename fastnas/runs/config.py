@@ -11,7 +11,7 @@ import dataclasses
 import json
 import math
 import os
-from typing import Any
+from typing import Any, Callable, ClassVar
 
 import torch
 
@@ -50,22 +50,45 @@ def require_choice(value: str, choices: tuple[str, ...] | list[str], what: str) 
         raise RunError(f"unknown {what} {value!r}; choose one of {', '.join(choices)}")
 
 
+def setting_names(config_cls: type) -> list[str]:
+    """The fields of a config class that are settings (not callables): the command's own first, then
+    those of :class:`RunSettings` (the order of ``config.json`` and of the resume checks)."""
+    shared = {f.name for f in dataclasses.fields(RunSettings)}
+    names = [f.name for f in dataclasses.fields(config_cls) if f.name != "log"]
+    return sorted(names, key=lambda name: name in shared)
+
+
 def as_dict(cfg: Any) -> dict[str, Any]:
-    """The config's fields, without the ones that are not settings (callables)."""
-    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "log"}
+    """The config's settings, in :func:`setting_names` order."""
+    return {name: getattr(cfg, name) for name in setting_names(type(cfg))}
 
 
+@dataclasses.dataclass
 class RunSettings:
-    """What the configs of the commands (dataclasses) share: which fields define a run."""
+    """What the configs of the commands (dataclasses deriving from this one) share: the fields of how
+    a run executes, which come first in every config, and which fields define a run."""
+
+    seed: int = 0
+    device: str = "cpu"
+    amp: str = "none"
+    compile: bool = False
+    cuda_graphs: bool = False
+    resume: bool = False
+    accum_steps: int = 1
+    limit_batches: int | None = None
+    stop_after: int | None = None
+    threads: int | None = None
+    progress: bool = True
+    log: Callable[[str], None] | None = dataclasses.field(default=None, repr=False, compare=False)
 
     # fields that may differ between a run and its resumption (``epochs``: a run may be extended;
     # the learning rate then follows the longer schedule; ``compile``, ``cuda_graphs``: how steps run)
-    _RESUME_FREE: tuple[str, ...] = (
+    _RESUME_FREE: ClassVar[tuple[str, ...]] = (
         "out", "device", "resume", "stop_after", "threads", "progress", "data_dir", "log", "epochs",
         "compile", "cuda_graphs",
     )  # fmt: skip
 
-    RESUME_FILE = "checkpoint.pt"  # what a run in ``out`` must hold to be resumed
+    RESUME_FILE: ClassVar[str] = "checkpoint.pt"  # what a run in ``out`` must hold to be resumed
 
     def run_defining(self) -> dict[str, Any]:
         """The fields a checkpoint must agree with to be resumed by this config."""

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import dataclass
 
 from fastnas.runs import data as data_mod
 from fastnas.runs.config import (
@@ -55,12 +54,6 @@ class SearchConfig(RunSettings):
     batch_size: int | None = None  # the data set's
     channels: int | None = None
     cells: int | None = None
-    seed: int = 0
-    device: str = "cpu"
-    amp: str = "none"
-    compile: bool = False
-    cuda_graphs: bool = False
-    resume: bool = False
     # network weights: SGD with cosine decay (DARTS)
     lr: float = 0.025
     lr_min: float = 0.001
@@ -74,14 +67,8 @@ class SearchConfig(RunSettings):
     arch_warmup: int = 0
     train_portion: float = 0.5
     rs_samples: int = 20  # rs-ws: random architectures scored at the end (0: none, the supernet alone)
-    # batching and bookkeeping
-    accum_steps: int = 1
-    limit_batches: int | None = None
-    stop_after: int | None = None
+    # a NAS-Bench-201 accuracy table to look the found cell up in
     nb201_table: str | None = None
-    threads: int | None = None
-    progress: bool = True
-    log: Callable[[str], None] | None = field(default=None, repr=False, compare=False)
 
     _RESUME_FREE = (*RunSettings._RESUME_FREE, "nb201_table")
 

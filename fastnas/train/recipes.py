@@ -16,8 +16,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any
 
 from fastnas.runs import data as data_mod
 from fastnas.runs.config import (
@@ -72,18 +72,6 @@ class TrainConfig(RunSettings):
     cutout: int | None = None
     drop_path: float | None = None
     auxiliary_weight: float | None = None
-    seed: int = 0
-    device: str = "cpu"
-    amp: str = "none"
-    compile: bool = False
-    cuda_graphs: bool = False
-    resume: bool = False
-    accum_steps: int = 1
-    limit_batches: int | None = None
-    stop_after: int | None = None
-    threads: int | None = None
-    progress: bool = True
-    log: Callable[[str], None] | None = field(default=None, repr=False, compare=False)
 
     @property
     def space(self) -> str:
