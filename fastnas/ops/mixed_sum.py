@@ -151,6 +151,14 @@ def _to_layout_of(t: Tensor, like: Tensor) -> Tensor:
     return out
 
 
+def _validated_in_one_layout(outputs: Sequence[Tensor], weights: Tensor) -> list[Tensor]:
+    """:func:`_validate`, then the outputs in one dense layout (as they are when they share the first
+    one's strides and it is dense: read in the validation pass, no second one)."""
+    if _validate(outputs, weights) and (outputs[0].is_contiguous() or is_dense(outputs[0])):
+        return list(outputs)
+    return shared_dense_layout(outputs)
+
+
 def shared_dense_layout(tensors: Sequence[Tensor]) -> list[Tensor]:
     """The tensors in one shared dense layout: as they are if they already share one, else copied
     into the first one's layout (or contiguous when the first is not dense)."""
@@ -205,8 +213,7 @@ def _backward_impl(
 
 @torch.library.custom_op("fastnas::mixed_sum", mutates_args=())
 def _mixed_sum_op(outputs: list[Tensor], weights: Tensor) -> Tensor:
-    _validate(outputs, weights)
-    return _forward_impl(shared_dense_layout(outputs), weights)
+    return _forward_impl(_validated_in_one_layout(outputs, weights), weights)
 
 
 @_mixed_sum_op.register_fake
@@ -226,8 +233,7 @@ def _mixed_sum_backward_op(
     if grad.device != weights.device:
         raise ValueError(f"grad is on {grad.device} but weights is on {weights.device}")
     if outputs:
-        _validate(outputs, weights)
-        outputs = shared_dense_layout(outputs)
+        outputs = _validated_in_one_layout(outputs, weights)
     return _backward_impl(grad, outputs, weights, compute_outputs_grad)
 
 
@@ -464,8 +470,7 @@ def mixed_sum(outputs: OutputsLike, weights: Tensor) -> Tensor:
         except (RuntimeError, TypeError, ValueError):
             _validate(outputs, weights)
             raise
-    if not (_validate(outputs, weights) and (outputs[0].is_contiguous() or is_dense(outputs[0]))):
-        outputs = shared_dense_layout(outputs)  # one dense layout for all
+    outputs = _validated_in_one_layout(outputs, weights)
     if transformed:
         return _MixedSumTransformable.apply(weights, *outputs)
     return _MixedSumFunction.apply(backend.kernels_for(name), weights, *outputs)
