@@ -22,8 +22,6 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd import forward_ad
 
-from fastnas import backend
-
 KERNEL_DTYPES = (torch.float32, torch.float64)
 
 
@@ -34,9 +32,9 @@ def _pair(value: int | tuple[int, int], name: str) -> tuple[int, int]:
     return pair
 
 
-@torch._dynamo.assume_constant_result  # a traced call reads the answer once, at tracing time
-def _kernels_built() -> bool:
-    return backend.load_extension()
+_kernels_built = False
+"""Set once the compiled extension has loaded (:func:`register_native_fakes`, which
+:mod:`fastnas.backend` calls then). A module flag, which a traced call reads as a constant."""
 
 
 def uses_kernels(x: Tensor, weight: Tensor) -> bool:
@@ -45,7 +43,7 @@ def uses_kernels(x: Tensor, weight: Tensor) -> bool:
         x.device.type == "cpu"
         and x.dtype in KERNEL_DTYPES
         and weight.dtype == x.dtype
-        and _kernels_built()
+        and _kernels_built
         and torch._C._functorch.peek_interpreter_stack() is None
         and forward_ad._current_level < 0
     )
@@ -102,6 +100,8 @@ def depthwise_conv2d(
 
 def register_native_fakes() -> None:
     """Fake kernels of the compiled ops (called once the extension is loaded)."""
+    global _kernels_built
+    _kernels_built = True
 
     @torch.library.register_fake("fastnas::depthwise_conv2d_weight_grad")
     def _(grad, input, kernel_size, stride, padding, dilation):
