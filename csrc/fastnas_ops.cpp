@@ -116,6 +116,13 @@ TORCH_LIBRARY_FRAGMENT(fastnas, m) {
   m.def(
       "depthwise_conv2d_backward(Tensor grad, Tensor input, Tensor weight, int[2] stride, int[2] padding,"
       " int[2] dilation, bool[2] output_mask) -> (Tensor, Tensor)");
+  // Training-mode BatchNorm without affine parameters over `parts` blocks of channels, the output one
+  // channels_last-dense tensor per block ([parts, B, C / parts, H, W]), and its backward from the
+  // blocks' outputs; CPU only (csrc/cpu/batch_norm_cpu.cpp), channels_last float32/float64.
+  m.def(
+      "batch_norm_parts(Tensor input, int parts, Tensor(a!)? running_mean, Tensor(b!)? running_var,"
+      " float momentum, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def("batch_norm_parts_backward(Tensor?[] grads, Tensor[] outputs, Tensor invstd) -> Tensor");
 }
 
 }  // namespace fastnas

@@ -95,9 +95,10 @@ def test_grouped_batch_norm_statistics_equal_native(memory_format, packed, momen
             torch.testing.assert_close(y, y2, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-5)
     for bn, ref in zip(bns, refs):
-        # the native kernel over 6 channels instead of 2 may round the batch mean differently (1 ulp);
+        # the native kernel over 6 channels instead of 2 may round the batch mean differently (1 ulp), and
+        # fastnas's channels_last CPU kernel sums in its own order (a few ulps of a mean near 0);
         # the cumulative average is updated after the kernel (float32 rounding)
-        assert_close_dicts(bn.state_dict(), ref.state_dict(), rtol=3e-7, atol=1e-8)
+        assert_close_dicts(bn.state_dict(), ref.state_dict(), rtol=3e-7, atol=5e-8)
 
 
 def test_shared_batch_norm_updates_every_module():

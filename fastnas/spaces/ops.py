@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as module_mod
 
+from fastnas.ops import batch_norm as batch_norm_kernels
 from fastnas.ops.depthwise_conv import depthwise_conv2d
 
 
@@ -176,14 +177,19 @@ class _LeanBatchNorm(torch.autograd.Function):
         ctx.eps = eps
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(invstd, unit, *ys)
-        ctx.mark_non_differentiable(mean, invstd)
+        # invstd stays differentiable: the double backward's formula depends on x through it
+        ctx.mark_non_differentiable(mean)
         return (*ys, mean, invstd)
 
     @staticmethod
     def backward(ctx, *grads):
         invstd, unit, *ys = ctx.saved_tensors
+        grad_invstd = grads[-1]
         grads = [torch.zeros_like(y) if g is None else g for g, y in zip(grads, ys)]
-        dx = _bn_backward_from_output(merge_channels(grads), merge_channels(ys), invstd, ctx.eps, unit)
+        y = merge_channels(ys)
+        dx = _bn_backward_from_output(merge_channels(grads), y, invstd, ctx.eps, unit)
+        if grad_invstd is not None:  # d invstd_c / d x = -invstd_c^2 * y_c / N
+            dx = dx - (grad_invstd * invstd * invstd / (y.numel() // y.shape[1])).view(1, -1, 1, 1) * y
         return dx, None, None, None, None, None, None
 
 
@@ -231,7 +237,11 @@ class StatUpdates:
         self.shared: list[tuple[nn.BatchNorm2d, Tensor, Tensor, int, float]] = []
 
     def apply(self) -> None:
-        # buffers and non-differentiable statistics only: nothing here is recorded by autograd
+        # buffers and batch statistics only: nothing here is recorded by autograd
+        with torch.no_grad():
+            self._update()
+
+    def _update(self) -> None:
         if self.counters:
             torch._foreach_add_(self.counters, 1)
         if not self.shared:
@@ -320,7 +330,10 @@ def _lean_batch_norm(
     else:  # no statistics to track, or cumulative averages / mixed momenta: updated after the kernel
         running_mean = running_var = write_back = None
         momentum = 0.0
-    *ys, mean, invstd = _LeanBatchNorm.apply(x, first.eps, running_mean, running_var, momentum, unit, parts)
+    if batch_norm_kernels.uses_kernels(x, running_mean, running_var):
+        ys, mean, invstd = batch_norm_kernels.batch_norm_parts(x, parts, running_mean, running_var, momentum, first.eps)
+    else:
+        *ys, mean, invstd = _LeanBatchNorm.apply(x, first.eps, running_mean, running_var, momentum, unit, parts)
     if write_back is not None:
         write_back()
     if tracking and not native:
