@@ -101,9 +101,10 @@ def batch_norm_parts(
 ) -> tuple[list[Tensor], Tensor, Tensor]:
     """``(outputs, mean, invstd)``: training-mode BatchNorm of ``x`` ``[B, C, H, W]`` (channels_last,
     see :func:`uses_kernels`) without affine parameters, as ``parts`` dense channels_last tensors
-    ``[B, C / parts, H, W]`` (differentiable), with the batch ``mean`` and ``invstd = 1/sqrt(var + eps)``
-    ``[C]`` (``invstd`` differentiable, as the double backward needs). ``running_mean``/``running_var`` (both or neither) are updated in
-    place with ``momentum`` as ``F.batch_norm`` does (unbiased variance)."""
+    ``[B, C / parts, H, W]``, with the batch ``mean`` (not differentiable) and
+    ``invstd = 1/sqrt(var + eps)`` ``[C]`` (differentiable, as the double backward needs).
+    ``running_mean``/``running_var`` (both or neither) are updated in place with ``momentum`` as
+    ``F.batch_norm`` does (unbiased variance)."""
     if not uses_kernels(x, running_mean, running_var):
         raise ValueError(
             "x: batch_norm_parts needs a channels_last float32/float64 CPU tensor (and running statistics of its "
