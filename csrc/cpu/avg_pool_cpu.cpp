@@ -58,19 +58,66 @@ inline Window windows_over(int64_t i, int64_t stride, int64_t pad, int64_t K, in
   return {start, std::max<int64_t>(end - start, 0)};
 }
 
-// One output pixel, NV vectors of channels: its window (nh rows, nw columns from src) summed, divided.
-template <typename T, int NV>
-FASTNAS_INLINE void pool_pixel(const Geometry& g, const T* __restrict src, int64_t nh, int64_t nw, T count,
-                               T* __restrict dst) {
+// Output pixels processed side by side with NV vectors of channels each: P * NV independent sums
+// (every one alone is a chain of dependent additions).
+template <int NV>
+constexpr int kPixels = NV >= 3 ? 2 : 8 / NV;
+
+// P output pixels (windows `step` elements apart from src on), NV vectors of channels: each window
+// (nh rows, nw columns) summed in row-major order, then divided by count.
+template <typename T, int NV, int P>
+FASTNAS_INLINE void pool_pixels(const Geometry& g, const T* __restrict src, int64_t step, int64_t nh, int64_t nw,
+                                T count, T* __restrict dst) {
   using L = Lanes<T>;
-  typename L::V acc[NV] = {};
+  typename L::V acc[P][NV] = {};
   for (int64_t i = 0; i < nh; ++i) {
-    const T* p = src + i * g.xh;
-    for (int64_t j = 0; j < nw; ++j, p += g.xw) {
-      for (int v = 0; v < NV; ++v) acc[v] += L::load(p + v * L::kCount);
+    for (int64_t j = 0; j < nw; ++j) {
+      const T* p = src + i * g.xh + j * g.xw;
+      for (int q = 0; q < P; ++q) {
+        for (int v = 0; v < NV; ++v) acc[q][v] += L::load(p + q * step + v * L::kCount);
+      }
     }
   }
-  for (int v = 0; v < NV; ++v) L::store(dst + v * L::kCount, acc[v] / count);
+  for (int q = 0; q < P; ++q) {
+    for (int v = 0; v < NV; ++v) L::store(dst + q * g.C + v * L::kCount, acc[q][v] / count);
+  }
+}
+
+// Q output pixels from wo on, when their windows have the same width (then they lie sw columns
+// apart): pooled, true; else false.
+template <typename T, int NV, int Q>
+FASTNAS_INLINE bool pool_group(const Geometry& g, const T* __restrict x_rows, Window rows, T* __restrict out_row,
+                               int64_t wo, int64_t c0) {
+  if (wo + Q > g.Wo) return false;
+  const Window cols = window(wo, g.sw, g.pw, g.KW, g.W);
+  if (Q > 1) {
+    const Window last = window(wo + Q - 1, g.sw, g.pw, g.KW, g.W);
+    if (last.n != cols.n || last.start != cols.start + (Q - 1) * g.sw) return false;
+  }
+  const T count = static_cast<T>(g.count_include_pad ? g.KH * g.KW : rows.n * cols.n);
+  pool_pixels<T, NV, Q>(g, x_rows + cols.start * g.xw, g.sw * g.xw, rows.n, cols.n, count, out_row + wo * g.C + c0);
+  return true;
+}
+
+// One output row (image rows `rows` of x_b), the NV vectors of channels from c0: kPixels<NV> pixels
+// at a time where their windows have the same width, fewer near the edges.
+template <typename T, int NV>
+FASTNAS_INLINE void pool_row_block(const Geometry& g, const T* __restrict x_b, Window rows, T* __restrict out_row,
+                                   int64_t c0) {
+  constexpr int P = kPixels<NV>;
+  const T* x_rows = x_b + rows.start * g.xh + c0;
+  for (int64_t wo = 0; wo < g.Wo;) {
+    if (pool_group<T, NV, P>(g, x_rows, rows, out_row, wo, c0)) {
+      wo += P;
+    } else if (P > 4 && pool_group<T, NV, 4>(g, x_rows, rows, out_row, wo, c0)) {
+      wo += 4;
+    } else if (P > 2 && pool_group<T, NV, 2>(g, x_rows, rows, out_row, wo, c0)) {
+      wo += 2;
+    } else {
+      pool_group<T, NV, 1>(g, x_rows, rows, out_row, wo, c0);
+      wo += 1;
+    }
+  }
 }
 
 // Output rows [r0, r1) of the flattened (batch, row) index; out is channels_last-contiguous.
@@ -79,49 +126,94 @@ FASTNAS_INLINE void pool_rows_body(const Geometry& g, const T* __restrict x, T* 
                                    int64_t r1) {
   constexpr int64_t W = Lanes<T>::kCount;
   for (int64_t r = r0; r < r1; ++r) {
-    const int64_t b = r / g.Ho;
+    const T* x_b = x + (r / g.Ho) * g.xb;
     const Window rows = window(r % g.Ho, g.sh, g.ph, g.KH, g.H);
-    for (int64_t wo = 0; wo < g.Wo; ++wo) {
+    T* out_row = out + r * g.Wo * g.C;
+    int64_t c0 = 0;
+    for (; c0 + kMaxVectors * W <= g.C; c0 += kMaxVectors * W) pool_row_block<T, kMaxVectors>(g, x_b, rows, out_row, c0);
+    switch ((g.C - c0) / W) {
+      case 3: pool_row_block<T, 3>(g, x_b, rows, out_row, c0); c0 += 3 * W; break;
+      case 2: pool_row_block<T, 2>(g, x_b, rows, out_row, c0); c0 += 2 * W; break;
+      case 1: pool_row_block<T, 1>(g, x_b, rows, out_row, c0); c0 += W; break;
+      default: break;
+    }
+    if (c0 == g.C) continue;
+    for (int64_t wo = 0; wo < g.Wo; ++wo) {  // channels that do not fill a vector
       const Window cols = window(wo, g.sw, g.pw, g.KW, g.W);
       const T count = static_cast<T>(g.count_include_pad ? g.KH * g.KW : rows.n * cols.n);
-      const T* src = x + b * g.xb + rows.start * g.xh + cols.start * g.xw;
-      T* dst = out + (r * g.Wo + wo) * g.C;
-      int64_t c0 = 0;
-      for (; c0 + kMaxVectors * W <= g.C; c0 += kMaxVectors * W) {
-        pool_pixel<T, kMaxVectors>(g, src + c0, rows.n, cols.n, count, dst + c0);
-      }
-      switch ((g.C - c0) / W) {
-        case 3: pool_pixel<T, 3>(g, src + c0, rows.n, cols.n, count, dst + c0); c0 += 3 * W; break;
-        case 2: pool_pixel<T, 2>(g, src + c0, rows.n, cols.n, count, dst + c0); c0 += 2 * W; break;
-        case 1: pool_pixel<T, 1>(g, src + c0, rows.n, cols.n, count, dst + c0); c0 += W; break;
-        default: break;
-      }
-      for (int64_t c = c0; c < g.C; ++c) {  // channels that do not fill a vector
+      const T* src = x_b + rows.start * g.xh + cols.start * g.xw;
+      for (int64_t c = c0; c < g.C; ++c) {
         T acc = 0;
         for (int64_t i = 0; i < rows.n; ++i) {
           for (int64_t j = 0; j < cols.n; ++j) acc += src[i * g.xh + j * g.xw + c];
         }
-        dst[c] = acc / count;
+        out_row[wo * g.C + c] = acc / count;
       }
     }
   }
 }
 
-// One input pixel, NV vectors of channels: the output gradient of its windows (nh rows, nw columns
-// from grad, scales from scale, a row of Wo per window row) weighted and summed.
-template <typename T, int NV>
-FASTNAS_INLINE void gather_pixel(const Geometry& g, const T* __restrict grad, const T* __restrict scale, int64_t nh,
-                                 int64_t nw, T* __restrict dst) {
+// P input pixels (sw columns apart: their windows one output column apart), NV vectors of channels:
+// the output gradient of each one's windows (nh rows, nw columns from grad; their scales from scale,
+// a row of Wo per window row) weighted and summed in (ho, wo) order.
+template <typename T, int NV, int P>
+FASTNAS_INLINE void gather_pixels(const Geometry& g, const T* __restrict grad, const T* __restrict scale, int64_t nh,
+                                  int64_t nw, T* __restrict dst) {
   using L = Lanes<T>;
-  typename L::V acc[NV] = {};
+  typename L::V acc[P][NV] = {};
   for (int64_t i = 0; i < nh; ++i) {
-    const T* p = grad + i * g.xh;
-    const T* s = scale + i * g.Wo;
-    for (int64_t j = 0; j < nw; ++j, p += g.xw) {
-      for (int v = 0; v < NV; ++v) acc[v] += L::load(p + v * L::kCount) * s[j];
+    for (int64_t j = 0; j < nw; ++j) {
+      const T* p = grad + i * g.xh + j * g.xw;
+      const T* s = scale + i * g.Wo + j;
+      for (int q = 0; q < P; ++q) {
+        for (int v = 0; v < NV; ++v) acc[q][v] += L::load(p + q * g.xw + v * L::kCount) * s[q];
+      }
     }
   }
-  for (int v = 0; v < NV; ++v) L::store(dst + v * L::kCount, acc[v]);
+  for (int q = 0; q < P; ++q) {
+    for (int v = 0; v < NV; ++v) L::store(dst + q * g.sw * g.C + v * L::kCount, acc[q][v]);
+  }
+}
+
+// Q input pixels from wi on, sw columns apart, when their windows are as many (then they lie one
+// output column apart): their gradient gathered, true; else false.
+template <typename T, int NV, int Q>
+FASTNAS_INLINE bool gather_group(const Geometry& g, const T* __restrict grad_rows, const T* __restrict scale_rows,
+                                 Window rows, T* __restrict out_row, int64_t wi, int64_t c0) {
+  if (wi + (Q - 1) * g.sw >= g.W) return false;
+  const Window cols = windows_over(wi, g.sw, g.pw, g.KW, g.Wo);
+  if (Q > 1) {
+    const Window last = windows_over(wi + (Q - 1) * g.sw, g.sw, g.pw, g.KW, g.Wo);
+    if (last.n != cols.n || last.start != cols.start + Q - 1) return false;
+  }
+  gather_pixels<T, NV, Q>(g, grad_rows + cols.start * g.xw, scale_rows + cols.start, rows.n, cols.n,
+                          out_row + wi * g.C + c0);
+  return true;
+}
+
+// One input-gradient row (its windows' rows `rows` of grad_b), the NV vectors of channels from c0;
+// the columns visited one residue modulo sw at a time, kPixels<NV> at a time where their windows
+// are as many, fewer near the edges.
+template <typename T, int NV>
+FASTNAS_INLINE void gather_row_block(const Geometry& g, const T* __restrict grad_b, const T* __restrict scale,
+                                     Window rows, T* __restrict out_row, int64_t c0) {
+  constexpr int P = kPixels<NV>;
+  const T* grad_rows = grad_b + rows.start * g.xh + c0;
+  const T* scale_rows = scale + rows.start * g.Wo;
+  for (int64_t first = 0; first < std::min(g.sw, g.W); ++first) {
+    for (int64_t wi = first; wi < g.W;) {
+      if (gather_group<T, NV, P>(g, grad_rows, scale_rows, rows, out_row, wi, c0)) {
+        wi += P * g.sw;
+      } else if (P > 4 && gather_group<T, NV, 4>(g, grad_rows, scale_rows, rows, out_row, wi, c0)) {
+        wi += 4 * g.sw;
+      } else if (P > 2 && gather_group<T, NV, 2>(g, grad_rows, scale_rows, rows, out_row, wi, c0)) {
+        wi += 2 * g.sw;
+      } else {
+        gather_group<T, NV, 1>(g, grad_rows, scale_rows, rows, out_row, wi, c0);
+        wi += g.sw;
+      }
+    }
+  }
 }
 
 // Input gradient rows [r0, r1) of the flattened (batch, row) index; scale[ho * Wo + wo] = 1 / count.
@@ -130,29 +222,30 @@ FASTNAS_INLINE void gather_rows_body(const Geometry& g, const T* __restrict grad
                                      T* __restrict out, int64_t r0, int64_t r1) {
   constexpr int64_t W = Lanes<T>::kCount;
   for (int64_t r = r0; r < r1; ++r) {
-    const int64_t b = r / g.H;
+    const T* grad_b = grad + (r / g.H) * g.xb;
     const Window rows = windows_over(r % g.H, g.sh, g.ph, g.KH, g.Ho);
-    for (int64_t wi = 0; wi < g.W; ++wi) {
+    T* out_row = out + r * g.W * g.C;
+    int64_t c0 = 0;
+    for (; c0 + kMaxVectors * W <= g.C; c0 += kMaxVectors * W) {
+      gather_row_block<T, kMaxVectors>(g, grad_b, scale, rows, out_row, c0);
+    }
+    switch ((g.C - c0) / W) {
+      case 3: gather_row_block<T, 3>(g, grad_b, scale, rows, out_row, c0); c0 += 3 * W; break;
+      case 2: gather_row_block<T, 2>(g, grad_b, scale, rows, out_row, c0); c0 += 2 * W; break;
+      case 1: gather_row_block<T, 1>(g, grad_b, scale, rows, out_row, c0); c0 += W; break;
+      default: break;
+    }
+    if (c0 == g.C) continue;
+    for (int64_t wi = 0; wi < g.W; ++wi) {  // channels that do not fill a vector
       const Window cols = windows_over(wi, g.sw, g.pw, g.KW, g.Wo);
-      const T* src = grad + b * g.xb + rows.start * g.xh + cols.start * g.xw;
+      const T* src = grad_b + rows.start * g.xh + cols.start * g.xw;
       const T* s = scale + rows.start * g.Wo + cols.start;
-      T* dst = out + (r * g.W + wi) * g.C;
-      int64_t c0 = 0;
-      for (; c0 + kMaxVectors * W <= g.C; c0 += kMaxVectors * W) {
-        gather_pixel<T, kMaxVectors>(g, src + c0, s, rows.n, cols.n, dst + c0);
-      }
-      switch ((g.C - c0) / W) {
-        case 3: gather_pixel<T, 3>(g, src + c0, s, rows.n, cols.n, dst + c0); c0 += 3 * W; break;
-        case 2: gather_pixel<T, 2>(g, src + c0, s, rows.n, cols.n, dst + c0); c0 += 2 * W; break;
-        case 1: gather_pixel<T, 1>(g, src + c0, s, rows.n, cols.n, dst + c0); c0 += W; break;
-        default: break;
-      }
-      for (int64_t c = c0; c < g.C; ++c) {  // channels that do not fill a vector
+      for (int64_t c = c0; c < g.C; ++c) {
         T acc = 0;
         for (int64_t i = 0; i < rows.n; ++i) {
           for (int64_t j = 0; j < cols.n; ++j) acc += src[i * g.xh + j * g.xw + c] * s[i * g.Wo + j];
         }
-        dst[c] = acc;
+        out_row[wi * g.C + c] = acc;
       }
     }
   }
