@@ -1,6 +1,7 @@
-// The compiled extension fastnas._C: the schemas of the native mixed-sum kernels (declared once,
-// here) and the contract checks every backend shares. Each backend registers its kernels with its
-// own TORCH_LIBRARY_IMPL in its own file: csrc/cpu/mixed_sum_cpu.cpp, csrc/cuda/mixed_sum_cuda.cu.
+// The compiled extension fastnas._C: the schemas of the native kernels (declared once, here) and the
+// contract checks every mixed-sum backend shares. Each backend registers its kernels with its own
+// TORCH_LIBRARY_IMPL in its own file: csrc/cpu/mixed_sum_cpu.cpp, csrc/cuda/mixed_sum_cuda.cu,
+// csrc/cpu/depthwise_conv_cpu.cpp, csrc/cpu/avg_pool_cpu.cpp.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -123,6 +124,14 @@ TORCH_LIBRARY_FRAGMENT(fastnas, m) {
       "batch_norm_parts(Tensor input, int parts, Tensor(a!)? running_mean, Tensor(b!)? running_var,"
       " float momentum, float eps) -> (Tensor, Tensor, Tensor)");
   m.def("batch_norm_parts_backward(Tensor?[] grads, Tensor[] outputs, Tensor invstd) -> Tensor");
+  // 2-D average pooling (ceil_mode=False, no divisor override) and its input gradient given the output
+  // gradient `grad`; CPU only (csrc/cpu/avg_pool_cpu.cpp), channels_last float32/float64.
+  m.def(
+      "avg_pool2d_nhwc(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, bool count_include_pad)"
+      " -> Tensor");
+  m.def(
+      "avg_pool2d_nhwc_backward(Tensor grad, int[4] input_size, int[2] kernel_size, int[2] stride, int[2] padding,"
+      " bool count_include_pad) -> Tensor");
 }
 
 }  // namespace fastnas

@@ -68,6 +68,7 @@ def _extension():
         module = importlib.import_module("fastnas._C")
     except ImportError as exc:  # not built, or built against another torch
         return None, f"the compiled extension fastnas._C could not be loaded ({exc})"
+    from fastnas.ops.avg_pool import register_native_fakes as register_avg_pool_fakes
     from fastnas.ops.batch_norm import register_native_fakes as register_batch_norm_fakes
     from fastnas.ops.depthwise_conv import register_native_fakes as register_depthwise_fakes
     from fastnas.ops.mixed_sum import register_native_fakes as register_mixed_sum_fakes
@@ -75,6 +76,7 @@ def _extension():
     register_mixed_sum_fakes()
     register_depthwise_fakes()
     register_batch_norm_fakes()
+    register_avg_pool_fakes()
     return module, None
 
 

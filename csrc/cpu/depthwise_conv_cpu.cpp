@@ -25,35 +25,17 @@
 
 #include "cpu/block_pool.h"
 #include "cpu/multiversion.h"
-
-// Lanes<T> passes 64-byte vectors by value between always-inlined functions only: no ABI is involved.
-#pragma GCC diagnostic ignored "-Wpsabi"
+#include "cpu/nhwc.h"
 
 namespace fastnas {
 namespace {
 
-constexpr int64_t kVectorBytes = 64;  // one AVX-512 register (two AVX2 ones, four SSE ones)
-constexpr int kMaxVectors = 4;          // channels per block: up to 4 vectors (64 float32 channels)
 constexpr int64_t kChunkPixels = 256;   // output pixels per partial sum of the weight gradient (at least)
 
 struct Geometry {
   int64_t B, C, H, W, Ho, Wo, KH, KW, sh, sw, ph, pw, dh, dw;
   int64_t xb, xh, xw;  // element strides of the input (batch, row, column); channels are contiguous
   int64_t gb, gh, gw;  // element strides of the output gradient
-};
-
-// A vector of channels (GCC/Clang vector extension: compiled for whichever instruction set the
-// multiversioned caller targets).
-template <typename T>
-struct Lanes {
-  typedef T V __attribute__((vector_size(kVectorBytes)));
-  static constexpr int64_t kCount = kVectorBytes / sizeof(T);
-  static FASTNAS_INLINE V load(const T* p) {
-    V v;
-    __builtin_memcpy(&v, p, sizeof(V));
-    return v;
-  }
-  static FASTNAS_INLINE void store(T* p, V v) { __builtin_memcpy(p, &v, sizeof(V)); }
 };
 
 // The output columns [lo, hi) whose tap kw lands inside the input row: wi = wo * sw - pw + kw * dw.
@@ -243,15 +225,6 @@ FASTNAS_MULTIVERSION void input_grad_rows(const Geometry& g, const TapLists& row
                                           int64_t r1) {
   input_grad_rows_body(g, rows, cols, grad, wt, out, r0, r1);
 }
-
-std::vector<int64_t> pair_arg(at::IntArrayRef values, const char* op, const char* name, int64_t minimum) {
-  TORCH_CHECK_VALUE(values.size() == 2, op, ": ", name, " must have 2 values, got ", values.size());
-  TORCH_CHECK_VALUE(values[0] >= minimum && values[1] >= minimum, op, ": ", name, " must be >= ", minimum, ", got ",
-                    values);
-  return values.vec();
-}
-
-bool is_nhwc(const at::Tensor& t) { return t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast); }
 
 // Checks the arguments shared by both kernels and returns the geometry; `input` is the input tensor
 // (weight gradient) or undefined (input gradient: input_size gives its shape).

@@ -23,9 +23,8 @@ from typing import Sequence
 
 import torch
 from torch import Tensor
-from torch.autograd import forward_ad
 
-KERNEL_DTYPES = (torch.float32, torch.float64)
+from fastnas.ops._nhwc import KERNEL_DTYPES, plain_autograd
 
 _kernels_built = False
 """Set once the compiled extension has loaded (:func:`register_native_fakes`)."""
@@ -43,13 +42,11 @@ def uses_kernels(x: Tensor, running_mean: Tensor | None = None, running_var: Ten
     )
     return (
         _kernels_built
+        and plain_autograd()  # first: under vmap, is_contiguous(memory_format=...) raises
         and x.device.type == "cpu"
         and x.dtype in KERNEL_DTYPES
         and _nhwc(x)
         and stats_ok
-        # (dynamo's tracing shows a functorch interpreter: a traced call uses the registered ops)
-        and (torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is None)
-        and forward_ad._current_level < 0
     )
 
 

@@ -20,17 +20,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd import forward_ad
 
-KERNEL_DTYPES = (torch.float32, torch.float64)
-
-
-def _pair(value: int | tuple[int, int], name: str) -> tuple[int, int]:
-    pair = (value, value) if isinstance(value, int) else tuple(value)
-    if len(pair) != 2 or not all(isinstance(v, int) for v in pair):
-        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
-    return pair
-
+from fastnas.ops._nhwc import KERNEL_DTYPES, pair, plain_autograd
 
 _kernels_built = False
 """Set once the compiled extension has loaded (:func:`register_native_fakes`, which
@@ -44,8 +35,7 @@ def uses_kernels(x: Tensor, weight: Tensor) -> bool:
         and x.dtype in KERNEL_DTYPES
         and weight.dtype == x.dtype
         and _kernels_built
-        and torch._C._functorch.peek_interpreter_stack() is None
-        and forward_ad._current_level < 0
+        and plain_autograd()
     )
 
 
@@ -92,7 +82,7 @@ def depthwise_conv2d(
             f"weight must be [C, 1, KH, KW] with C = {x.shape[1]} (the input's channels), "
             f"got {tuple(getattr(weight, 'shape', ()))}"
         )
-    stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    stride, padding, dilation = pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation")
     if not uses_kernels(x, weight):
         return F.conv2d(x, weight, None, stride, padding, dilation, x.shape[1])
     return _DepthwiseConv2d.apply(x, weight, stride, padding, dilation)

@@ -22,6 +22,7 @@ Two kinds of things live here:
   - :func:`run_tail` — applies a reference ``nn.Sequential`` from a given index on, with every
     ``affine=False`` BatchNorm replaced by :func:`batch_norm` and every depthwise convolution by
     :func:`fastnas.ops.depthwise_conv.depthwise_conv2d`.
+  - :func:`avg_pool_3x3` — the spaces' average pooling, by :func:`fastnas.ops.avg_pool.avg_pool2d`.
 
 All of them compute the same mathematics as the modules they stand for, including the running
 statistics updates of BatchNorm (momentum, cumulative average when ``momentum is None``,
@@ -34,11 +35,11 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as module_mod
 
 from fastnas.ops import batch_norm as batch_norm_kernels
+from fastnas.ops.avg_pool import avg_pool2d
 from fastnas.ops.depthwise_conv import depthwise_conv2d
 
 
@@ -388,8 +389,9 @@ def shared_batch_norm(
 
 
 def avg_pool_3x3(x: Tensor, stride: int = 1) -> Tensor:
-    """``F.avg_pool2d(x, 3, stride, 1, count_include_pad=False)`` of a ``[B, C, H, W]`` tensor."""
-    return F.avg_pool2d(x, 3, stride=stride, padding=1, count_include_pad=False)
+    """``F.avg_pool2d(x, 3, stride, 1, count_include_pad=False)`` of a ``[B, C, H, W]`` tensor, by
+    :func:`fastnas.ops.avg_pool.avg_pool2d` (compiled kernels on channels_last CPU tensors)."""
+    return avg_pool2d(x, 3, stride, 1, count_include_pad=False)
 
 
 # --------------------------------------------------------------------------- reference Sequentials, slimmer

@@ -1,0 +1,27 @@
+"""What the ops backed by the channels_last CPU kernels share (``depthwise_conv``, ``avg_pool``, ``batch_norm``): the
+dtypes the kernels take, argument pairs, and whether autograd is the plain one the kernels serve."""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd import forward_ad
+
+KERNEL_DTYPES = (torch.float32, torch.float64)
+
+
+def pair(value: int | tuple[int, int], name: str) -> tuple[int, int]:
+    """``value`` as a pair of ints (an int is repeated); ValueError naming ``name`` otherwise."""
+    values = (value, value) if isinstance(value, int) else tuple(value)
+    if len(values) != 2 or not all(isinstance(v, int) for v in values):
+        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+    return values
+
+
+def plain_autograd() -> bool:
+    """True outside torch.func transforms and forward-mode AD, where the kernels' autograd.Functions
+    (backward-mode only) run; under them the ops use PyTorch's own differentiable functions. While
+    dynamo traces, its own functorch interpreter is on the stack: a traced call takes the kernels (their
+    registered ops and fake kernels), so compiled graphs run them too."""
+    if forward_ad._current_level >= 0:
+        return False
+    return torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is None
