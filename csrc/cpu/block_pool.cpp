@@ -18,7 +18,7 @@ constexpr size_t kMinPooledBytes = size_t(1) << 20;  // smaller blocks are cheap
 size_t pool_limit_bytes() {
   static const size_t limit = [] {
     const char* env = std::getenv("FASTNAS_CPU_POOL_MB");
-    return static_cast<size_t>(env != nullptr ? std::strtoull(env, nullptr, 10) : 256) << 20;
+    return static_cast<size_t>(env != nullptr ? std::strtoull(env, nullptr, 10) : 512) << 20;
   }();
   return limit;
 }

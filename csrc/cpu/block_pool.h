@@ -4,7 +4,7 @@
 // size page-faults on first touch: writing the K input gradients of a supernet node into fresh
 // memory ran at about a quarter of the speed of writing into memory already mapped (measured on a
 // 2-core EPYC). Blocks of the kernels' own results are kept here when freed and handed out again
-// for the same size, up to FASTNAS_CPU_POOL_MB megabytes in all (default 256; 0 turns it off).
+// for the same size, up to FASTNAS_CPU_POOL_MB megabytes in all (default 512; 0 turns it off).
 //
 // The cache sits behind a c10::Allocator, so its tensors are ordinary ones: resizable (a resize
 // allocates through the same allocator), and every block handed out or given back is reported to

@@ -8,8 +8,9 @@ ops are kept as modules (no parameters) but not computed: they add zero.
 
 Input: ``[B, in_channels, H, W]`` with ``H`` and ``W`` divisible by 4 (two residual reductions, each
 needing an even size for its shortcut); CIFAR's 32x32, ImageNet16-120's 16x16 and 8x8 digits work.
-Float32 and 16-bit CPU inputs run in channels_last (as the supernets do). ``avg_pool_3x3`` on CPU is
-the spaces' box filter: equal to xautodl's pooling up to rounding.
+Float32 and 16-bit CPU inputs run in channels_last (as the supernets do). ``avg_pool_3x3`` is the
+spaces' :func:`fastnas.ops.avg_pool.avg_pool2d`: on CPU its forward equals xautodl's pooling bit for
+bit, its backward up to rounding.
 """
 
 from __future__ import annotations
