@@ -140,11 +140,28 @@ def assert_close_dicts(a: dict, b: dict, **tol) -> None:
 def assert_fp32_step_close(fast, eager, x) -> None:
     """One training step of a fastnas supernet and its eager reference in float32: logits and every
     parameter's gradient equal within fp32 tolerance (gradients relative to their own scale, since
-    rounding passes through batch statistics)."""
+    rounding passes through batch statistics). With the compiled extension, fastnas's step must run
+    its CPU BatchNorm and pooling kernels (else this would not test them)."""
     from eager_supernets import run_step
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from fastnas import backend
+
+    class OpNames(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.add(func._schema.name)
+            return func(*args, **(kwargs or {}))
 
     eager.load_state_dict(fast.state_dict())
-    logits_fast, grads_fast = run_step(fast, x)
+    with OpNames() as seen:
+        logits_fast, grads_fast = run_step(fast, x)
+    if backend.load_extension():
+        assert {"fastnas::batch_norm_parts", "fastnas::batch_norm_parts_backward"} <= seen.names
+        assert {"fastnas::avg_pool2d_nhwc", "fastnas::avg_pool2d_nhwc_backward"} <= seen.names
     logits_eager, grads_eager = run_step(eager, x)
     torch.testing.assert_close(logits_fast, logits_eager, rtol=1e-4, atol=1e-5)
     for k in grads_fast:
