@@ -211,3 +211,20 @@ def test_network_float32_channels_last_path(partial_channels):
     fast = darts.Network(C=8, num_classes=5, layers=3, partial_channels=partial_channels)
     eager = EagerDartsNetwork(C=8, num_classes=5, layers=3, partial_channels=partial_channels)
     assert_fp32_step_close(fast, eager, torch.randn(2, 3, 16, 16))
+
+
+@pytest.mark.parametrize("network", ["supernet", "evaluation"])
+def test_one_channel_images_run_channels_last(network):
+    """As for NAS-Bench-201: the stem's output of a one-channel batch is put in channels_last."""
+    from fastnas.networks import NetworkCIFAR
+
+    torch.manual_seed(3)
+    if network == "supernet":
+        net = darts.Network(C=8, num_classes=5, layers=3, in_channels=1)
+    else:
+        net = NetworkCIFAR(8, 5, 3, False, darts.parse_genotype(str(darts.Network(C=8, layers=3).export())),
+                           in_channels=1)  # fmt: skip
+    seen = []
+    net.cells[0].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    net(torch.randn(2, 1, 16, 16))
+    assert seen[0].is_contiguous(memory_format=torch.channels_last) and not seen[0].is_contiguous()

@@ -281,3 +281,21 @@ def test_search_cell_select_and_dynamic_match_reference():
     order = [fast.edge2index[f"{i}<-{j}"] for i, node in enumerate(nodes, start=1) for _, j in node]
     by_edge = [index[order.index(e)] for e in range(6)]
     torch.testing.assert_close(fast.forward_dynamic(x, nodes), eager(x, ones, by_edge), **TOL)
+
+
+@pytest.mark.parametrize("network", ["supernet", "tiny"])
+def test_one_channel_images_run_channels_last(network):
+    """A one-channel batch is NCHW and channels_last at once, so its stem convolution returns NCHW:
+    the networks put the stem's output in channels_last, or every cell would run in NCHW."""
+    from fastnas.networks import TinyNetwork
+
+    torch.manual_seed(3)
+    if network == "supernet":
+        net = nb201.Network(C=8, N=1, num_classes=5, in_channels=1)
+    else:
+        net = TinyNetwork(8, 1, "|nor_conv_3x3~0|+|avg_pool_3x3~0|skip_connect~1|+|none~0|nor_conv_1x1~1|skip_connect~2|",
+                          5, in_channels=1)  # fmt: skip
+    seen = []
+    net.cells[0].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    net(torch.randn(4, 1, 8, 8))
+    assert seen[0].is_contiguous(memory_format=torch.channels_last) and not seen[0].is_contiguous()

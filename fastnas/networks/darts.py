@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from fastnas.networks.common import check_input
 from fastnas.spaces import darts as space
 from fastnas.spaces.darts import FactorizedReduce, Genotype, ReLUConvBN, SepConv, parse_genotype
-from fastnas.spaces.ops import Identity, preferred_memory_format
+from fastnas.spaces.ops import Identity, to_preferred_layout
 
 __all__ = [
     "OPS",
@@ -274,7 +274,7 @@ class NetworkCIFAR(nn.Module):
     def forward(self, input: Tensor) -> tuple[Tensor, Tensor | None]:
         check_input(input, self.in_channels, 2**self._reductions)
         logits_aux = None
-        s0 = s1 = self.stem(input.contiguous(memory_format=preferred_memory_format(input)))
+        s0 = s1 = to_preferred_layout(self.stem(to_preferred_layout(input)))
         for i, cell in enumerate(self.cells):
             s0, s1 = s1, cell(s0, s1, self.drop_path_prob)
             if i == 2 * self._layers // 3 and self._auxiliary and self.training:

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from fastnas.networks.common import check_input
 from fastnas.spaces.nb201 import OPS, ResNetBasicblock, format_arch_string, parse_arch_string
-from fastnas.spaces.ops import Zero, preferred_memory_format
+from fastnas.spaces.ops import Zero, to_preferred_layout
 
 __all__ = ["InferCell", "TinyNetwork", "as_nodes"]
 
@@ -160,7 +160,7 @@ class TinyNetwork(nn.Module):
 
     def forward(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
         check_input(inputs, self.in_channels, 4)
-        feature = self.stem(inputs.contiguous(memory_format=preferred_memory_format(inputs)))
+        feature = to_preferred_layout(self.stem(to_preferred_layout(inputs)))
         for cell in self.cells:
             feature = cell(feature)
         out = self.global_pooling(self.lastact(feature)).flatten(1)

@@ -57,6 +57,7 @@ from fastnas.spaces.ops import (
     repeat_channels,
     run_tail,
     shared_batch_norm,
+    to_preferred_layout,
 )
 
 __all__ = [
@@ -576,7 +577,7 @@ class Network(_arch.ArchMixin, nn.Module):
             b_normal, b_reduce = self._edge_weights(self.betas_normal), self._edge_weights(self.betas_reduce)
         normal = self._edge_weights_of("alphas_normal", sample, b_normal)  # edge weights multiplied in
         reduce = self._edge_weights_of("alphas_reduce", sample, b_reduce)
-        s0 = s1 = self.stem(x.contiguous(memory_format=preferred_memory_format(x)))
+        s0 = s1 = to_preferred_layout(self.stem(to_preferred_layout(x)))
         for cell in self.cells:
             w, b = (reduce, b_reduce) if cell.reduction else (normal, b_normal)
             s0, s1 = s1, cell(s0, s1, w.weights, w.selected, b, w.picked)

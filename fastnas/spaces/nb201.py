@@ -49,8 +49,8 @@ from fastnas.spaces.ops import (
     bn_constants,
     lean_bn_eligible,
     pack_running_stats,
-    preferred_memory_format,
     run_tail,
+    to_preferred_layout,
 )
 
 __all__ = [
@@ -486,7 +486,7 @@ class Network(_arch.ArchMixin, nn.Module):
         """Logits ``[B, num_classes]`` of images ``x`` ``[B, in_channels, H, W]``. ``sample``: a draw of
         :meth:`sample_architecture` to use (samplers only; None: one is drawn now)."""
         weights, selected, unselected, picked = self._edge_weights_of("alphas", sample)
-        feature = self.stem(x.contiguous(memory_format=preferred_memory_format(x)))
+        feature = to_preferred_layout(self.stem(to_preferred_layout(x)))
         for cell in self.cells:
             if isinstance(cell, SearchCell):
                 feature = cell(feature, weights, selected, unselected=unselected, picked=picked)

@@ -83,6 +83,14 @@ def preferred_memory_format(x: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def to_preferred_layout(x: Tensor) -> Tensor:
+    """``x`` in :func:`preferred_memory_format` (no copy when it is already). Applied to a network's
+    input and again to its stem's output: a one-channel image batch is NCHW and channels_last at once,
+    so a convolution of it returns NCHW, and without the second call the whole network would run in
+    NCHW."""
+    return x.contiguous(memory_format=preferred_memory_format(x))
+
+
 def _is_nhwc(x: Tensor) -> bool:
     """True when ``x`` (4-D) is laid out channels_last and not (also) contiguous NCHW."""
     return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
