@@ -293,8 +293,8 @@ def test_one_channel_images_run_channels_last(network):
     if network == "supernet":
         net = nb201.Network(C=8, N=1, num_classes=5, in_channels=1)
     else:
-        net = TinyNetwork(8, 1, "|nor_conv_3x3~0|+|avg_pool_3x3~0|skip_connect~1|+|none~0|nor_conv_1x1~1|skip_connect~2|",
-                          5, in_channels=1)  # fmt: skip
+        arch = "|nor_conv_3x3~0|+|avg_pool_3x3~0|skip_connect~1|+|none~0|nor_conv_1x1~1|skip_connect~2|"
+        net = TinyNetwork(8, 1, arch, 5, in_channels=1)
     seen = []
     net.cells[0].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
     net(torch.randn(4, 1, 8, 8))
