@@ -1,6 +1,6 @@
-"""fastnas.ops.batch_norm: the lean BatchNorm kernels against PyTorch's BatchNorm in float64 and float32,
-running statistics, missing gradients, double backward, the registered ops (opcheck, bad input),
-determinism and tracing."""
+"""fastnas.ops.batch_norm: the lean BatchNorm (compiled kernels and native path) against PyTorch's
+BatchNorm in float64 and float32, running statistics, missing gradients, double backward, the
+registered ops (opcheck, bad input), determinism and tracing."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from torch.library import opcheck
 
 from fastnas import backend
 from fastnas.ops import batch_norm as bn_ops
-from fastnas.ops.batch_norm import batch_norm_parts
+from fastnas.ops.batch_norm import lean_batch_norm
 
 pytestmark = pytest.mark.skipif(not backend.load_extension(), reason="the compiled extension is not built")
 
@@ -49,15 +49,17 @@ def reference(x, running_mean, running_var, momentum, eps):
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_matches_pytorch_batch_norm(shape, dtype):
+@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format], ids=["kernels", "native"])
+def test_matches_pytorch_batch_norm(shape, dtype, memory_format):
     parts, C = shape[4], shape[1]
-    x = random_input(shape, dtype)
+    x = random_input(shape, dtype).detach().contiguous(memory_format=memory_format).requires_grad_()
+    assert bn_ops.uses_kernels(x) == x.is_contiguous(memory_format=torch.channels_last)  # one channel: both layouts
     rm, rv = torch.randn(C, dtype=dtype), torch.rand(C, dtype=dtype) + 0.5
     x64, y_ref, rm_ref, rv_ref = reference(x, rm, rv, 0.1, 1e-5)
-    ys, mean, invstd = batch_norm_parts(x, parts, rm, rv, 0.1, 1e-5)
+    ys, mean, invstd = lean_batch_norm(x, parts, rm, rv, 0.1, 1e-5)
     assert len(ys) == parts
     for y in ys:
-        assert y.shape == (shape[0], C // parts, *shape[2:4]) and y.is_contiguous(memory_format=torch.channels_last)
+        assert y.shape == (shape[0], C // parts, *shape[2:4]) and y.is_contiguous(memory_format=memory_format)
     tol = TOLERANCE[dtype]
     torch.testing.assert_close(torch.cat(ys, 1).double(), y_ref.detach(), **tol)
     x_flat = x.detach().double().transpose(0, 1).reshape(C, -1)
@@ -74,22 +76,24 @@ def test_matches_pytorch_batch_norm(shape, dtype):
     g_ref = torch.cat([torch.zeros_like(y) if g is None else g for y, g in zip(ys, grads)], 1).double()
     (dx_ref,) = torch.autograd.grad(y_ref, x64, g_ref)
     torch.testing.assert_close(dx.double(), dx_ref, **tol)
-    assert dx.is_contiguous(memory_format=torch.channels_last)
+    assert dx.is_contiguous(memory_format=memory_format)
 
 
 def test_without_running_statistics_and_large_mean():
     # the shifted sums keep the variance's digits under a mean 1e4 times the spread
     x = random_input((4, 8, 6, 6, 2), torch.float32, scale=1.0, shift=1e4)
-    ys, mean, invstd = batch_norm_parts(x, 2, None, None, 0.0, 1e-5)
+    ys, mean, invstd = lean_batch_norm(x, 2, None, None, 0.0, 1e-5)
     _, y_ref, _, _ = reference(x, None, None, 0.0, 1e-5)
     torch.testing.assert_close(torch.cat(ys, 1).double(), y_ref.detach(), rtol=1e-3, atol=2e-3)
 
 
-def test_gradcheck_and_double_backward():
-    x = random_input((2, 6, 3, 4, 3), torch.float64)
+@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format], ids=["kernels", "native"])
+def test_gradcheck_and_double_backward(memory_format):
+    x = random_input((2, 6, 3, 4, 3), torch.float64).detach().contiguous(memory_format=memory_format)
+    x.requires_grad_()
 
     def fn(x):
-        ys, _, _ = batch_norm_parts(x, 3, None, None, 0.0, 1e-5)
+        ys, _, _ = lean_batch_norm(x, 3, None, None, 0.0, 1e-5)
         return tuple(y * (i + 1) for i, y in enumerate(ys))
 
     assert torch.autograd.gradcheck(fn, (x,))
@@ -116,7 +120,7 @@ def test_deterministic_across_thread_counts():
     try:
         for n in (1, 2, 1):
             torch.set_num_threads(n)
-            ys, mean, invstd = batch_norm_parts(x, 3, None, None, 0.0, 1e-5)
+            ys, mean, invstd = lean_batch_norm(x, 3, None, None, 0.0, 1e-5)
             (dx,) = torch.autograd.grad(ys, x, g)
             results.append((torch.cat(ys, 1), mean, invstd, dx))
     finally:
@@ -128,8 +132,6 @@ def test_deterministic_across_thread_counts():
 
 def test_bad_input_names_the_argument():
     x = random_input((2, 6, 3, 4, 3), torch.float32).detach()
-    with pytest.raises(ValueError, match="x: batch_norm_parts needs a channels_last"):
-        batch_norm_parts(x.contiguous(), 3, None, None, 0.0, 1e-5)
     with pytest.raises(ValueError, match="parts must divide the 6 channels"):
         torch.ops.fastnas.batch_norm_parts(x, 4, None, None, 0.0, 1e-5)
     with pytest.raises(ValueError, match="more than 1 value per channel"):
@@ -163,7 +165,7 @@ def test_traces_with_torch_compile_fullgraph():
     x = random_input((2, 6, 3, 4, 3), torch.float32)
 
     def fn(x):
-        ys, _, _ = batch_norm_parts(x, 3, None, None, 0.0, 1e-5)
+        ys, _, _ = lean_batch_norm(x, 3, None, None, 0.0, 1e-5)
         return sum(y.sum() * (i + 1) for i, y in enumerate(ys))
 
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")

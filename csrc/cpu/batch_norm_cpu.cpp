@@ -30,19 +30,12 @@
 #include <vector>
 
 #include "cpu/multiversion.h"
+#include "cpu/nhwc.h"
 
 namespace fastnas {
 namespace {
 
 constexpr int64_t kChunkPixels = 128;  // pixels per partial sum
-
-// NHWC-dense: every pixel's channels contiguous, pixels in (b, h, w) order, no gaps.
-bool is_nhwc_dense(const at::Tensor& t) {
-  if (t.dim() != 4) return false;
-  const int64_t C = t.size(1), H = t.size(2), W = t.size(3);
-  return (C <= 1 || t.stride(1) == 1) && (W <= 1 || t.stride(3) == C) && (H <= 1 || t.stride(2) == W * C) &&
-         (t.size(0) <= 1 || t.stride(0) == H * W * C);
-}
 
 // Shifted sums of one chunk of pixels: s1 += x - shift, s2 += (x - shift)^2, per channel, in T
 // (a chunk is short), then added to the chunk's double row by the caller.
@@ -133,7 +126,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_parts_cpu(const at::Te
   TORCH_CHECK_VALUE(input.dim() == 4, op, ": input must be 4-D [B, C, H, W], got ", input.dim(), " dimensions");
   TORCH_CHECK_TYPE(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble, op,
                    ": input must be float32 or float64, got ", input.scalar_type());
-  TORCH_CHECK(is_nhwc_dense(input), op, ": input must be channels_last-contiguous");
+  TORCH_CHECK(is_nhwc(input), op, ": input must be channels_last-contiguous");
   const int64_t B = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
   TORCH_CHECK_VALUE(parts >= 1 && C % parts == 0, op, ": parts must divide the ", C, " channels, got ", parts);
   const int64_t N = B * H * W;
@@ -237,13 +230,9 @@ at::Tensor batch_norm_parts_backward_cpu(at::ArrayRef<std::optional<at::Tensor>>
   // the kernels read NHWC-dense blocks (the forward's are; a gradient in another layout is copied)
   std::vector<at::Tensor> ys, gs;
   for (int64_t q = 0; q < parts; ++q) {
-    ys.push_back(is_nhwc_dense(outputs[q]) ? outputs[q] : outputs[q].contiguous(at::MemoryFormat::ChannelsLast));
+    ys.push_back(outputs[q].contiguous(at::MemoryFormat::ChannelsLast));
     const auto& g = grads[q];
-    if (g.has_value() && g->defined()) {
-      gs.push_back(is_nhwc_dense(*g) ? *g : g->contiguous(at::MemoryFormat::ChannelsLast));
-    } else {
-      gs.emplace_back();
-    }
+    gs.push_back(g.has_value() && g->defined() ? g->contiguous(at::MemoryFormat::ChannelsLast) : at::Tensor());
   }
   const at::Tensor layout =
       at::empty({B, C, H, W}, first.options().device(at::kMeta).memory_format(at::MemoryFormat::ChannelsLast));

@@ -1,5 +1,5 @@
 // What the channels_last (NHWC) kernels share: vectors of contiguous channels and the argument checks
-// of 2-D geometries (csrc/cpu/depthwise_conv_cpu.cpp, csrc/cpu/avg_pool_cpu.cpp).
+// of 2-D geometries (csrc/cpu/depthwise_conv_cpu.cpp, csrc/cpu/avg_pool_cpu.cpp, csrc/cpu/batch_norm_cpu.cpp).
 //
 // Everything here is internal to the translation unit that includes it (an unnamed namespace): the
 // vector helpers are inlined into multiversioned functions (cpu/multiversion.h) and compiled for each

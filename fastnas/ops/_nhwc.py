@@ -1,9 +1,10 @@
 """What the ops backed by the channels_last CPU kernels share (``depthwise_conv``, ``avg_pool``, ``batch_norm``): the
-dtypes the kernels take, argument pairs, and whether autograd is the plain one the kernels serve."""
+dtypes the kernels take, argument pairs, layouts, and whether autograd is the plain one the kernels serve."""
 
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 from torch.autograd import forward_ad
 
 KERNEL_DTYPES = (torch.float32, torch.float64)
@@ -15,6 +16,12 @@ def pair(value: int | tuple[int, int], name: str) -> tuple[int, int]:
     if len(values) != 2 or not all(isinstance(v, int) for v in values):
         raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
     return values
+
+
+def strictly_channels_last(x: Tensor) -> bool:
+    """True when ``x`` (4-D) is laid out channels_last and not (also) contiguous NCHW: the layout a
+    copy of it should keep (a tensor that is both, e.g. one channel, counts as NCHW)."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
 def plain_autograd() -> bool:

@@ -1,20 +1,27 @@
-"""``batch_norm_parts``: the supernets' lean BatchNorm on CPU, one dense output per block of channels.
+"""``lean_batch_norm``: the supernets' BatchNorm that keeps only its output, one dense output per block
+of channels.
 
 A supernet runs the same op of several edges leaving one node as one convolution, so one BatchNorm
 (training mode, batch statistics, no affine parameters) normalises the concatenated channels of
-``parts`` ops, and each op's block then goes to a different mixed sum. With PyTorch's kernel that
-takes a copy to split the output into dense per-op tensors and, in the backward, two copies to
-concatenate the per-op gradients and outputs again, and the native channels_last backward itself
-runs at five times the cost of its forward on CPU. The compiled kernels
-``fastnas::batch_norm_parts`` and ``fastnas::batch_norm_parts_backward`` (``csrc/cpu/batch_norm_cpu.cpp``)
-write and read the blocks directly, and keep only the output for the backward:
+``parts`` ops, and each op's block then goes to a different mixed sum as a dense tensor. Only the
+outputs are kept for the backward (the mixed sums keep them alive anyway):
 ``dx = invstd * (g - mean(g) - y * mean(g * y))`` per channel.
 
-Used on CPU float32/float64 channels_last tensors when the extension is built, outside torch.func
-transforms and forward-mode AD (:func:`uses_kernels`); the callers
-(:func:`fastnas.spaces.ops.batch_norm`) use the native kernel otherwise. Statistics are summed in
-fixed chunks in double (deterministic, independent of the thread count), not in PyTorch's order:
-float32 results differ from PyTorch's by rounding.
+Two paths compute it:
+
+* on CPU float32/float64 channels_last tensors with the extension built, outside torch.func
+  transforms and forward-mode AD (:func:`uses_kernels`): the compiled kernels
+  ``fastnas::batch_norm_parts`` and ``fastnas::batch_norm_parts_backward``
+  (``csrc/cpu/batch_norm_cpu.cpp``), which write and read the blocks where they are. Statistics are
+  summed in fixed chunks in double (deterministic, independent of the thread count), not in
+  PyTorch's order: float32 results differ from PyTorch's by rounding;
+* elsewhere (CUDA, NCHW, 16-bit): PyTorch's kernels, with a copy splitting the output into dense
+  blocks and, in the backward, two merging the blocks' gradients and outputs again (on CPU the native
+  channels_last backward also costs 4–5 times its forward at the grouped shapes: why the kernels
+  above exist).
+
+Both return ``invstd`` as a differentiable output: the backward's formula depends on ``x`` through it,
+so the double backward (``create_graph=True``) needs its gradient.
 """
 
 from __future__ import annotations
@@ -24,90 +31,160 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from fastnas.ops._nhwc import KERNEL_DTYPES, plain_autograd
+from fastnas.ops._nhwc import KERNEL_DTYPES, plain_autograd, strictly_channels_last
 
 _kernels_built = False
 """Set once the compiled extension has loaded (:func:`register_native_fakes`)."""
 
 
-def _nhwc(x: Tensor) -> bool:
-    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
-
-
 def uses_kernels(x: Tensor, running_mean: Tensor | None = None, running_var: Tensor | None = None) -> bool:
-    """Whether :func:`batch_norm_parts` of ``x`` (with these running statistics) runs the compiled kernels."""
-    stats_ok = all(
-        t is None or (t.dtype == x.dtype and t.device == x.device and t.dim() == 1 and t.is_contiguous())
-        for t in (running_mean, running_var)
-    )
+    """Whether :func:`lean_batch_norm` of ``x`` (with these running statistics) runs the compiled kernels."""
     return (
         _kernels_built
         and plain_autograd()  # first: under vmap, is_contiguous(memory_format=...) raises
         and x.device.type == "cpu"
         and x.dtype in KERNEL_DTYPES
-        and _nhwc(x)
-        and stats_ok
+        and x.dim() == 4
+        and x.is_contiguous(memory_format=torch.channels_last)
+        and all(t is None or (t.dtype == x.dtype and t.is_contiguous()) for t in (running_mean, running_var))
     )
 
 
-def _backward_formula(grads: Sequence[Tensor | None], ys: Sequence[Tensor], invstd: Tensor) -> Tensor:
-    """``dx`` by differentiable tensor operations (for ``create_graph=True``): the same formula."""
-    g = torch.cat([torch.zeros_like(y) if gr is None else gr for gr, y in zip(grads, ys)], dim=1)
-    y = torch.cat(list(ys), dim=1)
-    dims = (0, 2, 3)
-    shape = (1, -1, 1, 1)
-    mean_g = g.mean(dims).view(shape)
-    mean_gy = (g * y).mean(dims).view(shape)
-    return invstd.view(shape) * (g - mean_g - y * mean_gy)
+# --------------------------------------------------------------------------- dense blocks of channels
 
 
-class _BatchNormParts(torch.autograd.Function):
+def split_channels(y: Tensor, parts: int) -> list[Tensor]:
+    """``y.chunk(parts, dim=1)`` as dense tensors in ``y``'s layout, copied with ONE kernel into one
+    buffer whose leading dimension is the part (a channel slice of a dense tensor is not dense)."""
+    if parts == 1:
+        return [y]
+    B, C, H, W = y.shape
+    c = C // parts
+    if strictly_channels_last(y):
+        src = y.permute(0, 2, 3, 1).reshape(B, H, W, parts, c).permute(3, 0, 1, 2, 4)
+        buf = torch.empty((parts, B, H, W, c), dtype=y.dtype, device=y.device)
+        buf.copy_(src)
+        return [b.permute(0, 3, 1, 2) for b in buf.unbind(0)]
+    buf = torch.empty((parts, B, c, H, W), dtype=y.dtype, device=y.device)
+    buf.copy_(y.reshape(B, parts, c, H, W).transpose(0, 1))
+    return list(buf.unbind(0))
+
+
+def merge_channels(parts: Sequence[Tensor]) -> Tensor:
+    """``torch.cat(parts, dim=1)`` in the layout of ``parts[0]`` (one kernel): the inverse of
+    :func:`split_channels`."""
+    if len(parts) == 1:
+        return parts[0]
+    B, c, H, W = parts[0].shape
+    if strictly_channels_last(parts[0]):
+        stacked = torch.stack([p.permute(0, 2, 3, 1) for p in parts], dim=3)
+        return stacked.view(B, H, W, len(parts) * c).permute(0, 3, 1, 2)
+    return torch.stack(list(parts), dim=1).view(B, len(parts) * c, H, W)
+
+
+# --------------------------------------------------------------------------- the backward, shared by both paths
+
+
+def bn_constants(channels: int) -> Tensor:
+    """``[2, channels]``: a row of zeros and a row of ones, the constants of the native path's backward
+    for up to ``channels`` channels (a module buffer, so that no backward creates them)."""
+    return torch.stack([torch.zeros(channels), torch.ones(channels)])
+
+
+def _native_backward(grads: Sequence[Tensor | None], ys: Sequence[Tensor], invstd: Tensor, eps: float, unit):
+    """``dx`` from the blocks' gradients (None: zero) and outputs by PyTorch's kernels: the native
+    training-mode BatchNorm backward given ``input = y``, ``save_mean = 0``, ``save_invstd = 1`` and
+    the real ``invstd`` as its affine weight (one fused kernel, differentiable to any order).
+    ``unit``: an optional :func:`bn_constants` tensor whose rows give those constants without a kernel."""
+    g = merge_channels([torch.zeros_like(y) if gr is None else gr for gr, y in zip(grads, ys)])
+    y = merge_channels(ys)
+    if g.stride() != y.stride():  # the native kernel is fast only when both share one layout
+        g = torch.empty_like(y).copy_(g)
+    C = invstd.shape[0]
+    if unit is not None and unit.dtype == invstd.dtype and unit.device == invstd.device and unit.shape[1] >= C:
+        zeros, ones = unit[0, :C], unit[1, :C]  # contiguous: the channels_last kernel reads them densely
+    else:
+        zeros, ones = torch.zeros_like(invstd), torch.ones_like(invstd)
+    dx, _, _ = torch.ops.aten.native_batch_norm_backward(
+        g, y, invstd, None, None, zeros, ones, True, eps, [True, False, False]
+    )
+    return dx
+
+
+def _add_invstd_grad(dx: Tensor, grad_invstd: Tensor | None, ys: Sequence[Tensor], invstd: Tensor) -> Tensor:
+    """``dx`` plus the gradient through ``invstd`` (only a double backward gives one):
+    ``d invstd_c / d x = -invstd_c^2 * y_c / N``."""
+    if grad_invstd is None:
+        return dx
+    y = merge_channels(ys)
+    count = y.numel() // y.shape[1]
+    return dx - (grad_invstd * invstd * invstd / count).view(1, -1, 1, 1) * y
+
+
+class _NativeLeanBatchNorm(torch.autograd.Function):
+    """The path by PyTorch's kernels (see the module docstring); running statistics, when given, are
+    updated in place by the native kernel."""
+
     @staticmethod
-    def forward(ctx, x, parts, running_mean, running_var, momentum, eps):
+    def forward(ctx, x, parts, running_mean, running_var, momentum, eps, unit):
+        y, mean, invstd = torch.native_batch_norm(x, None, None, running_mean, running_var, True, momentum, eps)
+        ys = split_channels(y, parts)
+        ctx.eps = eps
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(invstd, unit, *ys)
+        ctx.mark_non_differentiable(mean)
+        return (*ys, mean, invstd)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        invstd, unit, *ys = ctx.saved_tensors
+        dx = _native_backward(grads[: len(ys)], ys, invstd, ctx.eps, unit)
+        return _add_invstd_grad(dx, grads[-1], ys, invstd), None, None, None, None, None, None
+
+
+class _KernelLeanBatchNorm(torch.autograd.Function):
+    """The path by the compiled CPU kernels (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, x, parts, running_mean, running_var, momentum, eps, unit):
         out, mean, invstd = torch.ops.fastnas.batch_norm_parts(x, parts, running_mean, running_var, momentum, eps)
         ys = out.unbind(0)
+        ctx.eps = eps
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(invstd, *ys)
-        # invstd stays differentiable: the double backward's formula (below) depends on x through it
         ctx.mark_non_differentiable(mean)
         return (*ys, mean, invstd)
 
     @staticmethod
     def backward(ctx, *grads):
         invstd, *ys = ctx.saved_tensors
-        grad_invstd = grads[-1]
-        grads = list(grads[: len(ys)])
-        if torch.is_grad_enabled():  # create_graph=True: differentiable formulas, as autograd records them
-            dx = _backward_formula(grads, ys, invstd)
+        grads_of_ys = list(grads[: len(ys)])
+        if torch.is_grad_enabled():  # create_graph=True: the native backward, which is differentiable
+            dx = _native_backward(grads_of_ys, ys, invstd, ctx.eps, None)
         else:
-            dx = torch.ops.fastnas.batch_norm_parts_backward(grads, ys, invstd)
-        if grad_invstd is not None:  # d invstd_c / d x = -invstd_c^2 * y_c / N
-            y = torch.cat(list(ys), dim=1)
-            count = y.numel() // y.shape[1]
-            dx = dx - (grad_invstd * invstd * invstd / count).view(1, -1, 1, 1) * y
-        return dx, None, None, None, None, None
+            dx = torch.ops.fastnas.batch_norm_parts_backward(grads_of_ys, ys, invstd)
+        return _add_invstd_grad(dx, grads[-1], ys, invstd), None, None, None, None, None, None
 
 
-def batch_norm_parts(
+def lean_batch_norm(
     x: Tensor,
     parts: int,
     running_mean: Tensor | None,
     running_var: Tensor | None,
     momentum: float,
     eps: float,
+    unit: Tensor | None = None,
 ) -> tuple[list[Tensor], Tensor, Tensor]:
-    """``(outputs, mean, invstd)``: training-mode BatchNorm of ``x`` ``[B, C, H, W]`` (channels_last,
-    see :func:`uses_kernels`) without affine parameters, as ``parts`` dense channels_last tensors
-    ``[B, C / parts, H, W]``, with the batch ``mean`` (not differentiable) and
-    ``invstd = 1/sqrt(var + eps)`` ``[C]`` (differentiable, as the double backward needs).
+    """``(outputs, mean, invstd)``: training-mode BatchNorm of ``x`` ``[B, C, H, W]`` without affine
+    parameters, as ``parts`` dense tensors ``[B, C / parts, H, W]`` in ``x``'s layout, with the batch
+    ``mean`` (not differentiable) and ``invstd = 1/sqrt(var + eps)`` ``[C]`` (differentiable).
     ``running_mean``/``running_var`` (both or neither) are updated in place with ``momentum`` as
-    ``F.batch_norm`` does (unbiased variance)."""
-    if not uses_kernels(x, running_mean, running_var):
-        raise ValueError(
-            "x: batch_norm_parts needs a channels_last float32/float64 CPU tensor (and running statistics of its "
-            f"dtype) with the compiled extension; got {x.dtype} on {x.device}"
-        )
-    *ys, mean, invstd = _BatchNormParts.apply(x, parts, running_mean, running_var, momentum, eps)
+    ``F.batch_norm`` does (unbiased variance). ``unit``: see :func:`bn_constants` (native path only)."""
+    if uses_kernels(x, running_mean, running_var):
+        fn = _KernelLeanBatchNorm
+    else:
+        fn = _NativeLeanBatchNorm
+    *ys, mean, invstd = fn.apply(x, parts, running_mean, running_var, momentum, eps, unit)
     return ys, mean, invstd
 
 

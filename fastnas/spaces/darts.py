@@ -15,7 +15,7 @@ for partial channels. What differs is the execution:
 * each conv op kind (``sep_conv_3x3``, ``sep_conv_5x5``, ``dil_conv_3x3``, ``dil_conv_5x5``) runs
   for every edge leaving a state at once: each depthwise stage is ONE depthwise convolution over the
   state's ReLU repeated once per edge, each pointwise stage ONE convolution grouped by edge, each
-  BatchNorm ONE native BatchNorm over the edges' channels, whose running statistics lie side by side
+  BatchNorm ONE BatchNorm kernel over the edges' channels, whose running statistics lie side by side
   in memory so that the kernel updates them all (every op keeps its own parameters and buffers); the
   last BatchNorm writes one dense tensor per edge, ready for the mixed sums;
 * ``affine=False`` BatchNorms keep only their output for the backward (see :mod:`fastnas.spaces.ops`),
@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import fastnas
+from fastnas.ops.batch_norm import bn_constants
 from fastnas.ops.depthwise_conv import depthwise_conv2d
 from fastnas.spaces import _arch
 from fastnas.spaces._arch import pick_weights
@@ -50,7 +51,6 @@ from fastnas.spaces.ops import (
     Zero,
     avg_pool_3x3,
     batch_norm,
-    bn_constants,
     lean_bn_eligible,
     pack_running_stats,
     preferred_memory_format,

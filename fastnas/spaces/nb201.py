@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import fastnas
+from fastnas.ops.batch_norm import bn_constants
 from fastnas.spaces import _arch
 from fastnas.spaces._arch import pick_weights
 from fastnas.spaces.ops import (
@@ -46,7 +47,6 @@ from fastnas.spaces.ops import (
     Zero,
     avg_pool_3x3,
     batch_norm,
-    bn_constants,
     lean_bn_eligible,
     pack_running_stats,
     run_tail,

@@ -17,8 +17,8 @@ Two kinds of things live here:
   - :func:`repeat_channels` — ``x`` repeated along the channels in its own memory layout, the input
     of a depthwise convolution that runs the ops of several edges at once;
   - :func:`pack_running_stats` — places the running statistics of a group of BatchNorms next to
-    each other in memory, so that one native BatchNorm over the group's channels updates all of
-    them in its own kernel;
+    each other in memory, so that one BatchNorm kernel over the group's channels updates all of
+    them;
   - :func:`run_tail` — applies a reference ``nn.Sequential`` from a given index on, with every
     ``affine=False`` BatchNorm replaced by :func:`batch_norm` and every depthwise convolution by
     :func:`fastnas.ops.depthwise_conv.depthwise_conv2d`.
@@ -38,8 +38,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as module_mod
 
-from fastnas.ops import batch_norm as batch_norm_kernels
+from fastnas.ops._nhwc import strictly_channels_last
 from fastnas.ops.avg_pool import avg_pool2d
+from fastnas.ops.batch_norm import lean_batch_norm
 from fastnas.ops.depthwise_conv import depthwise_conv2d
 
 
@@ -91,50 +92,16 @@ def to_preferred_layout(x: Tensor) -> Tensor:
     return x.contiguous(memory_format=preferred_memory_format(x))
 
 
-def _is_nhwc(x: Tensor) -> bool:
-    """True when ``x`` (4-D) is laid out channels_last and not (also) contiguous NCHW."""
-    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-
-
 def repeat_channels(x: Tensor, times: int) -> Tensor:
     """``x.repeat(1, times, 1, 1)`` (``[B, times * C, H, W]``, channel ``t * C + c`` = ``x[:, c]``) in
     ``x``'s own layout: one copy, whose backward is one sum."""
     if times == 1:
         return x
     B, C, H, W = x.shape
-    if _is_nhwc(x):
+    if strictly_channels_last(x):
         nhwc = x.permute(0, 2, 3, 1).unsqueeze(3).expand(B, H, W, times, C)
         return nhwc.reshape(B, H, W, times * C).permute(0, 3, 1, 2)
     return x.unsqueeze(1).expand(B, times, C, H, W).reshape(B, times * C, H, W)
-
-
-def split_channels(y: Tensor, parts: int) -> list[Tensor]:
-    """``y.chunk(parts, dim=1)`` as dense tensors in ``y``'s layout, copied with ONE kernel into one
-    buffer whose leading dimension is the part (a channel slice of a dense tensor is not dense)."""
-    if parts == 1:
-        return [y]
-    B, C, H, W = y.shape
-    c = C // parts
-    if _is_nhwc(y):
-        src = y.permute(0, 2, 3, 1).reshape(B, H, W, parts, c).permute(3, 0, 1, 2, 4)
-        buf = torch.empty((parts, B, H, W, c), dtype=y.dtype, device=y.device)
-        buf.copy_(src)
-        return [b.permute(0, 3, 1, 2) for b in buf.unbind(0)]
-    buf = torch.empty((parts, B, c, H, W), dtype=y.dtype, device=y.device)
-    buf.copy_(y.reshape(B, parts, c, H, W).transpose(0, 1))
-    return list(buf.unbind(0))
-
-
-def merge_channels(parts: Sequence[Tensor]) -> Tensor:
-    """``torch.cat(parts, dim=1)`` in the layout of ``parts[0]`` (one kernel): the inverse of
-    :func:`split_channels`."""
-    if len(parts) == 1:
-        return parts[0]
-    B, c, H, W = parts[0].shape
-    if _is_nhwc(parts[0]):
-        stacked = torch.stack([p.permute(0, 2, 3, 1) for p in parts], dim=3)
-        return stacked.view(B, H, W, len(parts) * c).permute(0, 3, 1, 2)
-    return torch.stack(list(parts), dim=1).view(B, len(parts) * c, H, W)
 
 
 # --------------------------------------------------------------------------- BatchNorm that keeps its output
@@ -144,62 +111,6 @@ def lean_bn_eligible(bn: nn.BatchNorm2d) -> bool:
     """True when ``bn`` normalises with batch statistics and has no affine parameters: then its
     output alone is enough for the backward (see :func:`batch_norm`)."""
     return not bn.affine and (bn.training or not bn.track_running_stats)
-
-
-def _bn_backward_from_output(grad: Tensor, y: Tensor, invstd: Tensor, eps: float, unit: Tensor | None) -> Tensor:
-    """dL/dx of ``y = (x - mean) * invstd`` with batch statistics, from the output ``y``.
-
-    ``dx = invstd * (g - mean(g) - y * mean(g * y))`` per channel: the native training-mode
-    BatchNorm backward given ``input = y``, ``save_mean = 0``, ``save_invstd = 1`` and the real
-    ``invstd`` as its affine weight — one fused kernel, no extra tensor kept. ``unit``: a
-    :func:`bn_constants` tensor of ``invstd``'s dtype whose rows give those constants without a kernel.
-    """
-    if grad.stride() != y.stride():  # the native kernel is fast only when both share one layout
-        grad = torch.empty_like(y).copy_(grad)
-    C = invstd.shape[0]
-    if unit is not None and unit.dtype == invstd.dtype and unit.device == invstd.device and unit.shape[1] >= C:
-        zeros, ones = unit[0, :C], unit[1, :C]  # contiguous: the channels_last kernel reads them densely
-    else:
-        zeros, ones = torch.zeros_like(invstd), torch.ones_like(invstd)
-    dx, _, _ = torch.ops.aten.native_batch_norm_backward(
-        grad, y, invstd, None, None, zeros, ones, True, eps, [True, False, False]
-    )
-    return dx
-
-
-def bn_constants(channels: int) -> Tensor:
-    """``[2, channels]``: a row of zeros and a row of ones, the constants of the BatchNorm backward of
-    :func:`batch_norm` for up to ``channels`` channels (a module buffer, so that no backward creates them)."""
-    return torch.stack([torch.zeros(channels), torch.ones(channels)])
-
-
-class _LeanBatchNorm(torch.autograd.Function):
-    """``y = (x - mean_c) * invstd_c`` with batch statistics over ``x`` ``[B, parts * C, H, W]``,
-    returned as ``parts`` dense tensors (see :func:`split_channels`) followed by the batch ``mean``
-    and ``invstd``; saves the outputs and ``invstd`` only. Running statistics, when given, are
-    updated in place by the native kernel (as ``F.batch_norm`` does)."""
-
-    @staticmethod
-    def forward(ctx, x, eps, running_mean, running_var, momentum, unit, parts):
-        y, mean, invstd = torch.native_batch_norm(x, None, None, running_mean, running_var, True, momentum, eps)
-        ys = split_channels(y, parts)
-        ctx.eps = eps
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(invstd, unit, *ys)
-        # invstd stays differentiable: the double backward's formula depends on x through it
-        ctx.mark_non_differentiable(mean)
-        return (*ys, mean, invstd)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        invstd, unit, *ys = ctx.saved_tensors
-        grad_invstd = grads[-1]
-        grads = [torch.zeros_like(y) if g is None else g for g, y in zip(grads, ys)]
-        y = merge_channels(ys)
-        dx = _bn_backward_from_output(merge_channels(grads), y, invstd, ctx.eps, unit)
-        if grad_invstd is not None:  # d invstd_c / d x = -invstd_c^2 * y_c / N
-            dx = dx - (grad_invstd * invstd * invstd / (y.numel() // y.shape[1])).view(1, -1, 1, 1) * y
-        return dx, None, None, None, None, None, None
 
 
 def _adjacent(tensors: Sequence[Tensor]) -> Tensor | None:
@@ -284,7 +195,7 @@ def _count_batch(bns: Sequence[nn.BatchNorm2d], updates: StatUpdates | None) -> 
 
 
 def _group_stats(bns: Sequence[nn.BatchNorm2d]):
-    """``(running_mean, running_var, momentum, write_back)`` for a native BatchNorm over the
+    """``(running_mean, running_var, momentum, write_back)`` for one BatchNorm kernel over the
     concatenated channels of ``bns`` (all in training mode, tracking, one momentum): packed views
     when the buffers are adjacent, else concatenated copies that ``write_back()`` copies back."""
     means, variances = [bn.running_mean for bn in bns], [bn.running_var for bn in bns]
@@ -332,20 +243,17 @@ def _lean_batch_norm(
     if any(b.eps != first.eps for b in bns):
         raise ValueError("bn: the modules of one group must share eps")
     tracking = [b for b in bns if _tracks(b)]
-    native = len(tracking) == len(bns) and all(b.momentum is not None and b.momentum == first.momentum for b in bns)
-    if native:
+    in_kernel = len(tracking) == len(bns) and all(b.momentum is not None and b.momentum == first.momentum for b in bns)
+    if in_kernel:  # the kernel updates the (packed) running statistics itself
         _count_batch(bns, updates)
         running_mean, running_var, momentum, write_back = _group_stats(bns)
     else:  # no statistics to track, or cumulative averages / mixed momenta: updated after the kernel
         running_mean = running_var = write_back = None
         momentum = 0.0
-    if batch_norm_kernels.uses_kernels(x, running_mean, running_var):
-        ys, mean, invstd = batch_norm_kernels.batch_norm_parts(x, parts, running_mean, running_var, momentum, first.eps)
-    else:
-        *ys, mean, invstd = _LeanBatchNorm.apply(x, first.eps, running_mean, running_var, momentum, unit, parts)
+    ys, mean, invstd = lean_batch_norm(x, parts, running_mean, running_var, momentum, first.eps, unit)
     if write_back is not None:
         write_back()
-    if tracking and not native:
+    if tracking and not in_kernel:
         count = x.numel() // x.shape[1]
         n = len(bns)
         for b, m, i in zip(bns, mean.chunk(n), invstd.chunk(n)):
@@ -364,12 +272,13 @@ def batch_norm(
     """``bn(x)`` for a ``[B, C, H, W]`` tensor, keeping only the output for the backward.
 
     ``bn`` may be a list of modules, each normalising its own block of ``x``'s channels (ops of
-    several edges computed by one convolution): ONE native BatchNorm then normalises them all and
-    updates every module's running statistics (in its own kernel when they were packed with
-    :func:`pack_running_stats`). With ``parts > 1`` the result is ``parts`` dense tensors, one per
-    block of ``C / parts`` channels (see :func:`split_channels`), else one tensor. Modules that use
-    running statistics or have affine parameters are simply called, each on its block, as the
-    reference does. ``unit``: an optional :func:`bn_constants` tensor (saves two kernels per backward);
+    several edges computed by one convolution): ONE :func:`fastnas.ops.batch_norm.lean_batch_norm`
+    then normalises them all and updates every module's running statistics (in its own kernel when
+    they were packed with :func:`pack_running_stats`). With ``parts > 1`` the result is ``parts``
+    dense tensors, one per block of ``C / parts`` channels, else one tensor. Modules that use running
+    statistics or have affine parameters are simply called, each on its block, as the reference
+    does. ``unit``: an optional :func:`fastnas.ops.batch_norm.bn_constants` tensor (saves two kernels
+    per backward on the native path);
     ``updates``: a :class:`StatUpdates` that applies the batch counts at the end of the cell.
     """
     bns = list(bn) if isinstance(bn, (list, tuple)) else [bn]
