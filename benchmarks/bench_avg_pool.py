@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import interleaved_medians  # noqa: E402
+from timing import print_forward_backward_table  # noqa: E402
 
 from fastnas.ops.avg_pool import avg_pool2d  # noqa: E402
 
@@ -75,19 +75,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=15)
     args = parser.parse_args()
-    print(f"avg_pool2d, channels_last float32, {torch.get_num_threads()} threads, median ms")
-    print("| shape | forward pytorch | forward fastnas | speed-up | backward pytorch | backward fastnas | speed-up |")
-    print("|---|---|---|---|---|---|---|")
-    for name in SHAPES:
-        case = make_case(name)
-        fwd = {p: (lambda fn=fn, case=case: forward(fn, *case)) for p, fn in PROVIDERS.items()}
-        both = {p: (lambda fn=fn, case=case: forward_backward(fn, *case)) for p, fn in PROVIDERS.items()}
-        f = interleaved_medians(fwd, "cpu", rounds=args.rounds)
-        fb = interleaved_medians(both, "cpu", rounds=args.rounds)
-        b = {p: fb[p] - f[p] for p in PROVIDERS}  # the backward: forward + backward less the forward
-        ms = lambda t: f"{t * 1e3:.3f}"  # noqa: E731
-        print(f"| {name} | {ms(f['pytorch'])} | {ms(f['fastnas'])} | {f['pytorch'] / f['fastnas']:.1f}x "
-              f"| {ms(b['pytorch'])} | {ms(b['fastnas'])} | {b['pytorch'] / b['fastnas']:.1f}x |")  # fmt: skip
+    cases = {name: make_case(name) for name in SHAPES}
+    print_forward_backward_table(
+        "avg_pool2d, channels_last float32", PROVIDERS, cases, forward, forward_backward, args.rounds
+    )
 
 
 if __name__ == "__main__":

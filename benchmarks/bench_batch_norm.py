@@ -1,4 +1,4 @@
-"""The supernets' lean BatchNorm on CPU: ``fastnas.ops.batch_norm.batch_norm_parts`` against the native
+"""The supernets' lean BatchNorm on CPU: ``fastnas.ops.batch_norm``'s compiled kernels against its native
 path it replaces, forward and backward time.
 
 A NAS-Bench-201 cell runs each ``nor_conv`` of the 3, 2 and 1 edges leaving nodes 0, 1 and 2 as one
@@ -6,7 +6,7 @@ convolution, so one BatchNorm normalises 3, 2 or 1 blocks of channels, each bloc
 mixed sum as a dense tensor. ``native`` is what the supernets did before (and still do off CPU):
 ``torch.native_batch_norm`` over the concatenated channels, one copy splitting the output into dense
 blocks, and in the backward two copies merging the blocks' gradients and outputs for the native
-backward (``fastnas.spaces.ops._LeanBatchNorm``). ``fastnas`` is the compiled kernels of
+backward (``fastnas.ops.batch_norm``'s native path). ``fastnas`` is the compiled kernels of
 ``csrc/cpu/batch_norm_cpu.cpp``, which write and read the blocks directly. Both update running
 statistics (momentum 0.1). Shapes: the three NAS-Bench-201 stages at C=16, batch 64, channels_last
 float32.
@@ -28,11 +28,10 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import interleaved_medians  # noqa: E402
+from timing import print_forward_backward_table  # noqa: E402
 
 from fastnas import backend  # noqa: E402
-from fastnas.ops.batch_norm import batch_norm_parts  # noqa: E402
-from fastnas.spaces.ops import _LeanBatchNorm  # noqa: E402
+from fastnas.ops.batch_norm import _KernelLeanBatchNorm, _NativeLeanBatchNorm  # noqa: E402
 
 # name -> ([B, C, H, W] of the convolution's output, parts)
 SHAPES = {
@@ -44,11 +43,11 @@ SHAPES = {
 
 
 def native(x, parts, running_mean, running_var):
-    return _LeanBatchNorm.apply(x, 1e-5, running_mean, running_var, 0.1, None, parts)[:parts]
+    return _NativeLeanBatchNorm.apply(x, parts, running_mean, running_var, 0.1, 1e-5, None)[:parts]
 
 
 def fastnas_kernels(x, parts, running_mean, running_var):
-    return batch_norm_parts(x, parts, running_mean, running_var, 0.1, 1e-5)[0]
+    return _KernelLeanBatchNorm.apply(x, parts, running_mean, running_var, 0.1, 1e-5, None)[:parts]
 
 
 PROVIDERS = {"native": native, "fastnas": fastnas_kernels}
@@ -86,19 +85,10 @@ def main() -> None:
     args = parser.parse_args()
     if not backend.load_extension():
         raise SystemExit("the compiled extension is not built")
-    print(f"lean BatchNorm, channels_last float32, {torch.get_num_threads()} threads, median ms")
-    print("| shape | forward native | forward fastnas | speed-up | backward native | backward fastnas | speed-up |")
-    print("|---|---|---|---|---|---|---|")
-    for name in SHAPES:
-        case = make_case(name)
-        fwd = {p: (lambda fn=fn, case=case: forward(fn, *case)) for p, fn in PROVIDERS.items()}
-        both = {p: (lambda fn=fn, case=case: forward_backward(fn, *case)) for p, fn in PROVIDERS.items()}
-        f = interleaved_medians(fwd, "cpu", rounds=args.rounds)
-        fb = interleaved_medians(both, "cpu", rounds=args.rounds)
-        b = {p: fb[p] - f[p] for p in PROVIDERS}  # the backward: forward + backward less the forward
-        ms = lambda t: f"{t * 1e3:.3f}"  # noqa: E731
-        print(f"| {name} | {ms(f['native'])} | {ms(f['fastnas'])} | {f['native'] / f['fastnas']:.1f}x "
-              f"| {ms(b['native'])} | {ms(b['fastnas'])} | {b['native'] / b['fastnas']:.1f}x |")  # fmt: skip
+    cases = {name: make_case(name) for name in SHAPES}
+    print_forward_backward_table(
+        "lean BatchNorm, channels_last float32", PROVIDERS, cases, forward, forward_backward, args.rounds
+    )
 
 
 if __name__ == "__main__":

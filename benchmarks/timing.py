@@ -62,5 +62,31 @@ def interleaved_medians(
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
+def print_forward_backward_table(
+    title: str,
+    providers: dict[str, Callable],
+    cases: dict[str, tuple],
+    forward: Callable,
+    forward_backward: Callable,
+    rounds: int,
+) -> None:
+    """A markdown table of two CPU providers side by side (the first the baseline): per case, median
+    milliseconds of ``forward(fn, *case)`` and of the backward (the median of
+    ``forward_backward(fn, *case)`` less the forward's), in interleaved rounds, with speed-ups."""
+    base, new = providers
+    print(f"{title}, {torch.get_num_threads()} threads, median ms")
+    print(f"| case | forward {base} | forward {new} | speed-up | backward {base} | backward {new} | speed-up |")
+    print("|---|---|---|---|---|---|---|")
+    for name, case in cases.items():
+        fwd = {p: (lambda fn=fn, case=case: forward(fn, *case)) for p, fn in providers.items()}
+        both = {p: (lambda fn=fn, case=case: forward_backward(fn, *case)) for p, fn in providers.items()}
+        f = interleaved_medians(fwd, "cpu", rounds=rounds)
+        fb = interleaved_medians(both, "cpu", rounds=rounds)
+        b = {p: fb[p] - f[p] for p in providers}
+        cells = [f"{f[base] * 1e3:.3f}", f"{f[new] * 1e3:.3f}", f"{f[base] / f[new]:.1f}x"]
+        cells += [f"{b[base] * 1e3:.3f}", f"{b[new] * 1e3:.3f}", f"{b[base] / b[new]:.1f}x"]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
 # Rows of the side-by-side tables, printed by benchmarks/conftest.py at the end of the session.
 SUMMARY_ROWS: list[dict] = []
