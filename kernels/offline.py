@@ -41,6 +41,7 @@ __all__ = [
     "sass_loads_in_flight",
     "in_flight_sample",
     "host_overhead_probe",
+    "compile_batch_norm_variants",
     "ptxas_resources",
     "triton_tool",
 ]
@@ -318,13 +319,49 @@ def _compile_variant(tk, variant):
     return tk._compiled[keys[0]][3], tk._plan(variant.form, k if k <= variant.kb else variant.kb, dtype)
 
 
+def compile_batch_norm_variants(capabilities: Sequence[int] = (90,)) -> list[dict]:
+    """Compile every variant of :func:`fastnas.kernels.batch_norm.launch_variants` through its
+    launchers, for each CUDA capability, and describe each: ``cuobjdump -res-usage`` resources and
+    :func:`ptx_facts`."""
+    import tempfile
+
+    from fastnas.kernels import batch_norm as kb
+
+    facts = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for capability in capabilities:
+            with offline_gpu(capability):
+                for variant in kb.launch_variants():
+                    for k in kb.KERNELS:  # another target behind the same device number
+                        k.device_caches = type(k.device_caches)(k.create_binder)
+                    compiled = kb.compile_variant(variant)
+                    form, dtype, plane, extra = variant
+                    facts.append(
+                        {
+                            "form": form,
+                            "dtype": str(dtype).removeprefix("torch."),
+                            "plane": plane,
+                            "extra": extra,
+                            "capability": capability,
+                            **cubin_resources(compiled.asm["cubin"], Path(tmp)),
+                            **ptx_facts(compiled.asm["ptx"], kb.BLOCK),
+                        }
+                    )
+    return facts
+
+
 def _main() -> None:
-    """``python -m fastnas.kernels.offline --compile SHARD SHARDS CAPABILITY...``: one JSON line."""
+    """``python -m fastnas.kernels.offline --compile SHARD SHARDS CAPABILITY...`` (the mixed sum) or
+    ``--batch-norm CAPABILITY...``: one JSON line."""
     if sys.argv[1:2] == ["--compile"]:
         shard, shards, *capabilities = map(int, sys.argv[2:])
         print(json.dumps(compile_launch_variants(capabilities, shard, shards)))
+    elif sys.argv[1:2] == ["--batch-norm"]:
+        print(json.dumps(compile_batch_norm_variants([int(c) for c in sys.argv[2:]])))
     else:
-        raise SystemExit("usage: python -m fastnas.kernels.offline --compile SHARD SHARDS CAPABILITY...")
+        raise SystemExit(
+            "usage: python -m fastnas.kernels.offline --compile SHARD SHARDS CAPABILITY... | --batch-norm CAPABILITY..."
+        )
 
 
 # --------------------------------------------------------------------------- host time

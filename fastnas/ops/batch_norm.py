@@ -9,16 +9,23 @@ outputs are kept for the backward (the mixed sums keep them alive anyway):
 
 Two paths compute it:
 
-* on CPU float32/float64 channels_last tensors with the extension built, outside torch.func
-  transforms and forward-mode AD (:func:`uses_kernels`): the compiled kernels
-  ``fastnas::batch_norm_parts`` and ``fastnas::batch_norm_parts_backward``
-  (``csrc/cpu/batch_norm_cpu.cpp``), which write and read the blocks where they are. Statistics are
-  summed in fixed chunks in double (deterministic, independent of the thread count), not in
-  PyTorch's order: float32 results differ from PyTorch's by rounding;
-* elsewhere (CUDA, NCHW, 16-bit): PyTorch's kernels, with a copy splitting the output into dense
-  blocks and, in the backward, two merging the blocks' gradients and outputs again (on CPU the native
-  channels_last backward also costs 4–5 times its forward at the grouped shapes: why the kernels
-  above exist).
+* the registered ops ``fastnas::batch_norm_parts`` and ``fastnas::batch_norm_parts_backward``, which
+  write and read the blocks where they are, outside torch.func transforms and forward-mode AD
+  (:func:`uses_kernels`):
+
+  - CPU float32/float64 channels_last tensors, with the extension built: compiled kernels
+    (``csrc/cpu/batch_norm_cpu.cpp``). Statistics are summed in fixed chunks in double
+    (deterministic, independent of the thread count);
+  - CUDA contiguous (NCHW) float32/float16/bfloat16/float64 tensors, with the extension built and
+    Triton >= 3.3 installed: Triton kernels (``kernels/batch_norm.py``), one launch each way where
+    PyTorch's kernels take five or six. Sums per channel in a fixed order, float32 (float64 for
+    float64); the statistics are float32 for 16-bit inputs, as PyTorch's are.
+
+  Either way the sums are not in PyTorch's order: float32 results differ from PyTorch's by rounding;
+* elsewhere (NCHW on CPU, 16-bit on CPU, no extension): PyTorch's kernels, with a copy splitting the
+  output into dense blocks and, in the backward, two merging the blocks' gradients and outputs again
+  (on CPU the native channels_last backward also costs 4–5 times its forward at the grouped shapes:
+  why the CPU kernels exist).
 
 Both return ``invstd`` as a differentiable output: the backward's formula depends on ``x`` through it,
 so the double backward (``create_graph=True``) needs its gradient.
@@ -35,19 +42,32 @@ from fastnas.ops._nhwc import KERNEL_DTYPES, plain_autograd, strictly_channels_l
 
 _kernels_built = False
 """Set once the compiled extension has loaded (:func:`register_native_fakes`)."""
+_triton_on_cuda = False
+"""Set once the Triton kernels are the ops' CUDA kernels (:func:`register_native_fakes`, on a machine
+with CUDA)."""
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def uses_kernels(x: Tensor, running_mean: Tensor | None = None, running_var: Tensor | None = None) -> bool:
-    """Whether :func:`lean_batch_norm` of ``x`` (with these running statistics) runs the compiled kernels."""
-    return (
-        _kernels_built
-        and plain_autograd()  # first: under vmap, is_contiguous(memory_format=...) raises
-        and x.device.type == "cpu"
-        and x.dtype in KERNEL_DTYPES
-        and x.dim() == 4
-        and x.is_contiguous(memory_format=torch.channels_last)
-        and all(t is None or (t.dtype == x.dtype and t.is_contiguous()) for t in (running_mean, running_var))
-    )
+    """Whether :func:`lean_batch_norm` of ``x`` (with these running statistics) runs the registered ops
+    (compiled CPU kernels, Triton on CUDA) rather than PyTorch's kernels."""
+    if not (_kernels_built and plain_autograd() and x.dim() == 4):  # plain_autograd first: under vmap,
+        return False  # is_contiguous(memory_format=...) raises
+    stats = [t for t in (running_mean, running_var) if t is not None]
+    if x.device.type == "cpu":
+        return (
+            x.dtype in KERNEL_DTYPES
+            and x.is_contiguous(memory_format=torch.channels_last)
+            and all(t.dtype == x.dtype and t.is_contiguous() for t in stats)
+        )
+    if x.device.type == "cuda":
+        return (
+            _triton_on_cuda
+            and x.dtype in TRITON_DTYPES
+            and x.is_contiguous()
+            and all(t.is_floating_point() and t.is_contiguous() and t.device == x.device for t in stats)
+        )
+    return False
 
 
 # --------------------------------------------------------------------------- dense blocks of channels
@@ -143,7 +163,7 @@ class _NativeLeanBatchNorm(torch.autograd.Function):
 
 
 class _KernelLeanBatchNorm(torch.autograd.Function):
-    """The path by the compiled CPU kernels (see the module docstring)."""
+    """The path by the registered ops: compiled CPU kernels, Triton on CUDA (see the module docstring)."""
 
     @staticmethod
     def forward(ctx, x, parts, running_mean, running_var, momentum, eps, unit):
@@ -189,17 +209,31 @@ def lean_batch_norm(
 
 
 def register_native_fakes() -> None:
-    """Fake kernels of the compiled ops (called once the extension is loaded)."""
-    global _kernels_built
+    """Fake kernels of the compiled ops (called once the extension is loaded) and, on a machine with
+    CUDA and Triton, the Triton kernels as the ops' CUDA kernels."""
+    global _kernels_built, _triton_on_cuda
     _kernels_built = True
 
     @torch.library.register_fake("fastnas::batch_norm_parts")
     def _(input, parts, running_mean, running_var, momentum, eps):
         B, C, H, W = input.shape
+        if input.device.type == "cuda":  # Triton: NCHW blocks, float32 statistics for 16-bit inputs
+            stats = torch.float64 if input.dtype == torch.float64 else torch.float32
+            out = input.new_empty((parts, B, C // parts, H, W))
+            return out, input.new_empty((C,), dtype=stats), input.new_empty((C,), dtype=stats)
         out = input.new_empty((parts, B, H, W, C // parts)).permute(0, 1, 4, 2, 3)
         return out, input.new_empty((C,)), input.new_empty((C,))
 
     @torch.library.register_fake("fastnas::batch_norm_parts_backward")
     def _(grads, outputs, invstd):
         B, c, H, W = outputs[0].shape
-        return outputs[0].new_empty((B, c * len(outputs), H, W)).contiguous(memory_format=torch.channels_last)
+        dx = outputs[0].new_empty((B, c * len(outputs), H, W))
+        return dx if outputs[0].device.type == "cuda" else dx.contiguous(memory_format=torch.channels_last)
+
+    if torch.cuda.is_available():
+        try:
+            from fastnas.kernels.batch_norm import register_cuda_kernels
+        except ImportError:  # no Triton, or one too old: PyTorch's kernels on CUDA
+            return
+        register_cuda_kernels()
+        _triton_on_cuda = True
