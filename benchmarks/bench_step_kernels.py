@@ -6,12 +6,15 @@ and, where installed, the reference code itself.
   (same sampler) and the reference implementations: xautodl's ``TinyNetworkDarts`` / ``TinyNetworkGDAS``
   (``pip install --no-deps xautodl``) and DARTS's ``model_search.Network`` (a copy of quark0/darts's
   ``cnn/`` folder, with ``.cuda()`` calls removed, in the folder named by ``FASTNAS_DARTS_SRC``).
+* GPU path: fastnas's count with its CPU-only kernels switched off (:func:`gpu_path`), next to the
+  CPU count on the same sample.
 * Times: median seconds of a step in interleaved rounds: fastnas, the eager supernet on a
   channels_last batch (the layout fastnas runs in on CPU) and the reference code.
 * Compile: ``net.compile_cells()`` (inductor): seconds of the first step (compilation included), then
   the compiled step against the eager fastnas step, interleaved.
 
 Run:  python benchmarks/bench_step_kernels.py kernels
+      python benchmarks/bench_step_kernels.py gpu-path-kernels   (fastnas on CPU and on the GPU path)
       python benchmarks/bench_step_kernels.py times [--rounds 5]
       python benchmarks/bench_step_kernels.py compile --space nb201
       pytest benchmarks/bench_step_kernels.py --benchmark-only   (kernel counts in extra_info)
@@ -20,6 +23,7 @@ Run:  python benchmarks/bench_step_kernels.py kernels
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
@@ -77,15 +81,22 @@ def reference_networks(space: str, mode: str, track_running_stats: bool = True) 
     return {"DARTS model_search": model_search.Network(16, 10, 8, nn.CrossEntropyLoss())}
 
 
+def fastnas_network(space: str, mode: str, track_running_stats: bool = True) -> nn.Module:
+    kwargs = {**SIZES[space], **MODES[mode]}
+    if space == "nb201":
+        return nb201.Network(**kwargs, track_running_stats=track_running_stats)
+    return darts.Network(**kwargs)
+
+
 def networks(space: str, mode: str, track_running_stats: bool = True, seed: int = 0) -> dict[str, nn.Module]:
     """fastnas, the eager supernet (same parameters) and the reference code's, for one space and mode."""
     torch.manual_seed(seed)
+    fast = fastnas_network(space, mode, track_running_stats)
     kwargs = {**SIZES[space], **MODES[mode]}
     if space == "nb201":
-        kwargs["track_running_stats"] = track_running_stats
-        fast, eager = nb201.Network(**kwargs), EagerNB201Network(**kwargs)
+        eager = EagerNB201Network(**kwargs, track_running_stats=track_running_stats)
     else:
-        fast, eager = darts.Network(**kwargs), EagerDartsNetwork(**kwargs)
+        eager = EagerDartsNetwork(**kwargs)
     eager.load_state_dict(fast.state_dict())
     return {"fastnas": fast, "eager": eager, **reference_networks(space, mode, track_running_stats)}
 
@@ -107,6 +118,41 @@ def kernel_rows() -> list[dict]:
                     counted = count_kernels(lambda net=net: step(net, x, y))
                     rows.append(dict(space=space, mode=mode, track_running_stats=trs, network=name,
                                      kernels=counted.total, top=counted.counts.most_common(6)))  # fmt: skip
+    return rows
+
+
+@contextlib.contextmanager
+def gpu_path():
+    """The operators a GPU's step dispatches, counted on CPU: fastnas's CPU-only kernels (depthwise
+    convolution, average pooling) switched off, so those run PyTorch's operators as on CUDA; the
+    BatchNorm ops stay on (on CUDA they are the Triton kernels of ``kernels/batch_norm.py``)."""
+    from fastnas.ops import avg_pool, depthwise_conv
+
+    saved = avg_pool._kernels_built, depthwise_conv._kernels_built
+    avg_pool._kernels_built = depthwise_conv._kernels_built = False
+    try:
+        yield
+    finally:
+        avg_pool._kernels_built, depthwise_conv._kernels_built = saved
+
+
+def gpu_path_rows() -> list[dict]:
+    """Kernels per step of fastnas on CPU and on the GPU path (:func:`gpu_path`), every space and mode,
+    the two counts of a row on the same sample (the global RNG seeded alike before each)."""
+    rows = []
+    x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,))
+    for space in SIZES:
+        for mode in space_modes(space):
+            for trs in (True, False) if space == "nb201" else (True,):
+                torch.manual_seed(0)
+                net = fastnas_network(space, mode, trs)
+                step(net, x, y)
+                counts = {}
+                for path, context in (("cpu", contextlib.nullcontext), ("gpu", gpu_path)):
+                    with context():
+                        torch.manual_seed(1)
+                        counts[path] = count_kernels(lambda net=net: step(net, x, y)).total
+                rows.append(dict(space=space, mode=mode, track_running_stats=trs, **counts))
     return rows
 
 
@@ -172,7 +218,7 @@ def test_kernels_per_step(benchmark, space):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("what", choices=["kernels", "times", "compile"])
+    parser.add_argument("what", choices=["kernels", "gpu-path-kernels", "times", "compile"])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--space", choices=list(SIZES), default="nb201")
     parser.add_argument("--mode", choices=list(MODES), default="softmax")
@@ -183,6 +229,10 @@ if __name__ == "__main__":
         for r in rows:
             if r["network"] == "fastnas":
                 print(r["space"], r["mode"], r["track_running_stats"], r["top"])
+    elif args.what == "gpu-path-kernels":
+        for r in gpu_path_rows():
+            stats = "tracks stats" if r["track_running_stats"] else "no stats"
+            print(f"{r['space']} {r['mode']} ({stats}): CPU {r['cpu']}, GPU path {r['gpu']}")
     elif args.what == "times":
         for r in (time_row(space, args.rounds) for space in SIZES):
             med = r["medians"]
