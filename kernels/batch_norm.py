@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 from typing import Sequence
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -73,7 +74,9 @@ def _channel_tile(b0, hw0, B, HW, BB: tl.constexpr, BHW: tl.constexpr):
     return b.to(tl.int64), hw, (b < B) & (hw < HW)
 
 
-@triton.jit(do_not_specialize=["B", "C", "c", "momentum", "eps"])  # HW: 16-divisible planes get vector accesses
+@triton.jit(
+    do_not_specialize=["B", "C", "c", "momentum_hi", "momentum_lo", "eps_hi", "eps_lo"]
+)  # HW: 16-divisible planes get vector accesses
 def _bn_parts_fwd_kernel(
     p_x,  # in: [B, C, HW]
     p_out,  # out: [C // c, B, c, HW], block-major
@@ -85,14 +88,18 @@ def _bn_parts_fwd_kernel(
     C,
     HW,
     c,  # channels per block
-    momentum,
-    eps,
+    momentum_hi,  # float scalars reach a compiled kernel as float32: each as two float32 halves,
+    momentum_lo,  # whose sum in float64 is the float64 value (float64 inputs keep all of it)
+    eps_hi,
+    eps_lo,
     HAS_RUNNING: tl.constexpr,
     BB: tl.constexpr,
     BHW: tl.constexpr,
 ):
     ch = tl.program_id(0)
     acc_ty = p_mean.dtype.element_ty
+    momentum = momentum_hi.to(acc_ty) + momentum_lo.to(acc_ty)
+    eps = eps_hi.to(acc_ty) + eps_lo.to(acc_ty)
     plane = C.to(tl.int64) * HW  # elements of one image
     p_xc = p_x + ch.to(tl.int64) * HW
     shift = tl.load(p_xc).to(acc_ty)
@@ -235,6 +242,12 @@ def check_input(x: Tensor, parts: int, running_mean: Tensor | None, running_var:
             )
 
 
+def _float32_halves(value: float) -> tuple[float, float]:
+    """``(hi, lo)``, both float32 values, ``hi + lo == value`` to float64 precision."""
+    hi = float(np.float32(value))
+    return hi, float(np.float32(float(value) - hi))
+
+
 def _launch_forward(x, out, mean, invstd, running_mean, running_var, momentum, eps):
     """One forward launch; returns what Triton's launch returns (the compiled kernel)."""
     B, C, H, W = x.shape
@@ -251,8 +264,8 @@ def _launch_forward(x, out, mean, invstd, running_mean, running_var, momentum, e
         C,
         H * W,
         C // out.shape[0],
-        float(momentum),
-        float(eps),
+        *_float32_halves(momentum),
+        *_float32_halves(eps),
         HAS_RUNNING=has_running,
         BB=bb,
         BHW=bhw,
