@@ -98,8 +98,8 @@ def _bn_parts_fwd_kernel(
 ):
     ch = tl.program_id(0)
     acc_ty = p_mean.dtype.element_ty
-    momentum = momentum_hi.to(acc_ty) + momentum_lo.to(acc_ty)
-    eps = eps_hi.to(acc_ty) + eps_lo.to(acc_ty)
+    momentum = tl.cast(momentum_hi, acc_ty) + tl.cast(momentum_lo, acc_ty)
+    eps = tl.cast(eps_hi, acc_ty) + tl.cast(eps_lo, acc_ty)
     plane = C.to(tl.int64) * HW  # elements of one image
     p_xc = p_x + ch.to(tl.int64) * HW
     shift = tl.load(p_xc).to(acc_ty)
