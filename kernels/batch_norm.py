@@ -22,6 +22,9 @@ gradients and outputs back and the BatchNorm backward kernel. Here:
   (float64 for float64 inputs), and reduced by one tree: the bits depend only on the shape. No
   atomics.
 * **Offsets** are int64: tensors over 2^31 elements.
+* **Host path.** After a specialisation's first call, launches call the compiled kernel's launcher
+  directly (``kernels/launch.py``, shared with the mixed sum), keyed on what Triton specialises on
+  (dtypes, 16-byte alignment of every pointer, the plane size's divisibility by 16, constexprs).
 
 One program per channel leaves SMs idle when ``C`` is small, and each program streams its channel
 twice; at the supernets' sizes (``B * H * W`` = 4K-64K elements per channel) the step is launch-bound
@@ -32,12 +35,14 @@ on a GPU, and one launch replaces five or six. Stats are returned in float32 for
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Sequence
 
 import numpy as np
 import torch
 import triton
 import triton.language as tl
+from fastnas.kernels.launch import Launcher, alignment
 from torch import Tensor
 
 from fastnas import backend
@@ -192,6 +197,10 @@ def _bn_parts_bwd_kernel(
 
 
 KERNELS = (_bn_parts_fwd_kernel, _bn_parts_bwd_kernel)
+_FORWARD, _BACKWARD = 0, 1  # indices into KERNELS
+_LAUNCHER = Launcher(KERNELS)
+"""After a specialisation's first call, launches call the compiled kernel's launcher directly
+(``kernels/launch.py``)."""
 
 
 def stats_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -199,16 +208,21 @@ def stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+@functools.lru_cache(maxsize=256)
 def tile_shape(hw: int) -> tuple[int, int]:
     """``(BB, BHW)``: a tile of :data:`BLOCK` elements, ``BHW`` the channel plane's size rounded up to a
     power of two (at most ``BLOCK``)."""
-    bhw = min(BLOCK, triton.next_power_of_2(max(hw, 1)))
+    bhw = min(BLOCK, _next_power_of_2(hw))
     return BLOCK // bhw, bhw
 
 
 def bucket(parts: int) -> int:
     """The tuple bucket of a backward launch over ``parts`` blocks (at most :data:`MAX_PARTS`)."""
-    return triton.next_power_of_2(min(parts, MAX_PARTS))
+    return _next_power_of_2(min(parts, MAX_PARTS))
 
 
 def _device_guard(t: Tensor):
@@ -226,6 +240,8 @@ def check_input(x: Tensor, parts: int, running_mean: Tensor | None, running_var:
     B, C, H, W = x.shape
     if not isinstance(parts, int) or parts < 1 or C % parts:
         raise ValueError(f"parts must be a positive divisor of x's {C} channels, got {parts!r}")
+    if B * H * W >= 2**31:  # the kernels count a channel's values in int32
+        raise ValueError(f"x has {B * H * W} values per channel; at most 2^31 - 1 are supported")
     if B * H * W < 2:
         raise ValueError(
             f"BatchNorm in training mode needs more than 1 value per channel, got x of shape {tuple(x.shape)}"
@@ -242,49 +258,56 @@ def check_input(x: Tensor, parts: int, running_mean: Tensor | None, running_var:
             )
 
 
+@functools.lru_cache(maxsize=64)  # a network has a handful of momentum and eps values
 def _float32_halves(value: float) -> tuple[float, float]:
     """``(hi, lo)``, both float32 values, ``hi + lo == value`` to float64 precision."""
     hi = float(np.float32(value))
     return hi, float(np.float32(float(value) - hi))
 
 
+def _plane_key(hw: int) -> tuple[bool, bool]:
+    """How Triton specialises the plane size ``HW`` (the one integer argument it specialises)."""
+    return hw % 16 == 0, hw == 1
+
+
+def _device_index(t: Tensor) -> int:
+    return t.device.index if t.is_cuda else -1
+
+
+def _launch(which: int, grid: int, args: tuple, key: tuple, num_warps: int, device: int):
+    """Launch ``KERNELS[which]`` through :data:`_LAUNCHER` (its own name, so that
+    ``tests/triton_launch_keys.py`` can record the launches instead)."""
+    return _LAUNCHER(which, grid, args, key, num_warps, device)
+
+
 def _launch_forward(x, out, mean, invstd, running_mean, running_var, momentum, eps):
-    """One forward launch; returns what Triton's launch returns (the compiled kernel)."""
+    """One forward launch; returns the compiled kernel (None when interpreted)."""
     B, C, H, W = x.shape
+    hw = H * W
     has_running = running_mean is not None
-    bb, bhw = tile_shape(H * W)
-    return _bn_parts_fwd_kernel[(C,)](
-        x,
-        out,
-        mean,
-        invstd,
-        running_mean if has_running else mean,  # never read
-        running_var if has_running else invstd,
-        B,
-        C,
-        H * W,
-        C // out.shape[0],
-        *_float32_halves(momentum),
-        *_float32_halves(eps),
-        HAS_RUNNING=has_running,
-        BB=bb,
-        BHW=bhw,
-        num_warps=NUM_WARPS,
-    )
+    rm = running_mean if has_running else mean  # never read
+    rv = running_var if has_running else invstd
+    bb, bhw = tile_shape(hw)
+    pointers = (x, out, mean, invstd, rm, rv)
+    args = (*pointers, B, C, hw, C // out.shape[0], *_float32_halves(momentum), *_float32_halves(eps))
+    key = (*(t.dtype for t in pointers), has_running, *_plane_key(hw), alignment(pointers), bb, bhw)
+    return _launch(_FORWARD, C, (*args, has_running, bb, bhw), key, NUM_WARPS, _device_index(x))
 
 
 def _launch_backward(grads, outputs, invstd, dx, first: int):
-    """The backward launch of the chunk of blocks starting at ``first``; returns the compiled kernel."""
+    """The backward launch of the chunk of blocks starting at ``first``; returns the compiled kernel
+    (None when interpreted)."""
     B, c, H, W = outputs[0].shape
+    hw = H * W
     chunk = min(MAX_PARTS, len(outputs) - first)
     pb = bucket(chunk)
     pad = pb - chunk  # padding repeats the chunk's first block, never read
     g = tuple(grads[first : first + chunk]) + (grads[first],) * pad
     y = tuple(outputs[first : first + chunk]) + (outputs[first],) * pad
-    bb, bhw = tile_shape(H * W)
-    return _bn_parts_bwd_kernel[(chunk * c,)](
-        g, y, invstd, dx, B, dx.shape[1], H * W, c, first, PB=pb, BB=bb, BHW=bhw, num_warps=NUM_WARPS
-    )
+    bb, bhw = tile_shape(hw)
+    args = (g, y, invstd, dx, B, dx.shape[1], hw, c, first, pb, bb, bhw)
+    key = (dx.dtype, invstd.dtype, *_plane_key(hw), alignment((*g, *y, invstd, dx)), pb, bb, bhw)
+    return _launch(_BACKWARD, chunk * c, args, key, NUM_WARPS, _device_index(dx))
 
 
 def batch_norm_parts(

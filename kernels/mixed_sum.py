@@ -52,6 +52,7 @@ from typing import Callable, NamedTuple, Sequence
 import torch
 import triton
 import triton.language as tl
+from fastnas.kernels.launch import Launcher, alignment
 from torch import Tensor
 from triton.runtime.driver import driver
 
@@ -395,53 +396,18 @@ def interpreted() -> bool:
 
 _INTERPRETED = interpreted()
 
-_RUNTIME_KNOBS = getattr(getattr(triton, "knobs", None), "runtime", None)
-"""Triton's launch hooks live here from Triton 3.4 on; before, every launch goes through Triton."""
-
-_compiled: dict[tuple, tuple] = {}
+_LAUNCHER = Launcher(KERNELS)
+_compiled = _LAUNCHER.compiled
 """(kernel, device, specialisation) -> (launcher, function handle, packed metadata, the
 ``CompiledKernel``) of a kernel compiled by Triton's own launch path on its first call."""
-
-
-def _alignment(tensors: Sequence[Tensor]) -> int:
-    """One bit per tensor, after a leading 1: its data is 16-byte aligned (what Triton specialises
-    pointers on)."""
-    bits = 1
-    for t in tensors:
-        bits = (bits << 1) | (t.data_ptr() % 16 == 0)
-    return bits
+_alignment = alignment
 
 
 def _launch(which: int, grid: int, args: tuple, key: tuple, num_warps: int, device: int) -> None:
-    """Launch ``KERNELS[which]`` on ``grid`` programs with ``args`` (every parameter, in order) on
-    the CUDA device ``device``, the current one (-1: CPU tensors, interpreted or compiled offline).
-
-    ``key`` must hold everything Triton specialises the call on besides the kernel and device: the
+    """Launch ``KERNELS[which]`` through :class:`fastnas.kernels.launch.Launcher`. ``key`` holds the
     constexprs, the dtypes and the 16-byte alignment of every pointer (the integer arguments are
-    never specialised and always int32). The first call of a key goes through Triton's own path
-    (binding, specialisation, compilation, launch); later calls invoke the compiled kernel's
-    launcher directly, with the arguments Triton itself passes it at the end of that path."""
-    kernel = KERNELS[which]
-    if _INTERPRETED:
-        kernel[(grid,)](*args, num_warps=num_warps)
-        return
-    key = (which, device, *key)
-    entry = _compiled.get(key)
-    if entry is None or _RUNTIME_KNOBS is None or _launch_hooks():
-        compiled = kernel[(grid,)](*args, num_warps=num_warps, num_stages=1)
-        _compiled[key] = (compiled.run, compiled.function, compiled.packed_metadata, compiled)
-        return
-    run, function, metadata, _ = entry
-    run(grid, 1, 1, driver.active.get_current_stream(device), function, metadata, None, None, None, *args)
-
-
-def _launch_hooks() -> bool:
-    """Whether a profiler installed Triton launch hooks (then every launch goes through Triton)."""
-    enter, leave = _RUNTIME_KNOBS.launch_enter_hook, _RUNTIME_KNOBS.launch_exit_hook
-    # an empty HookChain (Triton's default) calls nothing; a plain function (older Triton) does
-    return bool(
-        (enter is not None and getattr(enter, "calls", True)) or (leave is not None and getattr(leave, "calls", True))
-    )
+    never specialised and always int32)."""
+    _LAUNCHER(which, grid, args, key, num_warps, device)
 
 
 def variant_of(key: tuple) -> Variant:

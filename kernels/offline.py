@@ -107,25 +107,27 @@ def offline_gpu(capability: int = 90) -> Iterator[OfflineDriver]:
     """Make an :class:`OfflineDriver` for ``capability`` (80: A100, 90: H100/H200) Triton's active
     driver for the duration of the block, then restore the previous one. Each jitted kernel keeps
     one cache per (device, target), so leaving and re-entering with another capability recompiles."""
-    from fastnas.kernels import mixed_sum
+    from fastnas.kernels import batch_norm, mixed_sum
 
     offline = OfflineDriver(capability)
     previous = driver._active
     driver.set_active(offline)
-    kernels = [k for k in mixed_sum.KERNELS if isinstance(k, triton.runtime.JITFunction)]
-    saved = {k: k.device_caches for k in kernels}
-    saved_launches = dict(mixed_sum._compiled)
+    modules = [m for m in (mixed_sum, batch_norm) if isinstance(m.KERNELS[0], triton.runtime.JITFunction)]
+    saved = {k: k.device_caches for m in modules for k in m.KERNELS}
+    saved_launches = {m: dict(m._LAUNCHER.compiled) for m in modules}
     # another target behind the same device numbers: its own compiled kernels, in Triton and in fastnas
-    for k in kernels:
+    for k in saved:
         k.device_caches = type(k.device_caches)(k.create_binder)
-    mixed_sum._compiled.clear()
+    for m in modules:
+        m._LAUNCHER.compiled.clear()
     try:
         yield offline
     finally:
         for k, caches in saved.items():
             k.device_caches = caches
-        mixed_sum._compiled.clear()
-        mixed_sum._compiled.update(saved_launches)
+        for m in modules:
+            m._LAUNCHER.compiled.clear()
+            m._LAUNCHER.compiled.update(saved_launches[m])
         driver._active = previous
 
 
@@ -332,8 +334,6 @@ def compile_batch_norm_variants(capabilities: Sequence[int] = (90,)) -> list[dic
         for capability in capabilities:
             with offline_gpu(capability):
                 for variant in kb.launch_variants():
-                    for k in kb.KERNELS:  # another target behind the same device number
-                        k.device_caches = type(k.device_caches)(k.create_binder)
                     compiled = kb.compile_variant(variant)
                     form, dtype, plane, extra = variant
                     facts.append(

@@ -1,5 +1,5 @@
 """Run by tests/test_triton_compiled.py in a process without TRITON_INTERPRET: do the launch keys of
-kernels/mixed_sum.py determine Triton's specialisation of a call?
+kernels/mixed_sum.py and kernels/batch_norm.py determine Triton's specialisation of a call?
 
 The launchers run on CPU tensors under the offline driver; every launch is recorded instead of
 made (nothing compiles), and Triton's own binder gives the specialisation of its arguments (the
@@ -15,6 +15,7 @@ import random
 import sys
 
 import torch
+from fastnas.kernels import batch_norm as kb
 from fastnas.kernels import mixed_sum as tk
 from fastnas.kernels.offline import offline_gpu
 from triton.runtime.jit import compute_cache_key
@@ -30,12 +31,17 @@ def at_offset(numel: int, dtype: torch.dtype, offset: int) -> torch.Tensor:
 def main() -> None:
     calls: list[tuple] = []
 
-    def record(which, grid, args, key, num_warps, device):
-        calls.append((which, args, (which, device, *key), num_warps))
+    def recorder(kernels, tag):
+        def record(which, grid, args, key, num_warps, device):
+            calls.append((kernels[which], args, (tag, which, device, *key), num_warps))
 
-    tk._launch = record
+        return record
+
+    tk._launch = recorder(tk.KERNELS, "mixed_sum")
+    kb._launch = recorder(kb.KERNELS, "batch_norm")
     if "--without-alignment" in sys.argv:
         tk._alignment = lambda tensors: 1
+        kb.alignment = lambda tensors: 1
     rng = random.Random(0)
     with offline_gpu(90):
         for _ in range(500):
@@ -51,9 +57,22 @@ def main() -> None:
                 tk.mixed_sum_forward(outputs, weights)
             else:
                 tk.mixed_sum_backward(grad, outputs if form != 3 else [], weights, form != 2)
+        for _ in range(300):  # the BatchNorm: dtypes, planes Triton specialises or not, blocks, alignment
+            dtype = rng.choice([torch.float32, torch.float16, torch.float64])
+            stats = kb.stats_dtype(dtype)
+            B, parts, c = rng.choice([1, 2, 5]), rng.choice([1, 2, 3, 17]), rng.choice([1, 3, 8])
+            H, W = rng.choice([(1, 1), (4, 4), (7, 7), (8, 8), (3, 5), (32, 32)])
+            if B * H * W < 2:
+                B = 2
+            x = at_offset(B * parts * c * H * W, dtype, rng.choice([0, 0, 1])).view(B, parts * c, H, W)
+            running = rng.choice([None, stats, torch.float32])
+            rm = None if running is None else at_offset(parts * c, running, rng.choice([0, 0, 1]))
+            rv = None if running is None else at_offset(parts * c, running, 0)
+            out, _, invstd = kb.batch_norm_parts(x, parts, rm, rv, 0.1, 1e-5)
+            grads = [at_offset(B * c * H * W, dtype, rng.choice([0, 0, 0, 1])).view(B, c, H, W) for _ in range(parts)]
+            kb.batch_norm_parts_backward(grads, list(out.unbind(0)), invstd)
         specialisations: dict[tuple, set[str]] = {}
-        for which, args, key, num_warps in calls:
-            kernel = tk.KERNELS[which]
+        for kernel, args, key, num_warps in calls:
             _, key_cache, _, _, binder = kernel.device_caches[0]
             options = {"num_warps": num_warps, "num_stages": 1, "debug": False}
             _, specialisation, options = binder(*args, **options)
