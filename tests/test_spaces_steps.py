@@ -64,6 +64,54 @@ def test_step_kernels_against_the_reference(space, mode, track_running_stats):
     assert_little_churn(counted.counts)
 
 
+@pytest.mark.parametrize("space", ["darts", "nb201"])
+@pytest.mark.parametrize("mode", [dict(), dict(arch="simplex"), dict(sampler="gdas")], ids=str)
+def test_cells_share_each_nodes_weights_in_a_forward(space, mode, monkeypatch):
+    """One gather per node and kind of cell in a network's forward, not one per cell: fewer kernels,
+    the same results and gradients (float64) as gathering in every cell."""
+    from fastnas.spaces import _arch
+
+    torch.manual_seed(0)
+    nets = [tiny(space, **mode).double() for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    x, y = torch.randn(2, 3, 8, 8, dtype=torch.float64), torch.randint(0, 5, (2,))
+    sample = nets[0].sample_architecture() if mode.get("sampler") else None
+    gathers = []
+    for what in ("_gather", "_gather_picked"):
+        original = getattr(_arch, what)
+        monkeypatch.setattr(_arch, what, lambda *a, original=original: gathers.append(1) or original(*a))
+    train_step(nets[0], x, y, sample)
+    shared = len(gathers)
+    monkeypatch.setattr(_arch, "sharing_picks", lambda: __import__("contextlib").nullcontext())
+    monkeypatch.setattr(darts, "sharing_picks", _arch.sharing_picks)
+    monkeypatch.setattr(nb201, "sharing_picks", _arch.sharing_picks)
+    gathers.clear()
+    train_step(nets[1], x, y, sample)
+    cells = len(nets[0]._search_cells())
+    kinds = 2 if space == "darts" else 1  # normal and reduction cells
+    assert shared * cells == len(gathers) * kinds, (shared, len(gathers))
+    for p, q in zip(nets[0].parameters(), nets[1].parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-14)
+    assert getattr(_arch._forward, "picks", None) is None  # the cache lives for one forward only
+
+
+def test_picked_weights_follow_in_place_changes():
+    """Within one forward's cache, an in-place change of the weights gives new entries."""
+    from fastnas.spaces import _arch
+
+    W = torch.rand(3, 4, dtype=torch.float64, requires_grad=True) * 1.0
+    with _arch.sharing_picks():
+        first = _arch.pick_weights(W, [(0, 1), (0, 2)])
+        assert _arch.pick_weights(W, [(0, 1), (0, 2)]) is first
+        before = first.detach().clone()
+        with torch.no_grad():
+            W.mul_(2)
+        second = _arch.pick_weights(W, [(0, 1), (0, 2)])
+        assert second is not first and torch.equal(second.detach(), 2 * before)
+        with torch.no_grad():
+            assert _arch.pick_weights(W, [(0, 1), (0, 2)]).grad_fn is None  # no graph-less entry reused
+
+
 # --------------------------------------------------------------------------- BatchNorm statistics
 
 

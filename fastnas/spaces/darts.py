@@ -44,7 +44,7 @@ import fastnas
 from fastnas.ops.batch_norm import bn_constants
 from fastnas.ops.depthwise_conv import depthwise_conv2d
 from fastnas.spaces import _arch
-from fastnas.spaces._arch import pick_weights
+from fastnas.spaces._arch import pick_weights, sharing_picks
 from fastnas.spaces.ops import (
     Identity,
     StatUpdates,
@@ -578,9 +578,10 @@ class Network(_arch.ArchMixin, nn.Module):
         normal = self._edge_weights_of("alphas_normal", sample, b_normal)  # edge weights multiplied in
         reduce = self._edge_weights_of("alphas_reduce", sample, b_reduce)
         s0 = s1 = to_preferred_layout(self.stem(to_preferred_layout(x)))
-        for cell in self.cells:
-            w, b = (reduce, b_reduce) if cell.reduction else (normal, b_normal)
-            s0, s1 = s1, cell(s0, s1, w.weights, w.selected, b, w.picked)
+        with sharing_picks():
+            for cell in self.cells:
+                w, b = (reduce, b_reduce) if cell.reduction else (normal, b_normal)
+                s0, s1 = s1, cell(s0, s1, w.weights, w.selected, b, w.picked)
         out = self.global_pooling(s1)
         return self.classifier(out.flatten(1))
 

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 import fastnas
 from fastnas.ops.batch_norm import bn_constants
 from fastnas.spaces import _arch
-from fastnas.spaces._arch import pick_weights
+from fastnas.spaces._arch import pick_weights, sharing_picks
 from fastnas.spaces.ops import (
     Identity,
     StatUpdates,
@@ -487,11 +487,12 @@ class Network(_arch.ArchMixin, nn.Module):
         :meth:`sample_architecture` to use (samplers only; None: one is drawn now)."""
         weights, selected, unselected, picked = self._edge_weights_of("alphas", sample)
         feature = to_preferred_layout(self.stem(to_preferred_layout(x)))
-        for cell in self.cells:
-            if isinstance(cell, SearchCell):
-                feature = cell(feature, weights, selected, unselected=unselected, picked=picked)
-            else:
-                feature = cell(feature)
+        with sharing_picks():
+            for cell in self.cells:
+                if isinstance(cell, SearchCell):
+                    feature = cell(feature, weights, selected, unselected=unselected, picked=picked)
+                else:
+                    feature = cell(feature)
         out = self.global_pooling(self.lastact(feature))
         return self.classifier(out.flatten(1))
 
