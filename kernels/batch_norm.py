@@ -17,7 +17,9 @@ gradients and outputs back and the BatchNorm backward kernel. Here:
   power of two, up to :data:`MAX_PARTS`; more parts run in chunks), from which each program selects
   its own block's: no merging copy.
 * **Tiles** are ``[BB, BHW]``: ``BHW`` consecutive elements of one image's channel plane (a power of
-  two up to ``BLOCK``, so small planes do not leave most lanes masked) by ``BB`` images.
+  two up to the tile, so small planes do not leave most lanes masked) by ``BB`` images; 4096
+  elements per tile (:data:`TILE_ELEMENTS`), so that each thread keeps 4-16 16-byte loads per tensor
+  in flight: a program streams its channel alone.
 * **Deterministic.** Each channel's sums are accumulated per lane in a fixed order, in float32
   (float64 for float64 inputs), and reduced by one tree: the bits depend only on the shape. No
   atomics.
@@ -54,7 +56,10 @@ __all__ = [
     "launch_variants",
     "compile_variant",
     "MAX_PARTS",
-    "BLOCK",
+    "TILE_ELEMENTS",
+    "SCALAR_TILE_ELEMENTS",
+    "NUM_WARPS",
+    "block",
     "SUPPORTED_DTYPES",
     "KERNELS",
 ]
@@ -65,8 +70,13 @@ if _reason:
 
 MAX_PARTS = 16
 """Most blocks per backward launch (the tuple bucket); more run in chunks of blocks."""
-BLOCK = 1024
-"""Elements per tile."""
+TILE_ELEMENTS = 4096
+"""Elements per tile when the plane size is a multiple of 16 (16-byte accesses; half as many for
+float64): 32 per thread at :data:`NUM_WARPS` warps, so that each thread keeps 8 (float32, float64)
+or 4 (16-bit) 16-byte loads of a tensor in flight, all issued before the first is used. A program streams its channel
+alone, so these are all it has in flight: at 1024-element tiles one SM would read a few GB/s."""
+SCALAR_TILE_ELEMENTS = 1024
+"""Elements per tile on other planes (scalar accesses: larger tiles spill)."""
 NUM_WARPS = 4
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -212,12 +222,20 @@ def _next_power_of_2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
+def block(hw: int, dtype: torch.dtype) -> int:
+    """Elements per tile on planes of ``hw`` elements of ``dtype``."""
+    if hw % 16:
+        return SCALAR_TILE_ELEMENTS
+    return TILE_ELEMENTS // 2 if dtype == torch.float64 else TILE_ELEMENTS
+
+
 @functools.lru_cache(maxsize=256)
-def tile_shape(hw: int) -> tuple[int, int]:
-    """``(BB, BHW)``: a tile of :data:`BLOCK` elements, ``BHW`` the channel plane's size rounded up to a
-    power of two (at most ``BLOCK``)."""
-    bhw = min(BLOCK, _next_power_of_2(hw))
-    return BLOCK // bhw, bhw
+def tile_shape(hw: int, dtype: torch.dtype) -> tuple[int, int]:
+    """``(BB, BHW)``: a tile of :func:`block` elements, ``BHW`` the channel plane's size rounded up to a
+    power of two (at most the tile)."""
+    elements = block(hw, dtype)
+    bhw = min(elements, _next_power_of_2(hw))
+    return elements // bhw, bhw
 
 
 def bucket(parts: int) -> int:
@@ -287,7 +305,7 @@ def _launch_forward(x, out, mean, invstd, running_mean, running_var, momentum, e
     has_running = running_mean is not None
     rm = running_mean if has_running else mean  # never read
     rv = running_var if has_running else invstd
-    bb, bhw = tile_shape(hw)
+    bb, bhw = tile_shape(hw, x.dtype)
     pointers = (x, out, mean, invstd, rm, rv)
     args = (*pointers, B, C, hw, C // out.shape[0], *_float32_halves(momentum), *_float32_halves(eps))
     key = (*(t.dtype for t in pointers), has_running, *_plane_key(hw), alignment(pointers), bb, bhw)
@@ -304,7 +322,7 @@ def _launch_backward(grads, outputs, invstd, dx, first: int):
     pad = pb - chunk  # padding repeats the chunk's first block, never read
     g = tuple(grads[first : first + chunk]) + (grads[first],) * pad
     y = tuple(outputs[first : first + chunk]) + (outputs[first],) * pad
-    bb, bhw = tile_shape(hw)
+    bb, bhw = tile_shape(hw, dx.dtype)
     args = (g, y, invstd, dx, B, dx.shape[1], hw, c, first, pb, bb, bhw)
     key = (dx.dtype, invstd.dtype, *_plane_key(hw), alignment((*g, *y, invstd, dx)), pb, bb, bhw)
     return _launch(_BACKWARD, chunk * c, args, key, NUM_WARPS, _device_index(dx))

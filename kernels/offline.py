@@ -323,8 +323,8 @@ def _compile_variant(tk, variant):
 
 def compile_batch_norm_variants(capabilities: Sequence[int] = (90,)) -> list[dict]:
     """Compile every variant of :func:`fastnas.kernels.batch_norm.launch_variants` through its
-    launchers, for each CUDA capability, and describe each: ``cuobjdump -res-usage`` resources and
-    :func:`ptx_facts`."""
+    launchers, for each CUDA capability, and describe each: ``cuobjdump -res-usage`` resources,
+    :func:`ptx_facts` and :func:`sass_loads_in_flight`."""
     import tempfile
 
     from fastnas.kernels import batch_norm as kb
@@ -335,6 +335,7 @@ def compile_batch_norm_variants(capabilities: Sequence[int] = (90,)) -> list[dic
             with offline_gpu(capability):
                 for variant in kb.launch_variants():
                     compiled = kb.compile_variant(variant)
+                    cubin = compiled.asm["cubin"]
                     form, dtype, plane, extra = variant
                     facts.append(
                         {
@@ -343,8 +344,9 @@ def compile_batch_norm_variants(capabilities: Sequence[int] = (90,)) -> list[dic
                             "plane": plane,
                             "extra": extra,
                             "capability": capability,
-                            **cubin_resources(compiled.asm["cubin"], Path(tmp)),
-                            **ptx_facts(compiled.asm["ptx"], kb.BLOCK),
+                            **cubin_resources(cubin, Path(tmp)),
+                            **ptx_facts(compiled.asm["ptx"], kb.block(plane, dtype)),
+                            "loads_in_flight": sass_loads_in_flight(sass(cubin, Path(tmp))),
                         }
                     )
     return facts
