@@ -15,6 +15,9 @@ Modes, each a row:
   capture recipe: warm-up on a side stream, gradients set to None before the capture) and replayed;
   median of replays; ``graph_MiB`` is the memory the graph's pool holds. A network that cannot be
   captured (a host synchronisation inside its step, say) gets the error in its row.
+* ``fastnas-native-bn`` rows: the same fastnas step with its BatchNorm ops switched off (PyTorch's
+  BatchNorm, a copy splitting its output per edge, two merging in the backward), eager and as a
+  CUDA graph: what the Triton BatchNorm (``kernels/batch_norm.py``) gains or loses at these sizes.
 * ``compile``: with ``--compile`` only (long): ``torch.compile(mode="reduce-overhead")`` of forward
   and loss, the backward and the SGD step outside; ``compile_s`` is the first step's time.
 
@@ -24,6 +27,8 @@ With ``--dry``: tiny networks on the CPU, eager mode only, labelled as stand-ins
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import os
 import statistics
 import sys
@@ -44,6 +49,27 @@ import fastnas  # noqa: E402
 EXIT_BUDGET_SPENT = 3
 GPU_SIZES = {"nb201": (dict(C=16, N=5), 64, 32), "darts": (dict(C=16, layers=8), 64, 32)}  # kwargs, batch, image
 DRY_SIZES = {"nb201": (dict(C=4, N=1), 2, 8), "darts": (dict(C=4, layers=2), 2, 8)}
+
+
+@contextlib.contextmanager
+def native_batch_norm():
+    """fastnas's BatchNorm ops switched off: ``lean_batch_norm`` takes PyTorch's kernels."""
+    from fastnas.ops import batch_norm
+
+    saved = batch_norm._kernels_built
+    batch_norm._kernels_built = False
+    try:
+        yield
+    finally:
+        batch_norm._kernels_built = saved
+
+
+def with_native_batch_norm(step: Callable[[], object]) -> Callable[[], object]:
+    def run() -> object:
+        with native_batch_norm():
+            return step()
+
+    return run
 
 
 def optimizer(net: nn.Module) -> torch.optim.Optimizer:
@@ -150,9 +176,14 @@ def main(argv: list[str] | None = None) -> int:
         if out_of_time(10 if not args.dry else 1):
             break
         fast, eager, x, y = build(space, device, net_kwargs=kwargs, batch=batch, image_size=image_size)
-        nets[space] = (fast, eager, x, y)
+        fast_native = copy.deepcopy(fast)
+        nets[space] = (fast, eager, fast_native, x, y)
         base = dict(space=space, batch=batch, image=image_size, **kwargs)
-        steps_of = {"fastnas": eager_step(fast, x, y), "eager": eager_step(eager, x, y)}
+        steps_of = {
+            "fastnas": eager_step(fast, x, y),
+            "eager": eager_step(eager, x, y),
+            "fastnas-native-bn": with_native_batch_norm(eager_step(fast_native, x, y)),
+        }
         for _ in range(warmup):
             for step in steps_of.values():
                 step()
@@ -166,16 +197,20 @@ def main(argv: list[str] | None = None) -> int:
     # the whole step as one CUDA graph, then (asked for) torch.compile
     modes = [] if args.dry else ["cuda-graph"] + (["compile"] if args.compile else [])
     for mode in modes:
-        for space, (fast, eager, x, y) in nets.items():
-            for name, net in (("eager", eager), ("fastnas", fast)):
+        for space, (fast, eager, fast_native, x, y) in nets.items():
+            for name, net in (("eager", eager), ("fastnas", fast), ("fastnas-native-bn", fast_native)):
                 if out_of_time(60 if mode == "compile" else 8):
                     break
                 row = dict(space=space, batch=x.shape[0], net=name, mode=mode)
                 try:
                     start = time.perf_counter()
+                    native = native_batch_norm() if name == "fastnas-native-bn" else contextlib.nullcontext()
                     if mode == "cuda-graph":
-                        step, held = graph_step(net, x, y)
+                        with native:  # captured with the native BatchNorm; replays need no switch
+                            step, held = graph_step(net, x, y)
                         row["graph_MiB"] = round(held / 2**20, 1)
+                    elif name == "fastnas-native-bn":
+                        continue  # compile: the two fastnas rows are enough
                     else:
                         step = compiled_step(net, x, y)
                         time_once(step, device)
