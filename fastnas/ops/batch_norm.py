@@ -33,6 +33,7 @@ so the double backward (``create_graph=True``) needs its gradient.
 
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import torch
@@ -210,7 +211,8 @@ def lean_batch_norm(
 
 def register_native_fakes() -> None:
     """Fake kernels of the compiled ops (called once the extension is loaded) and, on a machine with
-    CUDA and Triton, the Triton kernels as the ops' CUDA kernels."""
+    CUDA and Triton, the Triton kernels as the ops' CUDA kernels (``FASTNAS_TRITON_BATCH_NORM=0``:
+    PyTorch's BatchNorm on CUDA instead)."""
     global _kernels_built, _triton_on_cuda
     _kernels_built = True
 
@@ -230,7 +232,7 @@ def register_native_fakes() -> None:
         dx = outputs[0].new_empty((B, c * len(outputs), H, W))
         return dx if outputs[0].device.type == "cuda" else dx.contiguous(memory_format=torch.channels_last)
 
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and os.environ.get("FASTNAS_TRITON_BATCH_NORM", "1") != "0":
         try:
             from fastnas.kernels.batch_norm import register_cuda_kernels
         except ImportError:  # no Triton, or one too old: PyTorch's kernels on CUDA
