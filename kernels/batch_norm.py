@@ -18,8 +18,9 @@ gradients and outputs back and the BatchNorm backward kernel. Here:
   its own block's: no merging copy.
 * **Tiles** are ``[BB, BHW]``: ``BHW`` consecutive elements of one image's channel plane (a power of
   two up to the tile, so small planes do not leave most lanes masked) by ``BB`` images; 4096
-  elements per tile (:data:`TILE_ELEMENTS`), so that each thread keeps 4-16 16-byte loads per tensor
-  in flight: a program streams its channel alone.
+  elements per tile (:data:`TILE_ELEMENTS`; 2048 for float64, 1024 on planes that are not a multiple
+  of 16), so that each thread keeps 8 16-byte loads per tensor in flight (4 for 16-bit types): a
+  program streams its channel alone.
 * **Deterministic.** Each channel's sums are accumulated per lane in a fixed order, in float32
   (float64 for float64 inputs), and reduced by one tree: the bits depend only on the shape. No
   atomics.
@@ -38,9 +39,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import struct
 from typing import Sequence
 
-import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -279,8 +280,12 @@ def check_input(x: Tensor, parts: int, running_mean: Tensor | None, running_var:
 @functools.lru_cache(maxsize=64)  # a network has a handful of momentum and eps values
 def _float32_halves(value: float) -> tuple[float, float]:
     """``(hi, lo)``, both float32 values, ``hi + lo == value`` to float64 precision."""
-    hi = float(np.float32(value))
-    return hi, float(np.float32(float(value) - hi))
+    hi = _to_float32(value)
+    return hi, _to_float32(float(value) - hi)
+
+
+def _to_float32(value: float) -> float:
+    return struct.unpack("f", struct.pack("f", value))[0]
 
 
 def _plane_key(hw: int) -> tuple[bool, bool]:
