@@ -277,3 +277,22 @@ def test_compiled_kernels(compiled):
         if f["form"] == "backward" and f["plane"] == 1024:
             branches.setdefault((f["dtype"], f["capability"]), set()).add(f["branches"])
     assert all(len(counts) == 1 for counts in branches.values()), branches
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "misaligned"])
+def test_direct_launches_match_tritons_on_cuda(offset):
+    """A key's first call goes through Triton's launch path, later ones call the compiled kernel's
+    launcher directly: the same bits."""
+    kb._LAUNCHER.compiled.clear()
+    x, g, _, _ = random_case((4, 12, 8, 8, 3), torch.float32, seed=7)
+    flat = torch.cat([x.new_zeros(offset), x.flatten()]).cuda()
+    x = flat[offset:].view(4, 12, 8, 8)
+    grads = [t.contiguous().cuda() for t in g.chunk(3, 1)]
+    first = kb.batch_norm_parts(x, 3, None, None, 0.1, 1e-5)
+    dx_first = kb.batch_norm_parts_backward(grads, list(first[0].unbind(0)), first[2])
+    assert len(kb._LAUNCHER.compiled) == 2
+    second = kb.batch_norm_parts(x, 3, None, None, 0.1, 1e-5)
+    dx_second = kb.batch_norm_parts_backward(grads, list(first[0].unbind(0)), first[2])
+    assert len(kb._LAUNCHER.compiled) == 2
+    assert all(torch.equal(a, b) for a, b in zip(first, second)) and torch.equal(dx_first, dx_second)
