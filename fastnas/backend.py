@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.metadata
 import os
 import warnings
 from typing import Callable
@@ -92,16 +93,32 @@ def extension_has_cuda() -> bool:
     )
 
 
+TRITON_MINIMUM = (3, 3)
+"""Tuples of tensors as kernel arguments (``kernels/``): Triton 3.2 compiled, 3.3 interpreted."""
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in text.split(".")[:2] if p.isdigit())
+
+
 @functools.cache
 def _triton_reason() -> str | None:
     try:
         import triton
     except ImportError as exc:
         return f"triton is not installed ({exc})"
-    version = tuple(int(p) for p in triton.__version__.split(".")[:2] if p.isdigit())
-    if version < (3, 3):  # tuples of tensors as kernel arguments (kernels/mixed_sum.py)
-        return f"triton >= 3.3 is needed, found {triton.__version__}"
+    if _version(triton.__version__) < TRITON_MINIMUM:
+        return f"triton >= {'.'.join(map(str, TRITON_MINIMUM))} is needed, found {triton.__version__}"
     return None
+
+
+def triton_installed() -> bool:
+    """Whether Triton >= :data:`TRITON_MINIMUM` is installed, read from its package metadata without
+    importing it (what start-up may ask: importing Triton and its kernels waits for their first use)."""
+    try:
+        return _version(importlib.metadata.version("triton")) >= TRITON_MINIMUM
+    except importlib.metadata.PackageNotFoundError:
+        return False
 
 
 def triton_interpreter_on() -> bool:

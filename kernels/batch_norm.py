@@ -30,9 +30,10 @@ gradients and outputs back and the BatchNorm backward kernel. Here:
   (dtypes, 16-byte alignment of every pointer, the plane size's divisibility by 16, constexprs).
 
 One program per channel leaves SMs idle when ``C`` is small, and each program streams its channel
-twice; at the supernets' sizes (``B * H * W`` = 4K-64K elements per channel) the step is launch-bound
-on a GPU, and one launch replaces five or six. Stats are returned in float32 for 16-bit inputs
-(float64 for float64), as PyTorch's CUDA BatchNorm does.
+twice; at the supernets' sizes (``B * H * W`` = 4K-64K elements per channel) a GPU step is expected
+to be launch-bound (not yet measured), and one launch each way replaces the native path's four or
+five operators (BatchNorm, split copy, two merging stacks, BatchNorm backward, its constants). Stats
+are returned in float32 for 16-bit inputs (float64 for float64), as PyTorch's CUDA BatchNorm does.
 """
 
 from __future__ import annotations
@@ -48,12 +49,12 @@ import triton.language as tl
 from fastnas.kernels.launch import Launcher, alignment
 from torch import Tensor
 
-from fastnas import backend
+from fastnas.ops.batch_norm import TRITON_DTYPES as SUPPORTED_DTYPES
+from fastnas.ops.reference import accumulation_dtype
 
 __all__ = [
     "batch_norm_parts",
     "batch_norm_parts_backward",
-    "register_cuda_kernels",
     "launch_variants",
     "compile_variant",
     "MAX_PARTS",
@@ -65,21 +66,17 @@ __all__ = [
     "KERNELS",
 ]
 
-_reason = backend._triton_reason()
-if _reason:
-    raise ImportError(f"the triton BatchNorm of fastnas: {_reason}")
-
 MAX_PARTS = 16
 """Most blocks per backward launch (the tuple bucket); more run in chunks of blocks."""
 TILE_ELEMENTS = 4096
 """Elements per tile when the plane size is a multiple of 16 (16-byte accesses; half as many for
 float64): 32 per thread at :data:`NUM_WARPS` warps, so that each thread keeps 8 (float32, float64)
-or 4 (16-bit) 16-byte loads of a tensor in flight, all issued before the first is used. A program streams its channel
-alone, so these are all it has in flight: at 1024-element tiles one SM would read a few GB/s."""
+or 4 (16-bit) 16-byte loads of a tensor in flight, all issued before the first is used. A program
+streams its channel alone, so these are all it has in flight: 1024-element tiles would keep 4 KB in
+flight per SM, a few GB/s at DRAM latency by Little's law (an estimate)."""
 SCALAR_TILE_ELEMENTS = 1024
 """Elements per tile on other planes (scalar accesses: larger tiles spill)."""
 NUM_WARPS = 4
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 @triton.jit
@@ -214,11 +211,6 @@ _LAUNCHER = Launcher(KERNELS)
 (``kernels/launch.py``)."""
 
 
-def stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype of the statistics and of the sums: float64 for float64, float32 otherwise."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _next_power_of_2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
@@ -342,19 +334,21 @@ def batch_norm_parts(
     B, C, H, W = x.shape
     c = C // parts
     out = torch.empty((parts, B, c, H, W), dtype=x.dtype, device=x.device)
-    mean = torch.empty(C, dtype=stats_dtype(x.dtype), device=x.device)
+    mean = torch.empty(C, dtype=accumulation_dtype(x.dtype), device=x.device)
     invstd = torch.empty_like(mean)
     with _device_guard(x):
         _launch_forward(x, out, mean, invstd, running_mean, running_var, momentum, eps)
     return out, mean, invstd
 
 
-def batch_norm_parts_backward(grads: Sequence[Tensor], outputs: Sequence[Tensor], invstd: Tensor) -> Tensor:
-    """``dx`` ``[B, C, H, W]`` (contiguous) from the blocks' gradients and outputs (each ``[B, c, H, W]``,
-    contiguous) and the forward's ``invstd``."""
+def batch_norm_parts_backward(grads: Sequence[Tensor | None], outputs: Sequence[Tensor], invstd: Tensor) -> Tensor:
+    """``dx`` ``[B, C, H, W]`` (contiguous) from the blocks' gradients (None: a block nobody used, zero;
+    any layout, made dense) and outputs (each ``[B, c, H, W]``, contiguous) and the forward's
+    ``invstd``: the op's contract (``Tensor?[] grads``)."""
     parts = len(outputs)
     if parts == 0 or len(grads) != parts:
         raise ValueError(f"grads and outputs must be non-empty and of one length, got {len(grads)} and {parts}")
+    grads = [torch.zeros_like(y) if g is None else g.contiguous() for g, y in zip(grads, outputs)]
     B, c, H, W = outputs[0].shape
     C = c * parts
     for name, ts in (("grads", grads), ("outputs", outputs)):
@@ -366,9 +360,9 @@ def batch_norm_parts_backward(grads: Sequence[Tensor], outputs: Sequence[Tensor]
                 )
             if t.device != outputs[0].device:
                 raise ValueError(f"{name}[{i}] is on {t.device}, outputs[0] on {outputs[0].device}")
-    if invstd.shape != (C,) or invstd.dtype != stats_dtype(outputs[0].dtype) or not invstd.is_contiguous():
+    if invstd.shape != (C,) or invstd.dtype != accumulation_dtype(outputs[0].dtype) or not invstd.is_contiguous():
         raise ValueError(
-            f"invstd must be a contiguous {stats_dtype(outputs[0].dtype)} [{C}] tensor, "
+            f"invstd must be a contiguous {accumulation_dtype(outputs[0].dtype)} [{C}] tensor, "
             f"got {invstd.dtype} {tuple(invstd.shape)}"
         )
     dx = torch.empty((B, C, H, W), dtype=outputs[0].dtype, device=outputs[0].device)
@@ -402,39 +396,10 @@ def compile_variant(variant: tuple):
     B, c = 2, 4
     parts = extra if form == "backward" else 2
     x = torch.zeros(B, c * parts, plane, 1, dtype=dtype)
-    stats = torch.zeros(c * parts, dtype=stats_dtype(dtype))
+    stats = torch.zeros(c * parts, dtype=accumulation_dtype(dtype))
     if form == "forward":
         out = torch.zeros(parts, B, c, plane, 1, dtype=dtype)
         running = (stats.clone(), stats.clone()) if extra else (None, None)
         return _launch_forward(x, out, stats, stats.clone(), *running, 0.1, 1e-5)
     blocks = [torch.zeros(B, c, plane, 1, dtype=dtype) for _ in range(parts)]
     return _launch_backward(blocks, blocks, stats, x, 0)
-
-
-# --------------------------------------------------------------------------- the registered ops' CUDA kernels
-
-_registered = False
-
-
-def _op_forward(input, parts, running_mean, running_var, momentum, eps):
-    return batch_norm_parts(input, parts, running_mean, running_var, momentum, eps)
-
-
-def _op_backward(grads, outputs, invstd):
-    if len(grads) != len(outputs):
-        raise ValueError(f"grads and outputs must be of one length, got {len(grads)} and {len(outputs)}")
-    # a block nobody used has no gradient: zeros (rare: a node whose sum left the block out)
-    dense = [torch.zeros_like(y) if g is None else g.contiguous() for g, y in zip(grads, outputs)]
-    return batch_norm_parts_backward(dense, [y.contiguous() for y in outputs], invstd)
-
-
-def register_cuda_kernels() -> None:
-    """Make these kernels the CUDA kernels of ``fastnas::batch_norm_parts`` and
-    ``fastnas::batch_norm_parts_backward`` (defined by the compiled extension, which must be loaded).
-    Idempotent."""
-    global _registered
-    if _registered:
-        return
-    torch.library.impl("fastnas::batch_norm_parts", "CUDA")(_op_forward)
-    torch.library.impl("fastnas::batch_norm_parts_backward", "CUDA")(_op_backward)
-    _registered = True

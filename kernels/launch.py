@@ -17,6 +17,14 @@ import triton
 from torch import Tensor
 from triton.runtime.driver import driver
 
+from fastnas import backend
+
+# every kernel module of kernels/ imports this one: the minimum version is checked in one place,
+# fastnas.backend (which also reports it as unavailable_reason)
+_reason = backend._triton_reason()
+if _reason:
+    raise ImportError(f"the triton kernels of fastnas: {_reason}")
+
 _RUNTIME_KNOBS = getattr(getattr(triton, "knobs", None), "runtime", None)
 """Triton's launch hooks live here from Triton 3.4 on; before, every launch goes through Triton."""
 

@@ -56,7 +56,6 @@ from fastnas.kernels.launch import Launcher, alignment
 from torch import Tensor
 from triton.runtime.driver import driver
 
-from fastnas import backend
 from fastnas.ops.mixed_sum import SUPPORTED_DTYPES, _layout_key, is_dense
 from fastnas.ops.reference import accumulation_dtype
 
@@ -74,12 +73,6 @@ __all__ = [
     "MAX_BUCKET_BACKWARD",
     "MAX_PROGRAMS",
 ]
-
-# tuples of tensors as kernel arguments need Triton 3.2 compiled, 3.3 interpreted: the minimum
-# version is checked in one place, fastnas.backend (which also reports it as unavailable_reason)
-_reason = backend._triton_reason()
-if _reason:
-    raise ImportError(f"the triton backend of fastnas: {_reason}")
 
 MAX_BUCKET_FORWARD = 32
 """Most inputs per forward launch; more run in chunks over a running sum."""

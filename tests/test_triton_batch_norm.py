@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from conftest import HAS_CUDA
 
 from fastnas import backend
+from fastnas.ops.reference import accumulation_dtype
 
 pytest.importorskip("triton", reason="the Triton BatchNorm needs the triton package")
 if backend._triton_reason():
@@ -88,7 +89,7 @@ def test_matches_float64_batch_norm(shape, dtype):
     parts = shape[4]
     x, g, rm, rv = random_case(shape, dtype, seed=sum(shape) + DTYPES.index(dtype))
     y_ref, rm_ref, rv_ref, dx_ref = reference(x, g, rm, rv, 0.1, 1e-5)
-    stats = kb.stats_dtype(dtype)
+    stats = accumulation_dtype(dtype)
     rm_k, rv_k = rm.to(DEVICE, stats), rv.to(DEVICE, stats)
     out, mean, invstd = kb.batch_norm_parts(x.to(DEVICE), parts, rm_k, rv_k, 0.1, 1e-5)
     assert out.shape == (parts, shape[0], shape[1] // parts, *shape[2:4]) and out.dtype == dtype
@@ -115,7 +116,7 @@ def test_without_running_statistics_and_missing_gradients():
     torch.testing.assert_close(torch.cat(list(out.unbind(0)), 1).cpu(), y_ref, **TOLERANCE[torch.float64])
     # a block nobody used has no gradient (the op's Tensor?[] grads): it counts as zeros
     grads = [t.contiguous().to(DEVICE) for t in g.chunk(3, 1)]
-    dx = kb._op_backward([grads[0], None, grads[2]], list(out.unbind(0)), invstd)
+    dx = kb.batch_norm_parts_backward([grads[0], None, grads[2]], list(out.unbind(0)), invstd)
     zeroed = [grads[0], torch.zeros_like(grads[1]), grads[2]]
     torch.testing.assert_close(dx, kb.batch_norm_parts_backward(zeroed, list(out.unbind(0)), invstd), rtol=0, atol=0)
     assert dx[:, 2:4].abs().max() == 0  # per channel: no gradient in, none out
@@ -123,7 +124,7 @@ def test_without_running_statistics_and_missing_gradients():
     strided = [t.transpose(2, 3).contiguous().transpose(2, 3) for t in grads]
     assert not strided[0].is_contiguous()
     torch.testing.assert_close(
-        kb._op_backward(strided, list(out.unbind(0)), invstd),
+        kb.batch_norm_parts_backward(strided, list(out.unbind(0)), invstd),
         kb.batch_norm_parts_backward(grads, list(out.unbind(0)), invstd),
         rtol=0,
         atol=0,
@@ -143,7 +144,7 @@ class _TritonBatchNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         invstd, *ys = ctx.saved_tensors
-        return kb._op_backward(list(grads), ys, invstd), None
+        return kb.batch_norm_parts_backward(list(grads), ys, invstd), None
 
 
 def test_gradcheck_float64():
@@ -189,8 +190,10 @@ def test_named_errors():
 def test_registered_as_the_ops_cuda_kernels():
     if not backend.load_extension():
         pytest.skip("the compiled extension (which defines the ops) is not built")
-    kb.register_cuda_kernels()
-    kb.register_cuda_kernels()  # idempotent
+    from fastnas.ops.batch_norm import register_triton_kernels
+
+    register_triton_kernels()
+    register_triton_kernels()  # idempotent
     cuda = torch._C.DispatchKey.CUDA
     assert torch.ops.fastnas.batch_norm_parts.default.has_kernel_for_dispatch_key(cuda)
     assert torch.ops.fastnas.batch_norm_parts_backward.default.has_kernel_for_dispatch_key(cuda)

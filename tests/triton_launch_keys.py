@@ -59,7 +59,7 @@ def main() -> None:
                 tk.mixed_sum_backward(grad, outputs if form != 3 else [], weights, form != 2)
         for _ in range(300):  # the BatchNorm: dtypes, planes Triton specialises or not, blocks, alignment
             dtype = rng.choice([torch.float32, torch.float16, torch.float64])
-            stats = kb.stats_dtype(dtype)
+            stats = accumulation_dtype(dtype)
             B, parts, c = rng.choice([1, 2, 5]), rng.choice([1, 2, 3, 17]), rng.choice([1, 3, 8])
             H, W = rng.choice([(1, 1), (4, 4), (7, 7), (8, 8), (3, 5), (32, 32)])
             if B * H * W < 2:

@@ -18,7 +18,7 @@ Two paths compute it:
     (deterministic, independent of the thread count);
   - CUDA contiguous (NCHW) float32/float16/bfloat16/float64 tensors, with the extension built and
     Triton >= 3.3 installed: Triton kernels (``kernels/batch_norm.py``), one launch each way where
-    PyTorch's kernels take five or six. Sums per channel in a fixed order, float32 (float64 for
+    the native path below dispatches four or five operators. Sums per channel in a fixed order, float32 (float64 for
     float64); the statistics are float32 for 16-bit inputs, as PyTorch's are.
 
   Either way the sums are not in PyTorch's order: float32 results differ from PyTorch's by rounding;
@@ -232,10 +232,39 @@ def register_native_fakes() -> None:
         dx = outputs[0].new_empty((B, c * len(outputs), H, W))
         return dx if outputs[0].device.type == "cuda" else dx.contiguous(memory_format=torch.channels_last)
 
-    if torch.cuda.is_available() and os.environ.get("FASTNAS_TRITON_BATCH_NORM", "1") != "0":
-        try:
-            from fastnas.kernels.batch_norm import register_cuda_kernels
-        except ImportError:  # no Triton, or one too old: PyTorch's kernels on CUDA
-            return
-        register_cuda_kernels()
+    from fastnas import backend
+
+    if (
+        torch.cuda.is_available()
+        and os.environ.get("FASTNAS_TRITON_BATCH_NORM", "1") != "0"
+        and backend.triton_installed()
+    ):
+        register_triton_kernels()
         _triton_on_cuda = True
+
+
+_triton_registered = False
+
+
+def register_triton_kernels() -> None:
+    """Make the Triton kernels of ``kernels/batch_norm.py`` the CUDA kernels of
+    ``fastnas::batch_norm_parts`` and ``fastnas::batch_norm_parts_backward`` (defined by the compiled
+    extension, which must be loaded). Triton and the kernels are imported at the first CUDA call, not
+    here: start-up does not pay for them. Idempotent."""
+    global _triton_registered
+    if not _triton_registered:
+        torch.library.impl("fastnas::batch_norm_parts", "CUDA")(_triton_forward)
+        torch.library.impl("fastnas::batch_norm_parts_backward", "CUDA")(_triton_backward)
+        _triton_registered = True
+
+
+def _triton_forward(input, parts, running_mean, running_var, momentum, eps):
+    from fastnas.kernels.batch_norm import batch_norm_parts
+
+    return batch_norm_parts(input, parts, running_mean, running_var, momentum, eps)
+
+
+def _triton_backward(grads, outputs, invstd):
+    from fastnas.kernels.batch_norm import batch_norm_parts_backward
+
+    return batch_norm_parts_backward(grads, outputs, invstd)
