@@ -219,6 +219,68 @@ def test_lean_batch_norm_matches_native(memory_format):
     assert torch.autograd.gradcheck(lambda t: batch_norm(t, torch.nn.BatchNorm2d(2, affine=False).double()), (z,))
 
 
+@pytest.mark.parametrize("momenta", ["one", "mixed", "untracked"])
+def test_batch_norm_with_biases_left_out_matches_conv_with_biases(momenta):
+    """A convolution's bias left out of x: same outputs and input gradient, running means with the
+    bias, and a bias gradient of exactly zero (the reference's is zero up to rounding)."""
+    torch.manual_seed(5)
+    x = torch.randn(3, 6, 4, 5, dtype=torch.float64).requires_grad_()
+    trs = momenta != "untracked"
+    bns = [torch.nn.BatchNorm2d(2, affine=False, track_running_stats=trs).double() for _ in range(3)]
+    refs = [torch.nn.BatchNorm2d(2, affine=False, track_running_stats=trs).double() for _ in range(3)]
+    if momenta == "mixed":  # not one kernel update: the batch means are given the biases afterwards
+        bns[1].momentum = refs[1].momentum = 0.3
+    for bn, ref in zip(bns, refs):
+        if trs:
+            bn.running_mean.uniform_(), bn.running_var.uniform_(1, 2)
+        ref.load_state_dict(bn.state_dict())
+    biases = [torch.randn(2, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    biases2 = [b.detach().clone().requires_grad_() for b in biases]
+    x2 = x.detach().clone().requires_grad_()
+    ys = batch_norm(x, bns, parts=3, biases=biases)
+    ys2 = [ref(c + b.view(1, -1, 1, 1)) for ref, c, b in zip(refs, x2.chunk(3, dim=1), biases2)]
+    g = [torch.randn_like(y) for y in ys2]
+    torch.autograd.backward(ys, g), torch.autograd.backward(ys2, g)
+    for y, y2 in zip(ys, ys2):
+        torch.testing.assert_close(y, y2, **TOL)
+    torch.testing.assert_close(x.grad, x2.grad, **TOL)
+    for b, b2 in zip(biases, biases2):
+        assert b.grad is not None and (b.grad == 0).all()
+        torch.testing.assert_close(b.grad, b2.grad, rtol=0, atol=1e-12)
+    for bn, ref in zip(bns, refs):
+        assert_close_dicts(bn.state_dict(), ref.state_dict(), **TOL)
+    cumulative = torch.nn.BatchNorm2d(2, affine=False, momentum=None).double()
+    with pytest.raises(ValueError, match="biases"):
+        batch_norm(x.detach()[:, :2], cumulative, biases=biases[:1])
+    with pytest.raises(ValueError, match="biases"):
+        batch_norm(x.detach()[:, :2], torch.nn.BatchNorm2d(2).double(), biases=biases[:1])
+
+
+def test_search_cell_convolutions_run_without_their_biases():
+    """The cell's 1x1 and 3x3 convolutions (with biases, as xautodl's at affine=False) run without
+    them: no convolution gets a bias, and every bias gets gradient zero."""
+    torch.manual_seed(6)
+    cell = nb201.SearchCell(4, 4, 1, 4, nb201.PRIMITIVES).double()
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, 5, dtype=torch.float64).softmax(-1)
+
+    class ConvBiases(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.biases = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.convolution.default:
+                self.biases.append(args[2])
+            return func(*args, **(kwargs or {}))
+
+    with ConvBiases() as counted:
+        cell(x, w).sum().backward()
+    assert len(counted.biases) == 6 and all(b is None for b in counted.biases)  # 1x1 and 3x3 of nodes 0, 1, 2
+    biases = [p for n, p in cell.named_parameters() if n.endswith("bias")]
+    assert len(biases) == 12 and all(b.grad is not None and (b.grad == 0).all() for b in biases)
+
+
 def test_slim_step_keeps_less_for_backward():
     """Bytes saved for the backward (deduplicated by storage) of one step: well below the eager supernet's."""
 

@@ -47,6 +47,7 @@ from fastnas.spaces.ops import (
     Zero,
     avg_pool_3x3,
     batch_norm,
+    can_leave_out_biases,
     lean_bn_eligible,
     pack_running_stats,
     run_tail,
@@ -327,8 +328,7 @@ class SearchCell(nn.Module):
                 else:
                     node = node + torch.stack([unselected[e] for e in rows]).sum()
             nodes.append(node)
-        updates.apply()
-        return nodes[-1]
+        return updates.finish(nodes[-1])
 
     def forward_gdas(self, inputs: Tensor, hardwts: Tensor, index: Tensor) -> Tensor:
         """GDAS: only op ``index[e]`` of each edge computed, weighted by ``hardwts[e, index[e]]``
@@ -400,12 +400,15 @@ class SearchCell(nn.Module):
         unit = self._bn_unit if self._bn_unit.dtype == x.dtype else None
         for group in convs.values():
             conv = group[0][3].op[1]
+            bns = [m.op[2] for *_, m in group]
             weight = torch.cat([m.op[1].weight for *_, m in group]) if len(group) > 1 else conv.weight
-            bias = None
-            if conv.bias is not None:
+            bias = biases = None
+            if conv.bias is not None and can_leave_out_biases(bns):  # (affine=False: xautodl's convs
+                biases = [m.op[1].bias for *_, m in group]  # have biases, which the BatchNorm removes)
+            elif conv.bias is not None:
                 bias = torch.cat([m.op[1].bias for *_, m in group]) if len(group) > 1 else conv.bias
             y = F.conv2d(relu_x(), weight, bias, conv.stride, conv.padding, conv.dilation)
-            outs = batch_norm(y, [m.op[2] for *_, m in group], unit, parts=len(group), updates=updates)
+            outs = batch_norm(y, bns, unit, parts=len(group), updates=updates, biases=biases)
             for (i, e, k, _), out in zip(group, outs if len(group) > 1 else [outs]):
                 self._queue(pending, i, out, e, k)
 

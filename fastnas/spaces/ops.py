@@ -155,15 +155,33 @@ class StatUpdates:
         self.counters: list[Tensor] = []
         # (module, batch mean, batch invstd, values per channel, momentum)
         self.shared: list[tuple[nn.BatchNorm2d, Tensor, Tensor, int, float]] = []
+        # momentum -> (running means, the convolution biases left out of their batch means)
+        self.biases: dict[float, tuple[list[Tensor], list[Tensor]]] = {}
+        self.zero_gradients: list[Tensor] = []  # those biases, given gradient zero by :meth:`finish`
+
+    def add_biases(self, running_means: Sequence[Tensor], biases: Sequence[Tensor], momentum: float) -> None:
+        """``running_mean += momentum * bias`` for each pair: the batch mean the kernel used lacked the
+        bias of the convolution before the BatchNorm (see :func:`batch_norm`)."""
+        means, values = self.biases.setdefault(momentum, ([], []))
+        means.extend(running_means)
+        values.extend(b.detach() for b in biases)
 
     def apply(self) -> None:
         # buffers and batch statistics only: nothing here is recorded by autograd
         with torch.no_grad():
             self._update()
 
+    def finish(self, out: Tensor) -> Tensor:
+        """:meth:`apply`, then ``out`` (the cell's output), through which every bias left out of a
+        convolution before a BatchNorm gets its gradient, zero (one kernel for all of them)."""
+        self.apply()
+        return _biases_left_out(out, self.zero_gradients)
+
     def _update(self) -> None:
         if self.counters:
             torch._foreach_add_(self.counters, 1)
+        for momentum, (means, biases) in self.biases.items():
+            torch._foreach_add_(means, biases, alpha=momentum)
         if not self.shared:
             return
         # unbiased batch variance, as the native kernel stores it: (invstd^-2 - eps) * n / (n - 1)
@@ -235,10 +253,41 @@ def _update_from_batch(
     now.apply()
 
 
+class _BiasLeftOut(torch.autograd.Function):
+    """``x`` itself, and gradient zero for each bias: the gradient of a convolution's bias left out
+    before a BatchNorm with batch statistics (see :func:`batch_norm`), which removes a per-channel
+    constant, so ``dL/dbias`` is exactly zero (the reference computes it as a sum of ``dL/dconv``
+    that is zero up to rounding). ``x`` is any tensor the loss depends on through the BatchNorm."""
+
+    @staticmethod
+    def forward(ctx, x, *biases):
+        ctx.sizes = [b.numel() for b in biases]
+        ctx.shapes = [b.shape for b in biases]
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        zeros = grad.new_zeros(sum(ctx.sizes)).split(ctx.sizes)  # one kernel for every bias
+        return (grad, *(z.view(shape) for z, shape in zip(zeros, ctx.shapes)))
+
+
+def _biases_left_out(x: Tensor, biases: Sequence[Tensor]) -> Tensor:
+    """``x``, through which ``biases`` get gradient zero (see :class:`_BiasLeftOut`), when any needs one."""
+    if torch.is_grad_enabled() and any(b.requires_grad for b in biases):
+        return _BiasLeftOut.apply(x, *biases)
+    return x
+
+
 def _lean_batch_norm(
-    x: Tensor, bns: Sequence[nn.BatchNorm2d], unit: Tensor | None, parts: int, updates: StatUpdates | None
+    x: Tensor,
+    bns: Sequence[nn.BatchNorm2d],
+    unit: Tensor | None,
+    parts: int,
+    updates: StatUpdates | None,
+    biases: Sequence[Tensor] | None = None,
 ):
-    """``(outputs, mean, invstd)`` of :func:`batch_norm` for lean-eligible modules of one eps."""
+    """``(outputs, mean, invstd)`` of :func:`batch_norm` for lean-eligible modules of one eps
+    (``biases``: as there; ``mean`` then lacks them)."""
     first = bns[0]
     if any(b.eps != first.eps for b in bns):
         raise ValueError("bn: the modules of one group must share eps")
@@ -250,13 +299,25 @@ def _lean_batch_norm(
     else:  # no statistics to track, or cumulative averages / mixed momenta: updated after the kernel
         running_mean = running_var = write_back = None
         momentum = 0.0
+    if biases is not None and updates is not None:
+        updates.zero_gradients.extend(biases)
+    elif biases is not None:
+        x = _biases_left_out(x, biases)
     ys, mean, invstd = lean_batch_norm(x, parts, running_mean, running_var, momentum, first.eps, unit)
     if write_back is not None:
         write_back()
+    if biases is not None and in_kernel:  # the kernel's running means lack the biases
+        target = updates if updates is not None else StatUpdates()
+        target.add_biases([bn.running_mean for bn in bns], biases, momentum)
+        if updates is None:
+            target.apply()
     if tracking and not in_kernel:
         count = x.numel() // x.shape[1]
         n = len(bns)
-        for b, m, i in zip(bns, mean.chunk(n), invstd.chunk(n)):
+        batch_means = mean.chunk(n)
+        if biases is not None:
+            batch_means = [m + b.detach() for m, b in zip(batch_means, biases)]
+        for b, m, i in zip(bns, batch_means, invstd.chunk(n)):
             if _tracks(b):
                 _update_from_batch([b], m, i, count, updates)
     return ys, mean, invstd
@@ -268,6 +329,7 @@ def batch_norm(
     unit: Tensor | None = None,
     parts: int = 1,
     updates: StatUpdates | None = None,
+    biases: Sequence[Tensor] | None = None,
 ) -> Tensor | list[Tensor]:
     """``bn(x)`` for a ``[B, C, H, W]`` tensor, keeping only the output for the backward.
 
@@ -280,13 +342,28 @@ def batch_norm(
     does. ``unit``: an optional :func:`fastnas.ops.batch_norm.bn_constants` tensor (saves two kernels
     per backward on the native path);
     ``updates``: a :class:`StatUpdates` that applies the batch counts at the end of the cell.
+
+    ``biases``: per module, the bias of the convolution that computed its block, which the caller
+    left out of ``x`` (call :func:`can_leave_out_biases` first). Batch statistics remove a
+    per-channel constant, so the output is the same; the running means get the biases added, and
+    each bias gets gradient zero, exactly (one reduction over the conv's output gradient fewer):
+    through ``updates.finish(out)`` when ``updates`` is given, else through ``x``.
     """
     bns = list(bn) if isinstance(bn, (list, tuple)) else [bn]
+    if biases is not None and not can_leave_out_biases(bns):
+        raise ValueError("biases: only BatchNorms that normalise with batch statistics, without affine, can take them")
     if not all(lean_bn_eligible(b) for b in bns):
         y = torch.cat([b(block) for b, block in zip(bns, x.chunk(len(bns), dim=1))], dim=1)
         return y if parts == 1 else list(y.chunk(parts, dim=1))
-    ys, _, _ = _lean_batch_norm(x, bns, unit, parts, updates)
+    ys, _, _ = _lean_batch_norm(x, bns, unit, parts, updates, biases)
     return ys if parts > 1 else ys[0]
+
+
+def can_leave_out_biases(bns: Sequence[nn.BatchNorm2d]) -> bool:
+    """Whether :func:`batch_norm` of ``bns`` accepts ``biases``: every module normalises with batch
+    statistics, has no affine parameters, and tracks its running mean with a fixed momentum or not
+    at all."""
+    return all(lean_bn_eligible(b) and (b.momentum is not None or not _tracks(b)) for b in bns)
 
 
 def shared_batch_norm(
