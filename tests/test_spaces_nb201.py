@@ -196,6 +196,18 @@ def test_arch_string_round_trip():
 # --------------------------------------------------------------------------- the building blocks
 
 
+def _assert_blocks_match(ys, ys2, x, x2, bns, refs):
+    """Blocks ``ys`` of ``batch_norm(x, bns)`` against the reference modules' ``ys2`` of ``x2``: outputs,
+    input gradients under one random output gradient, and the modules' state."""
+    g = [torch.randn_like(y) for y in ys2]
+    torch.autograd.backward(ys, g), torch.autograd.backward(ys2, g)
+    for y, y2 in zip(ys, ys2):
+        torch.testing.assert_close(y, y2, **TOL)
+    torch.testing.assert_close(x.grad, x2.grad, **TOL)
+    for bn, ref in zip(bns, refs):
+        assert_close_dicts(bn.state_dict(), ref.state_dict(), **TOL)
+
+
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 def test_lean_batch_norm_matches_native(memory_format):
     torch.manual_seed(4)
@@ -208,13 +220,7 @@ def test_lean_batch_norm_matches_native(memory_format):
     ys = batch_norm(x, bns, parts=3)
     x2 = x.detach().clone().requires_grad_()
     ys2 = [ref(c) for ref, c in zip(refs, x2.chunk(3, dim=1))]
-    g = [torch.randn_like(y) for y in ys2]
-    torch.autograd.backward(ys, g), torch.autograd.backward(ys2, g)
-    for y, y2 in zip(ys, ys2):
-        torch.testing.assert_close(y, y2, **TOL)
-    torch.testing.assert_close(x.grad, x2.grad, **TOL)
-    for bn, ref in zip(bns, refs):
-        assert_close_dicts(bn.state_dict(), ref.state_dict(), **TOL)
+    _assert_blocks_match(ys, ys2, x, x2, bns, refs)
     z = x.detach()[:, :2].clone().requires_grad_()
     assert torch.autograd.gradcheck(lambda t: batch_norm(t, torch.nn.BatchNorm2d(2, affine=False).double()), (z,))
 
@@ -239,16 +245,10 @@ def test_batch_norm_with_biases_left_out_matches_conv_with_biases(momenta):
     x2 = x.detach().clone().requires_grad_()
     ys = batch_norm(x, bns, parts=3, biases=biases)
     ys2 = [ref(c + b.view(1, -1, 1, 1)) for ref, c, b in zip(refs, x2.chunk(3, dim=1), biases2)]
-    g = [torch.randn_like(y) for y in ys2]
-    torch.autograd.backward(ys, g), torch.autograd.backward(ys2, g)
-    for y, y2 in zip(ys, ys2):
-        torch.testing.assert_close(y, y2, **TOL)
-    torch.testing.assert_close(x.grad, x2.grad, **TOL)
+    _assert_blocks_match(ys, ys2, x, x2, bns, refs)
     for b, b2 in zip(biases, biases2):
         assert b.grad is not None and (b.grad == 0).all()
         torch.testing.assert_close(b.grad, b2.grad, rtol=0, atol=1e-12)
-    for bn, ref in zip(bns, refs):
-        assert_close_dicts(bn.state_dict(), ref.state_dict(), **TOL)
     cumulative = torch.nn.BatchNorm2d(2, affine=False, momentum=None).double()
     with pytest.raises(ValueError, match="biases"):
         batch_norm(x.detach()[:, :2], cumulative, biases=biases[:1])
