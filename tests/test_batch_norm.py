@@ -16,7 +16,9 @@ from fastnas.ops.batch_norm import lean_batch_norm
 pytestmark = pytest.mark.skipif(not backend.load_extension(), reason="the compiled extension is not built")
 
 # (B, C, H, W, parts): the supernets' groups of 1-3 edges, channel counts around the vector widths
-# (1, 3, 17, 70 per part), odd pixel counts (a partial chunk of pixels), one pixel per image
+# (1, 3, 17, 70 per part) and the kernels' blocks of 16 channels summed at once (up to 4: 96 and 136
+# channels take several runs of blocks and a remainder), odd pixel counts (a partial chunk of 128
+# pixels; 2448 pixels: more than one run of 16 chunks in the backward), one pixel per image
 SHAPES = [
     (4, 12, 5, 7, 3),
     (2, 6, 3, 3, 1),
@@ -25,6 +27,9 @@ SHAPES = [
     (5, 1, 6, 6, 1),
     (3, 2, 1, 1, 2),
     (8, 32, 16, 16, 2),
+    (2, 96, 5, 6, 3),
+    (2, 136, 3, 5, 1),
+    (9, 6, 16, 17, 3),
 ]
 TOLERANCE = {torch.float64: dict(rtol=1e-10, atol=1e-11), torch.float32: dict(rtol=2e-5, atol=2e-5)}
 

@@ -29,26 +29,79 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu/block_pool.h"
 #include "cpu/multiversion.h"
 #include "cpu/nhwc.h"
 
 namespace fastnas {
 namespace {
 
-constexpr int64_t kChunkPixels = 128;  // pixels per partial sum
+constexpr int64_t kChunkPixels = 128;  // pixels per partial sum (a chunk of 64 float channels: 32 KB, in L1/L2)
+constexpr int64_t kRunChunks = 16;     // chunks of pixels the backward's second pass does part by part
+constexpr int64_t kLanes = 16;         // channels summed at once, in registers (one AVX-512 vector of float)
 
-// Shifted sums of one chunk of pixels: s1 += x - shift, s2 += (x - shift)^2, per channel, in T
-// (a chunk is short), then added to the chunk's double row by the caller.
-template <typename T>
-FASTNAS_MULTIVERSION void chunk_sums(const T* __restrict x, int64_t pixels, int64_t C, const T* __restrict shift,
-                                     T* __restrict s1, T* __restrict s2) {
-  for (int64_t c = 0; c < C; ++c) s1[c] = 0, s2[c] = 0;
+// Per channel k < c of `pixels` rows of `stride` values, in order of the pixels (deterministic):
+// the forward's shifted sums s1 = sum(x - shift), s2 = sum((x - shift)^2) (kSquares), or the
+// backward's s1 = sum(g), s2 = sum(g * y). Up to kMaxBlocks blocks of kLanes channels are summed at
+// once, their sums in registers for the whole chunk (each row read once, contiguously): with a
+// runtime channel count the sums lived in memory, each pixel's add waiting on the previous pixel's
+// store, which made 16-channel blocks (one vector per pixel) twice as slow per byte as 48-channel ones.
+template <bool kSquares, int64_t kBlocks, typename T>
+FASTNAS_INLINE void lane_block_sums(const T* __restrict a, const T* __restrict b, int64_t pixels, int64_t stride,
+                                    const T* __restrict shift, T* __restrict s1, T* __restrict s2) {
+  constexpr int64_t n = kBlocks * kLanes;
+  T acc1[n] = {}, acc2[n] = {}, sh[n] = {};
+  if constexpr (kSquares)
+    for (int64_t j = 0; j < n; ++j) sh[j] = shift[j];
   for (int64_t p = 0; p < pixels; ++p) {
-    const T* __restrict row = x + p * C;
-    for (int64_t c = 0; c < C; ++c) {
-      const T d = row[c] - shift[c];
-      s1[c] += d;
-      s2[c] += d * d;
+    const T* __restrict ar = a + p * stride;
+    const T* __restrict br = b + p * stride;
+    for (int64_t j = 0; j < n; ++j) {
+      if constexpr (kSquares) {
+        const T d = ar[j] - sh[j];
+        acc1[j] += d;
+        acc2[j] += d * d;
+      } else {
+        acc1[j] += ar[j];
+        acc2[j] += ar[j] * br[j];
+      }
+    }
+  }
+  for (int64_t j = 0; j < n; ++j) s1[j] = acc1[j], s2[j] = acc2[j];
+}
+
+constexpr int64_t kMaxBlocks = 4;
+
+template <bool kSquares, typename T>
+FASTNAS_MULTIVERSION void channel_sums(const T* __restrict a, const T* __restrict b, int64_t pixels, int64_t stride,
+                                       int64_t c, const T* __restrict shift, T* __restrict s1, T* __restrict s2) {
+  int64_t k0 = 0;
+  while (c - k0 >= kLanes) {
+    const int64_t blocks = std::min(kMaxBlocks, (c - k0) / kLanes);
+    const T* sh = kSquares ? shift + k0 : nullptr;
+    if (blocks == 4)
+      lane_block_sums<kSquares, 4, T>(a + k0, b + k0, pixels, stride, sh, s1 + k0, s2 + k0);
+    else if (blocks == 3)
+      lane_block_sums<kSquares, 3, T>(a + k0, b + k0, pixels, stride, sh, s1 + k0, s2 + k0);
+    else if (blocks == 2)
+      lane_block_sums<kSquares, 2, T>(a + k0, b + k0, pixels, stride, sh, s1 + k0, s2 + k0);
+    else
+      lane_block_sums<kSquares, 1, T>(a + k0, b + k0, pixels, stride, sh, s1 + k0, s2 + k0);
+    k0 += blocks * kLanes;
+  }
+  for (int64_t k = k0; k < c; ++k) s1[k] = 0, s2[k] = 0;  // the last channels, fewer than kLanes
+  for (int64_t p = 0; p < pixels && k0 < c; ++p) {
+    const T* __restrict ar = a + p * stride;
+    const T* __restrict br = b + p * stride;
+    for (int64_t k = k0; k < c; ++k) {
+      if constexpr (kSquares) {
+        const T d = ar[k] - shift[k];
+        s1[k] += d;
+        s2[k] += d * d;
+      } else {
+        s1[k] += ar[k];
+        s2[k] += ar[k] * br[k];
+      }
     }
   }
 }
@@ -67,21 +120,6 @@ FASTNAS_MULTIVERSION void normalise_pixels(const T* __restrict x, T* __restrict 
       const T* __restrict a = scale + q * c_part;
       const T* __restrict b = offset + q * c_part;
       for (int64_t c = 0; c < c_part; ++c) out[c] = in[c] * a[c] + b[c];
-    }
-  }
-}
-
-// Per channel of one block: sg += g, sgy += g * y over pixels [p0, p1).
-template <typename T>
-FASTNAS_MULTIVERSION void grad_sums(const T* __restrict g, const T* __restrict y, int64_t p0, int64_t p1, int64_t c,
-                                    T* __restrict sg, T* __restrict sgy) {
-  for (int64_t k = 0; k < c; ++k) sg[k] = 0, sgy[k] = 0;
-  for (int64_t p = p0; p < p1; ++p) {
-    const T* __restrict gr = g + p * c;
-    const T* __restrict yr = y + p * c;
-    for (int64_t k = 0; k < c; ++k) {
-      sg[k] += gr[k];
-      sgy[k] += gr[k] * yr[k];
     }
   }
 }
@@ -141,6 +179,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_parts_cpu(const at::Te
 
   const int64_t c_part = C / parts;
   const at::Tensor layout = at::empty({parts, B, H, W, c_part}, input.options().device(at::kMeta));
+  // (not from the block pool: a step's BatchNorm outputs all live until its backward, and pooling them
+  // filled the pool, so that the mixed sums' gradients page-faulted again: their backward ran 4x slower)
   at::Tensor out = at::empty(layout.sizes(), input.options()).permute({0, 1, 4, 2, 3});
   at::Tensor mean = at::empty({C}, input.options());
   at::Tensor invstd = at::empty({C}, input.options());
@@ -154,7 +194,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_parts_cpu(const at::Te
       std::vector<scalar_t> s1(C), s2(C);
       for (int64_t i = begin; i < end; ++i) {
         const int64_t p0 = i * kChunkPixels, p1 = std::min(N, p0 + kChunkPixels);
-        chunk_sums<scalar_t>(x + p0 * C, p1 - p0, C, shift.data(), s1.data(), s2.data());
+        channel_sums<true, scalar_t>(x + p0 * C, x + p0 * C, p1 - p0, C, C, shift.data(), s1.data(), s2.data());
         double* row = partial.data() + i * 2 * C;
         for (int64_t c = 0; c < C; ++c) row[c] = s1[c], row[C + c] = s2[c];
       }
@@ -236,7 +276,7 @@ at::Tensor batch_norm_parts_backward_cpu(at::ArrayRef<std::optional<at::Tensor>>
   }
   const at::Tensor layout =
       at::empty({B, C, H, W}, first.options().device(at::kMeta).memory_format(at::MemoryFormat::ChannelsLast));
-  at::Tensor dx = at::empty(layout.sizes(), first.options().memory_format(at::MemoryFormat::ChannelsLast));
+  at::Tensor dx = pooled_empty_like(layout);  // page-resident (block_pool.h): freed again within the backward
   if (C == 0) return dx;
   const int64_t chunks = (N + kChunkPixels - 1) / kChunkPixels;
   const at::Tensor istd = invstd.contiguous();
@@ -245,11 +285,12 @@ at::Tensor batch_norm_parts_backward_cpu(at::ArrayRef<std::optional<at::Tensor>>
     at::parallel_for(0, chunks * parts, 1, [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> sg(c), sgy(c);
       for (int64_t i = begin; i < end; ++i) {
-        const int64_t q = i % parts, chunk = i / parts;
+        const int64_t q = i / chunks, chunk = i % chunks;  // part by part: long runs of each tensor
         if (!gs[q].defined()) continue;
         const int64_t p0 = chunk * kChunkPixels, p1 = std::min(N, p0 + kChunkPixels);
-        grad_sums<scalar_t>(gs[q].const_data_ptr<scalar_t>(), ys[q].const_data_ptr<scalar_t>(), p0, p1, c,
-                            sg.data(), sgy.data());
+        channel_sums<false, scalar_t>(gs[q].const_data_ptr<scalar_t>() + p0 * c,
+                                      ys[q].const_data_ptr<scalar_t>() + p0 * c, p1 - p0, c, c, nullptr, sg.data(),
+                                      sgy.data());
         double* row = partial.data() + chunk * 2 * C + q * c;
         for (int64_t k = 0; k < c; ++k) row[k] = sg[k], row[C + k] = sgy[k];
       }
@@ -269,14 +310,18 @@ at::Tensor batch_norm_parts_backward_cpu(at::ArrayRef<std::optional<at::Tensor>>
     }
     scalar_t* out = dx.data_ptr<scalar_t>();
     at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-      const int64_t p0 = begin * kChunkPixels, p1 = std::min(N, end * kChunkPixels);
-      for (int64_t q = 0; q < parts; ++q) {
-        if (!gs[q].defined()) {
-          zero_pixels<scalar_t>(out + q * c, p0, p1, c, C);
-          continue;
+      // every part of a run of pixels, then the next run: a run's dx rows stay in L2 while each part's
+      // run of g and y streams (runs of one chunk, switching tensors every 8 KB, ran 2x slower)
+      for (int64_t run = begin; run < end; run += kRunChunks) {
+        const int64_t p0 = run * kChunkPixels, p1 = std::min(N, std::min(end, run + kRunChunks) * kChunkPixels);
+        for (int64_t q = 0; q < parts; ++q) {
+          if (!gs[q].defined()) {
+            zero_pixels<scalar_t>(out + q * c, p0, p1, c, C);
+            continue;
+          }
+          input_grad_pixels<scalar_t>(gs[q].const_data_ptr<scalar_t>(), ys[q].const_data_ptr<scalar_t>(), out + q * c,
+                                      p0, p1, c, C, a.data() + q * c, b.data() + q * c, d.data() + q * c);
         }
-        input_grad_pixels<scalar_t>(gs[q].const_data_ptr<scalar_t>(), ys[q].const_data_ptr<scalar_t>(),
-                                    out + q * c, p0, p1, c, C, a.data() + q * c, b.data() + q * c, d.data() + q * c);
       }
     });
   });
