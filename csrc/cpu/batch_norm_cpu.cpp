@@ -56,6 +56,7 @@ FASTNAS_INLINE void lane_block_sums(const T* __restrict a, const T* __restrict b
   for (int64_t p = 0; p < pixels; ++p) {
     const T* __restrict ar = a + p * stride;
     const T* __restrict br = b + p * stride;
+#pragma omp simd  // (left to itself GCC turned the squares' sums into 16 scalar chains)
     for (int64_t j = 0; j < n; ++j) {
       if constexpr (kSquares) {
         const T d = ar[j] - sh[j];
