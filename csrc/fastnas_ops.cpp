@@ -75,11 +75,8 @@ BackwardResults allocate_backward_results(const at::Tensor& grad, at::TensorList
   BackwardResults results;
   if (compute_outputs_grad) {
     // one allocation for all K gradients when they may share it: one call into the allocator instead of
-    // K (each costs about a microsecond of host time on a GPU); each is an ordinary tensor, not a view.
-    // Not on CPU, where the K blocks come from the block pool cheaply: autograd adds a second gradient
-    // of the same tensor into the first in place only when that one owns its storage; into a shared
-    // one it adds out of place, into fresh memory, which took twice as long (NAS-Bench-201's states)
-    const bool shared = SharedGradientStorage::active() && !grad.device().is_cpu();
+    // K (each costs about a microsecond of host time on a GPU); each is an ordinary tensor, not a view
+    const bool shared = SharedGradientStorage::active();
     const int64_t per_slot = kSlotAlignBytes / static_cast<int64_t>(grad.element_size());
     const int64_t slot = shared ? (grad.numel() + per_slot - 1) / per_slot * per_slot : 0;
     const at::Tensor buffer = shared ? empty_flat(K * slot, grad) : at::Tensor();

@@ -24,7 +24,7 @@ int64_t check_native_inputs(const at::Tensor& grad, at::TensorList outputs, cons
 
 // The results of a backward call, allocated as the contract says: K outputs gradients laid out like
 // grad (when compute_outputs_grad), each from `empty_flat(numel, like)` (the backend's allocator, a
-// 1-D tensor of like's dtype and device), or on CUDA all K as slices of one such buffer while a
+// 1-D tensor of like's dtype and device), or all K as slices of one such buffer while a
 // SharedGradientStorage lives; and weights_grad, [K] when outputs are given, else empty. `done` when nothing is left to compute (no elements, or nothing asked):
 // weights_grad then holds its final value (zeros when there are no elements).
 struct BackwardResults {
@@ -36,9 +36,8 @@ BackwardResults allocate_backward_results(const at::Tensor& grad, at::TensorList
                                           bool compute_outputs_grad,
                                           at::Tensor (*empty_flat)(int64_t numel, const at::Tensor& like));
 
-// While one lives on a thread, the CUDA backward allocates the K input gradients as slices of one
-// buffer (see allocate_backward_results; the CPU backward never does: autograd accumulates in place
-// only into a gradient that owns its storage). Only the eager autograd node sets it, around its own
+// While one lives on a thread, the backward kernels allocate the K input gradients as slices of one
+// buffer (see allocate_backward_results). Only the eager autograd node sets it, around its own
 // backward call: its gradients go straight to the autograd engine. Called as registered operators,
 // the kernels return K separate allocations, since torch.library requires that the outputs of a
 // custom operator alias nothing (torch.compile and functionalization rely on it).

@@ -237,24 +237,6 @@ def test_forward_backward_match_reference(device, k, shape, dtype):
 
 
 @pytest.mark.parametrize("device", CUDA_ONLY)
-@pytest.mark.parametrize("shape", [(3, 5), (64, 16, 9, 9)], ids=["tiny", "odd-numel"])
-def test_eager_cuda_backward_allocates_the_input_gradients_once(device, shape):
-    """On CUDA the C++ autograd node takes the K gradients from one allocation (64-byte aligned slots:
-    one call into the caching allocator instead of K); the registered ops return K separate ones, as
-    torch.library requires."""
-    weights = torch.randn(5, device=device).softmax(0).requires_grad_()
-    outputs = [torch.randn(shape, device=device, requires_grad=True) for _ in range(5)]
-    grad = torch.randn(shape, device=device)
-    fastnas.mixed_sum(outputs, weights).backward(grad)
-    assert len({o.grad.untyped_storage().data_ptr() for o in outputs}) == 1
-    assert all(o.grad.data_ptr() % 64 == 0 and o.grad._base is None for o in outputs)
-    for o, w in zip(outputs, weights):
-        torch.testing.assert_close(o.grad, w.detach() * grad, rtol=0, atol=0)
-    grads, _ = backward(grad, [o.detach() for o in outputs], weights.detach(), True)
-    assert len({g.untyped_storage().data_ptr() for g in grads}) == len(grads)
-
-
-@pytest.mark.parametrize("device", CUDA_ONLY)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("k", [5, 40])
 def test_several_grid_sweeps(device, k, dtype):
