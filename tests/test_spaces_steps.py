@@ -179,6 +179,45 @@ def test_running_statistics_stay_packed(space):
     assert bns[0].running_mean.dtype == torch.float64
 
 
+# --------------------------------------------------------------------------- torch.func and forward-mode AD
+
+
+@pytest.mark.parametrize("space", ["darts", "nb201"])
+def test_torch_func_grad_and_forward_ad_match_autograd(space):
+    """Under torch.func.grad (buffers passed in, as PyTorch's BatchNorm needs) and forward-mode AD the
+    supernets take PyTorch's differentiable operations: the gradients and running statistics of a
+    plain backward, and a tangent equal to the gradient's inner product with the direction."""
+    import copy
+
+    import torch.autograd.forward_ad as fwAD
+    from torch.func import functional_call, grad
+
+    torch.manual_seed(8)
+    net = tiny(space).double()
+    ref, dual_net = copy.deepcopy(net), copy.deepcopy(net)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    params = {k: v.detach() for k, v in net.named_parameters()}
+    buffers = {k: v.clone() for k, v in net.named_buffers()}
+
+    def loss(p, b):
+        return functional_call(net, {**p, **b}, (x,)).pow(2).sum()
+
+    grads = grad(loss)(params, buffers)
+    ref(x).pow(2).sum().backward()
+    for k, p in ref.named_parameters():
+        expected = p.grad if p.grad is not None else torch.zeros_like(p)
+        torch.testing.assert_close(grads[k], expected, **TOL, msg=k)
+    assert_close_dicts(buffers, dict(ref.named_buffers()), **TOL)
+
+    direction = {k: torch.randn_like(v) for k, v in params.items()}
+    with fwAD.dual_level():
+        duals = {k: fwAD.make_dual(v, direction[k]) for k, v in params.items()}
+        tangent = fwAD.unpack_dual(functional_call(dual_net, duals, (x,)).pow(2).sum()).tangent
+    expected = sum((grads[k] * direction[k]).sum() for k in params)
+    torch.testing.assert_close(tangent, expected, **TOL)
+    assert_close_dicts(dict(dual_net.named_buffers()), dict(ref.named_buffers()), **TOL)
+
+
 # --------------------------------------------------------------------------- sampled ops: all computed, evaluation
 
 

@@ -27,6 +27,9 @@ Two paths compute it:
   (on CPU the native channels_last backward also costs 4–5 times its forward at the grouped shapes:
   why the CPU kernels exist).
 
+Under torch.func transforms and forward-mode AD neither autograd.Function can run: differentiable
+torch operations compute the same outputs and statistics there (:func:`_functional_lean_batch_norm`).
+
 Both return ``invstd`` as a differentiable output: the backward's formula depends on ``x`` through it,
 so the double backward (``create_graph=True``) needs its gradient.
 """
@@ -37,6 +40,7 @@ import os
 from typing import Sequence
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
 
 from fastnas.ops._nhwc import KERNEL_DTYPES, plain_autograd, strictly_channels_last
@@ -201,12 +205,39 @@ def lean_batch_norm(
     ``mean`` (not differentiable) and ``invstd = 1/sqrt(var + eps)`` ``[C]`` (differentiable).
     ``running_mean``/``running_var`` (both or neither) are updated in place with ``momentum`` as
     ``F.batch_norm`` does (unbiased variance). ``unit``: see :func:`bn_constants` (native path only)."""
+    if not plain_autograd():  # torch.func transforms, forward-mode AD: the autograd.Functions cannot run
+        return _functional_lean_batch_norm(x, parts, running_mean, running_var, momentum, eps)
     if uses_kernels(x, running_mean, running_var):
         fn = _KernelLeanBatchNorm
     else:
         fn = _NativeLeanBatchNorm
     *ys, mean, invstd = fn.apply(x, parts, running_mean, running_var, momentum, eps, unit)
     return ys, mean, invstd
+
+
+def _functional_lean_batch_norm(x, parts, running_mean, running_var, momentum, eps):
+    """:func:`lean_batch_norm` by differentiable torch operations (under torch.func transforms and
+    forward-mode AD): the same outputs and statistics, every intermediate kept for the backward.
+    The running statistics are updated outside the transform, from the batch's values."""
+    var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
+    invstd = torch.rsqrt(var + eps)
+    y = (x - mean.view(1, -1, 1, 1)) * invstd.view(1, -1, 1, 1)
+    if running_mean is not None:
+        count = x.numel() // x.shape[1]
+        with torch.no_grad():
+            batch_mean, batch_var = _plain_values(mean), _plain_values(var) * (count / max(count - 1, 1))
+            running_mean.mul_(1 - momentum).add_(batch_mean.to(running_mean.dtype), alpha=momentum)
+            running_var.mul_(1 - momentum).add_(batch_var.to(running_var.dtype), alpha=momentum)
+    return list(y.chunk(parts, dim=1)), mean.detach(), invstd
+
+
+def _plain_values(t: Tensor) -> Tensor:
+    """The values of ``t`` without the torch.func / forward-AD wrappers (for buffers the transform does
+    not see)."""
+    t = t.detach()
+    while torch._C._functorch.is_functorch_wrapped_tensor(t):
+        t = torch._C._functorch.get_unwrapped(t)
+    return forward_ad.unpack_dual(t).primal if forward_ad._current_level >= 0 else t
 
 
 def register_native_fakes() -> None:

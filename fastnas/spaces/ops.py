@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as module_mod
 
-from fastnas.ops._nhwc import strictly_channels_last
+from fastnas.ops._nhwc import plain_autograd, strictly_channels_last
 from fastnas.ops.avg_pool import avg_pool2d
 from fastnas.ops.batch_norm import lean_batch_norm
 from fastnas.ops.depthwise_conv import depthwise_conv2d
@@ -119,8 +119,8 @@ def _adjacent(tensors: Sequence[Tensor]) -> Tensor | None:
     first = tensors[0]
     if len(tensors) == 1:
         return first.view(-1)
-    if torch.compiler.is_compiling() or not first.is_contiguous():
-        return None
+    if torch.compiler.is_compiling() or not plain_autograd() or not first.is_contiguous():
+        return None  # (torch.func's wrapped tensors have no storage to compare either)
     ptr, end = first.untyped_storage().data_ptr(), first.storage_offset() + first.numel()
     for t in tensors[1:]:
         if t.untyped_storage().data_ptr() != ptr or t.storage_offset() != end or not t.is_contiguous():
@@ -362,8 +362,8 @@ def batch_norm(
 def can_leave_out_biases(bns: Sequence[nn.BatchNorm2d]) -> bool:
     """Whether :func:`batch_norm` of ``bns`` accepts ``biases``: every module normalises with batch
     statistics, has no affine parameters, and tracks its running mean with a fixed momentum or not
-    at all."""
-    return all(lean_bn_eligible(b) and (b.momentum is not None or not _tracks(b)) for b in bns)
+    at all; and no torch.func transform or forward-mode AD runs (there the convolutions keep them)."""
+    return plain_autograd() and all(lean_bn_eligible(b) and (b.momentum is not None or not _tracks(b)) for b in bns)
 
 
 def shared_batch_norm(
