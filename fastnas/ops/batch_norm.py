@@ -27,11 +27,12 @@ Two paths compute it:
   (on CPU the native channels_last backward also costs 4–5 times its forward at the grouped shapes:
   why the CPU kernels exist).
 
-Under torch.func transforms and forward-mode AD neither autograd.Function can run: differentiable
-torch operations compute the same outputs and statistics there (:func:`_functional_lean_batch_norm`).
+Both paths return ``invstd`` as a differentiable output: the backward's formula depends on ``x``
+through it, so the double backward (``create_graph=True``) needs its gradient.
 
-Both return ``invstd`` as a differentiable output: the backward's formula depends on ``x`` through it,
-so the double backward (``create_graph=True``) needs its gradient.
+Under torch.func transforms and forward-mode AD neither path's autograd.Function can run:
+differentiable torch operations compute the same outputs and statistics there
+(:func:`_functional_lean_batch_norm`).
 """
 
 from __future__ import annotations
