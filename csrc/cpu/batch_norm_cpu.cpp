@@ -38,59 +38,56 @@ namespace {
 
 constexpr int64_t kChunkPixels = 128;  // pixels per partial sum (a chunk of 64 float channels: 32 KB, in L1/L2)
 constexpr int64_t kRunChunks = 16;     // chunks of pixels the backward's second pass does part by part
-constexpr int64_t kLanes = 16;         // channels summed at once, in registers (one AVX-512 vector of float)
 
 // Per channel k < c of `pixels` rows of `stride` values, in order of the pixels (deterministic):
 // the forward's shifted sums s1 = sum(x - shift), s2 = sum((x - shift)^2) (kSquares), or the
-// backward's s1 = sum(g), s2 = sum(g * y). Up to kMaxBlocks blocks of kLanes channels are summed at
-// once, their sums in registers for the whole chunk (each row read once, contiguously): with a
-// runtime channel count the sums lived in memory, each pixel's add waiting on the previous pixel's
-// store, which made 16-channel blocks (one vector per pixel) twice as slow per byte as 48-channel ones.
-template <bool kSquares, int64_t kBlocks, typename T>
-FASTNAS_INLINE void lane_block_sums(const T* __restrict a, const T* __restrict b, int64_t pixels, int64_t stride,
-                                    const T* __restrict shift, T* __restrict s1, T* __restrict s2) {
-  constexpr int64_t n = kBlocks * kLanes;
-  T acc1[n] = {}, acc2[n] = {}, sh[n] = {};
+// backward's s1 = sum(g), s2 = sum(g * y). Up to kMaxVectors vectors of channels (cpu/nhwc.h) are
+// summed at once, their sums in registers for the whole chunk (each row read once, contiguously):
+// with a runtime channel count they lived in memory, each pixel's add waiting on the previous
+// pixel's store, which made 16-channel blocks (one vector per pixel) twice as slow per byte as
+// 48-channel ones.
+template <bool kSquares, int NV, typename T>
+FASTNAS_INLINE void vector_sums(const T* __restrict a, const T* __restrict b, int64_t pixels, int64_t stride,
+                                const T* __restrict shift, T* __restrict s1, T* __restrict s2) {
+  using L = Lanes<T>;
+  typename L::V acc1[NV] = {}, acc2[NV] = {}, sh[NV] = {};
   if constexpr (kSquares)
-    for (int64_t j = 0; j < n; ++j) sh[j] = shift[j];
+    for (int v = 0; v < NV; ++v) sh[v] = L::load(shift + v * L::kCount);
   for (int64_t p = 0; p < pixels; ++p) {
-    const T* __restrict ar = a + p * stride;
-    const T* __restrict br = b + p * stride;
-#pragma omp simd  // (left to itself GCC turned the squares' sums into 16 scalar chains)
-    for (int64_t j = 0; j < n; ++j) {
+    for (int v = 0; v < NV; ++v) {
+      const typename L::V av = L::load(a + p * stride + v * L::kCount);
       if constexpr (kSquares) {
-        const T d = ar[j] - sh[j];
-        acc1[j] += d;
-        acc2[j] += d * d;
+        const typename L::V d = av - sh[v];
+        acc1[v] += d;
+        acc2[v] += d * d;
       } else {
-        acc1[j] += ar[j];
-        acc2[j] += ar[j] * br[j];
+        acc1[v] += av;
+        acc2[v] += av * L::load(b + p * stride + v * L::kCount);
       }
     }
   }
-  for (int64_t j = 0; j < n; ++j) s1[j] = acc1[j], s2[j] = acc2[j];
+  for (int v = 0; v < NV; ++v) L::store(s1 + v * L::kCount, acc1[v]), L::store(s2 + v * L::kCount, acc2[v]);
 }
-
-constexpr int64_t kMaxBlocks = 4;
 
 template <bool kSquares, typename T>
 FASTNAS_MULTIVERSION void channel_sums(const T* __restrict a, const T* __restrict b, int64_t pixels, int64_t stride,
                                        int64_t c, const T* __restrict shift, T* __restrict s1, T* __restrict s2) {
+  constexpr int64_t lanes = Lanes<T>::kCount;
   int64_t k0 = 0;
-  while (c - k0 >= kLanes) {
-    const int64_t blocks = std::min(kMaxBlocks, (c - k0) / kLanes);
+  while (c - k0 >= lanes) {
+    const int64_t nv = std::min<int64_t>(kMaxVectors, (c - k0) / lanes);
     const T* sh = kSquares ? shift + k0 : nullptr;
-    if (blocks == 4)
-      lane_block_sums<kSquares, 4, T>(a + k0, b + k0, pixels, stride, sh, s1 + k0, s2 + k0);
-    else if (blocks == 3)
-      lane_block_sums<kSquares, 3, T>(a + k0, b + k0, pixels, stride, sh, s1 + k0, s2 + k0);
-    else if (blocks == 2)
-      lane_block_sums<kSquares, 2, T>(a + k0, b + k0, pixels, stride, sh, s1 + k0, s2 + k0);
+    if (nv == 4)
+      vector_sums<kSquares, 4, T>(a + k0, b + k0, pixels, stride, sh, s1 + k0, s2 + k0);
+    else if (nv == 3)
+      vector_sums<kSquares, 3, T>(a + k0, b + k0, pixels, stride, sh, s1 + k0, s2 + k0);
+    else if (nv == 2)
+      vector_sums<kSquares, 2, T>(a + k0, b + k0, pixels, stride, sh, s1 + k0, s2 + k0);
     else
-      lane_block_sums<kSquares, 1, T>(a + k0, b + k0, pixels, stride, sh, s1 + k0, s2 + k0);
-    k0 += blocks * kLanes;
+      vector_sums<kSquares, 1, T>(a + k0, b + k0, pixels, stride, sh, s1 + k0, s2 + k0);
+    k0 += nv * lanes;
   }
-  for (int64_t k = k0; k < c; ++k) s1[k] = 0, s2[k] = 0;  // the last channels, fewer than kLanes
+  for (int64_t k = k0; k < c; ++k) s1[k] = 0, s2[k] = 0;  // the last channels, fewer than a vector
   for (int64_t p = 0; p < pixels && k0 < c; ++p) {
     const T* __restrict ar = a + p * stride;
     const T* __restrict br = b + p * stride;
