@@ -398,7 +398,8 @@ class Cell(nn.Module):
                 bypass = fastnas.mixed_sum(passes[i], ones)
                 node = channel_shuffle(torch.cat([node, bypass], dim=1), k)
             states.append(node)
-        return updates.finish(torch.cat(states[-self._multiplier :], dim=1))
+        updates.apply()
+        return torch.cat(states[-self._multiplier :], dim=1)
 
     @staticmethod
     def _preprocess(module: nn.Module, s: Tensor, unit: Tensor | None, updates: StatUpdates) -> Tensor:

@@ -316,7 +316,10 @@ class SearchCell(nn.Module):
                 self.last_computed += [(self.edge_keys[e], self.op_names[k]) for e, k, _ in queue]
             if queue:
                 w = pick_weights(weightss, [(e, k) for e, k, _ in queue], picked)
-                node = fastnas.mixed_sum([o for *_, o in queue], w)
+                outs = [o for *_, o in queue]
+                if j + 2 == self.max_nodes:  # the last node: the biases left out get their zero gradients
+                    outs[0] = updates.through(outs[0])
+                node = fastnas.mixed_sum(outs, w)
             else:  # every computed op of this node is 'none'
                 B, _, H, W = inputs.shape
                 s = self.stride
@@ -328,7 +331,8 @@ class SearchCell(nn.Module):
                 else:
                     node = node + torch.stack([unselected[e] for e in rows]).sum()
             nodes.append(node)
-        return updates.finish(nodes[-1])
+        updates.apply()
+        return nodes[-1]
 
     def forward_gdas(self, inputs: Tensor, hardwts: Tensor, index: Tensor) -> Tensor:
         """GDAS: only op ``index[e]`` of each edge computed, weighted by ``hardwts[e, index[e]]``

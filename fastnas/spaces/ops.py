@@ -157,7 +157,7 @@ class StatUpdates:
         self.shared: list[tuple[nn.BatchNorm2d, Tensor, Tensor, int, float]] = []
         # momentum -> (running means, the convolution biases left out of their batch means)
         self.biases: dict[float, tuple[list[Tensor], list[Tensor]]] = {}
-        self.zero_gradients: list[Tensor] = []  # those biases, given gradient zero by :meth:`finish`
+        self.zero_gradients: list[Tensor] = []  # those biases, given gradient zero by :meth:`through`
 
     def add_biases(self, running_means: Sequence[Tensor], biases: Sequence[Tensor], momentum: float) -> None:
         """``running_mean += momentum * bias`` for each pair: the batch mean the kernel used lacked the
@@ -171,11 +171,13 @@ class StatUpdates:
         with torch.no_grad():
             self._update()
 
-    def finish(self, out: Tensor) -> Tensor:
-        """:meth:`apply`, then ``out`` (the cell's output), through which every bias left out of a
-        convolution before a BatchNorm gets its gradient, zero (one kernel for all of them)."""
-        self.apply()
-        return _biases_left_out(out, self.zero_gradients)
+    def through(self, t: Tensor) -> Tensor:
+        """``t``, through which every bias left out of a convolution before a BatchNorm so far gets its
+        gradient, zero (one kernel for all of them). ``t``: a tensor the cell's output is computed from
+        by the cell itself, such as an input of its last mixed sum: not the output, which would be a
+        view made by a custom Function, and so could not be modified in place."""
+        biases, self.zero_gradients = self.zero_gradients, []
+        return _biases_left_out(t, biases)
 
     def _update(self) -> None:
         if self.counters:
@@ -347,11 +349,16 @@ def batch_norm(
     left out of ``x`` (call :func:`can_leave_out_biases` first). Batch statistics remove a
     per-channel constant, so the output is the same; the running means get the biases added, and
     each bias gets gradient zero, exactly (one reduction over the conv's output gradient fewer):
-    through ``updates.finish(out)`` when ``updates`` is given, else through ``x``.
+    through a tensor the caller passes to ``updates.through`` when ``updates`` is given, else
+    through ``x``.
     """
     bns = list(bn) if isinstance(bn, (list, tuple)) else [bn]
     if biases is not None and not can_leave_out_biases(bns):
-        raise ValueError("biases: only BatchNorms that normalise with batch statistics, without affine, can take them")
+        raise ValueError(
+            "biases: only BatchNorms that normalise with batch statistics, have no affine parameters and a "
+            "fixed momentum (or no running statistics) take them, outside torch.func transforms and "
+            "forward-mode AD (see can_leave_out_biases)"
+        )
     if not all(lean_bn_eligible(b) for b in bns):
         y = torch.cat([b(block) for b, block in zip(bns, x.chunk(len(bns), dim=1))], dim=1)
         return y if parts == 1 else list(y.chunk(parts, dim=1))
