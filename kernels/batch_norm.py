@@ -87,6 +87,28 @@ def _channel_tile(b0, hw0, B, HW, BB: tl.constexpr, BHW: tl.constexpr):
     return b.to(tl.int64), hw, (b < B) & (hw < HW)
 
 
+@triton.jit
+def _channel_sums(p_a, p_b, image_stride, shift, B, HW, ACC: tl.constexpr, SQUARES: tl.constexpr, BB: tl.constexpr,
+                  BHW: tl.constexpr):  # fmt: skip
+    """Over one channel's ``B x HW`` values (image ``i`` at ``p_a + i * image_stride``), in ``ACC``,
+    per lane in a fixed order, then one tree: the forward's ``sum(a - shift)`` and ``sum((a - shift)^2)``
+    (``SQUARES``), or the backward's ``sum(a)`` and ``sum(a * b)``."""
+    s1 = tl.zeros([BB, BHW], dtype=ACC)
+    s2 = tl.zeros([BB, BHW], dtype=ACC)
+    for b0 in range(0, B, BB):
+        for hw0 in range(0, HW, BHW):
+            b, hw, m = _channel_tile(b0, hw0, B, HW, BB, BHW)
+            a = tl.load(p_a + b * image_stride + hw, mask=m, other=0.0).to(ACC)
+            if SQUARES:
+                d = tl.where(m, a - shift, 0.0)
+                s1 += d
+                s2 += d * d
+            else:
+                s1 += a
+                s2 += a * tl.load(p_b + b * image_stride + hw, mask=m, other=0.0).to(ACC)
+    return tl.sum(tl.sum(s1, 1), 0), tl.sum(tl.sum(s2, 1), 0)
+
+
 @triton.jit(
     do_not_specialize=["B", "C", "c", "momentum_hi", "momentum_lo", "eps_hi", "eps_lo"]
 )  # HW: 16-divisible planes get vector accesses
@@ -116,18 +138,10 @@ def _bn_parts_fwd_kernel(
     plane = C.to(tl.int64) * HW  # elements of one image
     p_xc = p_x + ch.to(tl.int64) * HW
     shift = tl.load(p_xc).to(acc_ty)
-    s = tl.zeros([BB, BHW], dtype=acc_ty)
-    q = tl.zeros([BB, BHW], dtype=acc_ty)
-    for b0 in range(0, B, BB):
-        for hw0 in range(0, HW, BHW):
-            b, hw, m = _channel_tile(b0, hw0, B, HW, BB, BHW)
-            v = tl.load(p_xc + b * plane + hw, mask=m, other=0.0).to(acc_ty)
-            d = tl.where(m, v - shift, 0.0)
-            s += d
-            q += d * d
+    s, q = _channel_sums(p_xc, p_xc, plane, shift, B, HW, acc_ty, True, BB, BHW)
     n = B * HW
-    mean_shifted = tl.sum(tl.sum(s, 1), 0) / n
-    var = tl.maximum(tl.sum(tl.sum(q, 1), 0) / n - mean_shifted * mean_shifted, 0.0)
+    mean_shifted = s / n
+    var = tl.maximum(q / n - mean_shifted * mean_shifted, 0.0)
     mean = shift + mean_shifted
     invstd = 1.0 / tl.sqrt(var + eps)
     tl.store(p_mean + ch, mean)
@@ -179,18 +193,10 @@ def _bn_parts_bwd_kernel(
     p_g = _select(g_ptrs, part, PB) + offset
     p_y = _select(y_ptrs, part, PB) + offset
     block_plane = c.to(tl.int64) * HW
-    sg = tl.zeros([BB, BHW], dtype=acc_ty)
-    sgy = tl.zeros([BB, BHW], dtype=acc_ty)
-    for b0 in range(0, B, BB):
-        for hw0 in range(0, HW, BHW):
-            b, hw, m = _channel_tile(b0, hw0, B, HW, BB, BHW)
-            g = tl.load(p_g + b * block_plane + hw, mask=m, other=0.0).to(acc_ty)
-            y = tl.load(p_y + b * block_plane + hw, mask=m, other=0.0).to(acc_ty)
-            sg += g
-            sgy += g * y
+    sg, sgy = _channel_sums(p_g, p_y, block_plane, 0.0, B, HW, acc_ty, False, BB, BHW)
     n = B * HW
-    mean_g = tl.sum(tl.sum(sg, 1), 0) / n
-    mean_gy = tl.sum(tl.sum(sgy, 1), 0) / n
+    mean_g = sg / n
+    mean_gy = sgy / n
     ch = first * c + local
     invstd = tl.load(p_invstd + ch)
     plane = C.to(tl.int64) * HW
