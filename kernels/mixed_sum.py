@@ -387,13 +387,7 @@ def interpreted() -> bool:
     return not isinstance(_mixed_sum_fwd_kernel, triton.runtime.JITFunction)
 
 
-_INTERPRETED = interpreted()
-
 _LAUNCHER = Launcher(KERNELS)
-_compiled = _LAUNCHER.compiled
-"""(kernel, device, specialisation) -> (launcher, function handle, packed metadata, the
-``CompiledKernel``) of a kernel compiled by Triton's own launch path on its first call."""
-_alignment = alignment
 
 
 def _launch(which: int, grid: int, args: tuple, key: tuple, num_warps: int, device: int) -> None:
@@ -404,7 +398,7 @@ def _launch(which: int, grid: int, args: tuple, key: tuple, num_warps: int, devi
 
 
 def variant_of(key: tuple) -> Variant:
-    """The :class:`Variant` of a key of ``_compiled`` (made by :func:`_forward_launch` and
+    """The :class:`Variant` of a key of ``_LAUNCHER.compiled`` (made by :func:`_forward_launch` and
     :func:`_backward_launch`)."""
     which, _, k, *rest = key
     if which == _FORWARD:
@@ -443,7 +437,7 @@ def _forward_launch(y: Tensor, acc_in: Tensor | None, outputs: Sequence[Tensor],
     padded = (*outputs, *(outputs[0],) * (plan.kb - k))
     # without acc_in, p_acc is the weights (never read); y and acc_in are fresh allocations: aligned
     args = (y, weights if acc_in is None else acc_in, padded, weights, n_full, tail, k, int(acc_in is not None))
-    key = (k, y.dtype, dtype, acc_in is None, _alignment((weights, *outputs)))
+    key = (k, y.dtype, dtype, acc_in is None, alignment((weights, *outputs)))
     meta = (plan.kb, plan.vec, plan.rows)
     _launch(_FORWARD, n_full + (tail > 0), (*args, *meta), key, plan.num_warps, device)
 
@@ -471,7 +465,7 @@ def _backward_launch(
     args = (grad, padded_o, padded_do, weights, weights_grad, partials, counter, n_full, tail, k)
     # outputs_grad, weights_grad (or a slice of it at a multiple of 16 elements) and the workspace
     # are fresh allocations: aligned
-    key = (k, dtype, has_do, has_dw, programs > 1, _alignment((grad, weights, *outputs)))
+    key = (k, dtype, has_do, has_dw, programs > 1, alignment((grad, weights, *outputs)))
     meta = (has_do, has_dw, plan.kb, plan.vec, plan.rows, SUM_ROWS)
     _launch(_BACKWARD, programs, (*args, *meta), key, plan.num_warps, device)
 
@@ -547,7 +541,7 @@ without their checks (a call's host time matters; see
 
 def _cpu_tensors_allowed() -> bool:
     """CPU tensors run in the interpreter, or compile-only under an offline driver (kernels/offline.py)."""
-    return _INTERPRETED or type(driver.active).__name__ == "OfflineDriver"
+    return _LAUNCHER.interpreted or type(driver.active).__name__ == "OfflineDriver"
 
 
 def _check(grad: Tensor | None, outputs: Sequence[Tensor], weights: Tensor, op: str) -> None:

@@ -309,16 +309,16 @@ def _compile_variant(tk, variant):
         k = tk.MAX_BUCKET_FORWARD + 1  # chunks: 32 inputs into the running sum, then 1 into y
     tensors = [torch.zeros(n, dtype=dtype) for _ in range(k + 1)]
     weights = torch.zeros(k, dtype=acc)
-    before = set(tk._compiled)
+    before = set(tk._LAUNCHER.compiled)
     if variant.form == "forward":
         tk.mixed_sum_forward(tensors[:k], weights)
     else:
         outputs = tensors[:k] if variant.has_dw else []
         tk.mixed_sum_backward(tensors[k], outputs, weights, variant.has_do)
-    keys = [key for key in tk._compiled if key not in before and tk.variant_of(key) == variant]
+    keys = [key for key in tk._LAUNCHER.compiled if key not in before and tk.variant_of(key) == variant]
     if len(keys) != 1:
         raise RuntimeError(f"the launchers did not pick {variant} exactly once: {keys}")
-    return tk._compiled[keys[0]][3], tk._plan(variant.form, k if k <= variant.kb else variant.kb, dtype)
+    return tk._LAUNCHER.compiled[keys[0]][3], tk._plan(variant.form, k if k <= variant.kb else variant.kb, dtype)
 
 
 def compile_batch_norm_variants(capabilities: Sequence[int] = (90,)) -> list[dict]:

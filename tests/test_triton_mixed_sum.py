@@ -390,14 +390,14 @@ def test_large_shapes_on_cuda(shape, k, dtype):
 def test_direct_launches_match_tritons_on_cuda(k, offset):
     """The first call of a specialisation goes through Triton's launch path, later ones call the
     compiled kernel's launcher directly: same bits, right values, aligned or not."""
-    tk._compiled.clear()
+    tk._LAUNCHER.compiled.clear()
     outputs, weights, grad = make_inputs((3, 1000, 1001), k, torch.bfloat16, seed=3)
     if offset:  # the same values one element into a buffer: no input 16-byte aligned
         flat = torch.cat([outputs[0].new_zeros(offset), torch.stack(outputs).flatten()])
         outputs = list(flat[offset:].view(k, 3, 1000, 1001).unbind(0))
     y = tk.mixed_sum_forward(outputs, weights)
     dos, dw = tk.mixed_sum_backward(grad, outputs, weights, True)
-    assert len(tk._compiled) > 0
+    assert len(tk._LAUNCHER.compiled) > 0
     y_exact, dos_exact, dw_exact, y_scale, dw_scale = float64_oracle(outputs, weights, grad)
     check_forward(y, outputs, weights, y_exact, y_scale)
     check_backward(dos, dw, grad, dos_exact, dw_exact, dw_scale)
