@@ -41,7 +41,6 @@ import os
 from typing import Sequence
 
 import torch
-import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
 
 from fastnas.ops._nhwc import KERNEL_DTYPES, plain_autograd, strictly_channels_last
@@ -218,27 +217,11 @@ def lean_batch_norm(
 
 def _functional_lean_batch_norm(x, parts, running_mean, running_var, momentum, eps):
     """:func:`lean_batch_norm` by differentiable torch operations (under torch.func transforms and
-    forward-mode AD): the same outputs and statistics, every intermediate kept for the backward.
-    The running statistics are updated outside the transform, from the batch's values."""
+    forward-mode AD): ``F.batch_norm`` for the output and the running statistics, exactly as
+    PyTorch's BatchNorm behaves there; the batch statistics again for ``mean`` and ``invstd``."""
+    y = torch.nn.functional.batch_norm(x, running_mean, running_var, None, None, True, momentum, eps)
     var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
-    invstd = torch.rsqrt(var + eps)
-    y = (x - mean.view(1, -1, 1, 1)) * invstd.view(1, -1, 1, 1)
-    if running_mean is not None:
-        count = x.numel() // x.shape[1]
-        with torch.no_grad():
-            batch_mean, batch_var = _plain_values(mean), _plain_values(var) * (count / max(count - 1, 1))
-            running_mean.mul_(1 - momentum).add_(batch_mean.to(running_mean.dtype), alpha=momentum)
-            running_var.mul_(1 - momentum).add_(batch_var.to(running_var.dtype), alpha=momentum)
-    return list(y.chunk(parts, dim=1)), mean.detach(), invstd
-
-
-def _plain_values(t: Tensor) -> Tensor:
-    """The values of ``t`` without the torch.func / forward-AD wrappers (for buffers the transform does
-    not see)."""
-    t = t.detach()
-    while torch._C._functorch.is_functorch_wrapped_tensor(t):
-        t = torch._C._functorch.get_unwrapped(t)
-    return forward_ad.unpack_dual(t).primal if forward_ad._current_level >= 0 else t
+    return list(y.chunk(parts, dim=1)), mean.detach(), torch.rsqrt(var + eps)
 
 
 def register_native_fakes() -> None:
