@@ -232,14 +232,14 @@ def pick_weights(W: Tensor, pairs: Sequence[tuple[int, int]], picked: Tensor | N
     :class:`EdgeWeights`), sliced the same way. Within :func:`sharing_picks`, computed once per
     source tensor and ``pairs``."""
     cache = getattr(_forward, "picks", None)
-    source = W if picked is None else picked
+    source, gather = (W, _gather) if picked is None else (picked, _gather_picked)
     if cache is None or torch.compiler.is_compiling():
-        return _gather(W, pairs) if picked is None else _gather_picked(picked, pairs)
+        return gather(source, pairs)
     # the source itself is kept with the entry, so that its id is not reused while the cache lives
     key = (id(source), source._version, torch.is_grad_enabled(), picked is None, tuple(pairs))
     entry = cache.get(key)
     if entry is None:
-        entry = cache[key] = (source, _gather(W, pairs) if picked is None else _gather_picked(picked, pairs))
+        entry = cache[key] = (source, gather(source, pairs))
     return entry[1]
 
 
