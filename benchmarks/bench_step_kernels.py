@@ -10,12 +10,19 @@ and, where installed, the reference code itself.
   CPU count on the same sample.
 * Times: median seconds of a step in interleaved rounds: fastnas, the eager supernet on a
   channels_last batch (the layout fastnas runs in on CPU) and the reference code.
+* Host time: the same step on tiny images (16 of 4x4 for NAS-Bench-201, 8x8 for DARTS), so that
+  the kernels have almost nothing to compute and the time is what the host spends dispatching them:
+  Python, autograd and the operators' own overhead. On a GPU, where a supernet step at batch 64 is
+  launch-bound, this is the floor of an eager step's time. (A batch of 16: below it PyTorch runs
+  single-threaded 1x1 convolutions by its slow reference kernel, a grouped one group by group, which
+  no real step does.)
 * Compile: ``net.compile_cells()`` (inductor): seconds of the first step (compilation included), then
   the compiled step against the eager fastnas step, interleaved.
 
 Run:  python benchmarks/bench_step_kernels.py kernels
       python benchmarks/bench_step_kernels.py gpu-path-kernels   (fastnas on CPU and on the GPU path)
       python benchmarks/bench_step_kernels.py times [--rounds 5]
+      python benchmarks/bench_step_kernels.py host [--rounds 15]
       python benchmarks/bench_step_kernels.py compile --space nb201
       pytest benchmarks/bench_step_kernels.py --benchmark-only   (kernel counts in extra_info)
 """
@@ -189,6 +196,26 @@ def time_row(space: str, rounds: int) -> dict:
     return dict(space=space, batch=BATCH[space], threads=torch.get_num_threads(), medians=medians)
 
 
+HOST_SIZE = {"darts": 4, "nb201": 4}
+"""Image side of the host-time step: the smallest both networks' reductions accept."""
+HOST_BATCH = 16
+
+
+def host_row(space: str, rounds: int) -> dict:
+    """Median step seconds of each network on a batch of tiny images (channels_last for fastnas and
+    the eager supernet, as on CPU), interleaved: the step's host cost (see the module docstring)."""
+    nets = networks(space, "softmax")
+    side = HOST_SIZE[space]
+    x = torch.randn(HOST_BATCH, 3, side, side)
+    y = torch.randint(0, 10, (HOST_BATCH,))
+    x_nhwc = x.contiguous(memory_format=torch.channels_last)
+    inputs = {name: x_nhwc if name in ("fastnas", "eager") else x for name in nets}
+    fns = {name: lambda net=net, x=inputs[name]: step(net, x, y) for name, net in nets.items()}
+    medians = interleaved_medians(fns, "cpu", rounds=rounds, warmup=2)
+    kernels = count_kernels(lambda: step(nets["fastnas"], x_nhwc, y)).total
+    return dict(space=space, side=side, threads=torch.get_num_threads(), medians=medians, kernels=kernels)
+
+
 def compile_row(space: str, mode: str, rounds: int) -> dict:
     """Seconds of the first compiled step (compilation included) and medians of compiled and eager steps."""
     nets = networks(space, mode)
@@ -218,7 +245,7 @@ def test_kernels_per_step(benchmark, space):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("what", choices=["kernels", "gpu-path-kernels", "times", "compile"])
+    parser.add_argument("what", choices=["kernels", "gpu-path-kernels", "times", "host", "compile"])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--space", choices=list(SIZES), default="nb201")
     parser.add_argument("--mode", choices=list(MODES), default="softmax")
@@ -238,6 +265,14 @@ if __name__ == "__main__":
             med = r["medians"]
             ratios = ", ".join(f"{k} {v:.3f} s ({v / med['fastnas']:.2f}x)" for k, v in med.items() if k != "fastnas")
             print(f"{r['space']} batch {r['batch']} ({r['threads']} threads): fastnas {med['fastnas']:.3f} s; {ratios}")
+    elif args.what == "host":
+        for r in (host_row(space, args.rounds) for space in SIZES):
+            med = r["medians"]
+            fast = med["fastnas"]
+            ratios = ", ".join(f"{k} {v * 1e3:.1f} ms ({v / fast:.2f}x)" for k, v in med.items() if k != "fastnas")
+            per_kernel = f"{fast / r['kernels'] * 1e6:.1f} us per kernel of {r['kernels']}"
+            print(f"{r['space']} batch {HOST_BATCH} of {r['side']}x{r['side']} ({r['threads']} threads): fastnas "
+                  f"{fast * 1e3:.1f} ms ({per_kernel}); {ratios}")  # fmt: skip
     else:
         r = compile_row(args.space, args.mode, args.rounds)
         med = r["medians"]

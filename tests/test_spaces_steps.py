@@ -179,6 +179,51 @@ def test_running_statistics_stay_packed(space):
     assert bns[0].running_mean.dtype == torch.float64
 
 
+def assert_steps_match_eager(space: str, net, x, replace_buffers: bool = False) -> None:
+    """Two steps of ``net`` equal an eager supernet's from the same state: outputs, gradients and
+    running statistics. ``replace_buffers``: first give every module of the cells new buffers with the
+    same values behind their backs (no registration, no repacking), once the eager supernet is built
+    (building modules is a registration: it would drop every cached plan)."""
+    kwargs = dict(C=4, num_classes=5, layers=3) if space == "darts" else dict(C=4, N=1, num_classes=5)
+    eager = (EagerDartsNetwork if space == "darts" else EagerNB201Network)(**kwargs).to(x.dtype)
+    if replace_buffers:
+        run_step(net, x)  # the plans cached again after that registration
+        for cell in net.cells:
+            for child in cell.children():
+                child._apply(torch.clone)
+    eager.load_state_dict(net.state_dict())
+    for _ in range(2):
+        (yf, gf), (ye, ge) = run_step(net, x), run_step(eager, x)
+        torch.testing.assert_close(yf, ye, **TOL)
+        assert_close_dicts(gf, ge, **TOL)
+        assert_close_dicts(net.state_dict(), eager.state_dict(), **TOL)
+
+
+@pytest.mark.parametrize("space", ["darts", "nb201"])
+def test_cached_plans_follow_the_modules(space):
+    """The cells cache which module is what and their BatchNorm groups' packed statistics (host time):
+    after buffers replaced without a registration, ``.double()``, a replaced module and a deepcopy, steps
+    still equal the eager supernet's, and a copy and its original step apart."""
+    torch.manual_seed(0)
+    net = tiny(space).double()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    assert_steps_match_eager(space, net, x, replace_buffers=True)
+    net.float().double()  # every buffer replaced twice, and packed again
+    assert_steps_match_eager(space, net, x)
+    if space == "darts":  # a new layer in a grouped op: its weight must be the one used
+        op = net.cells[0]._ops[0]._ops[darts.PRIMITIVES.index("sep_conv_3x3")]
+        op.op[1] = torch.nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False).double()
+    else:
+        op = net.cells[0].edges["2<-0"][nb201.PRIMITIVES.index("nor_conv_3x3")]
+        op.op[1] = torch.nn.Conv2d(4, 4, 3, padding=1).double()
+    assert_steps_match_eager(space, net, x)
+    copy = __import__("copy").deepcopy(net)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    assert_steps_match_eager(space, copy, x)
+    assert_close_dicts(net.state_dict(), before, rtol=0, atol=0)  # the original untouched by the copy's steps
+    assert_steps_match_eager(space, net, x)
+
+
 # --------------------------------------------------------------------------- torch.func and forward-mode AD
 
 

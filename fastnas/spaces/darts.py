@@ -46,6 +46,7 @@ from fastnas.ops.depthwise_conv import depthwise_conv2d
 from fastnas.spaces import _arch
 from fastnas.spaces._arch import pick_weights, sharing_picks
 from fastnas.spaces.ops import (
+    BatchNormGroup,
     Identity,
     StatUpdates,
     Zero,
@@ -57,6 +58,7 @@ from fastnas.spaces.ops import (
     repeat_channels,
     run_tail,
     shared_batch_norm,
+    structure_version,
     to_preferred_layout,
 )
 
@@ -300,6 +302,26 @@ class Cell(nn.Module):
         """The edges leaving state ``j``, by target node."""
         return [e for e, (_, src) in enumerate(self.edges) if src == j]
 
+    def _plan(self, key: tuple, build: Callable, *args):
+        """``build(*args)``, cached under ``key`` for this cell's structure: what the forward needs about
+        the modules of a group of ops (their layers, a :class:`BatchNormGroup` per BatchNorm), since
+        finding them through ``nn.Module`` attribute lookups cost the host more than the cell's
+        kernels. The cache is dropped when any module registration anywhere changed the structure
+        (:func:`~fastnas.spaces.ops.structure_version`) and in a copy of the cell; nothing is cached
+        while tracing."""
+        if torch.compiler.is_compiling():
+            return build(*args)
+        version = (id(self), structure_version())
+        cached = self.__dict__.get("_plan_cache")
+        if cached is None or cached[0] != version:
+            cached = (version, {})
+            self.__dict__["_plan_cache"] = cached
+        plan = cached[1]
+        entry = plan.get(key)
+        if entry is None:
+            entry = plan[key] = build(*args)
+        return entry
+
     def _pack_running_stats(self) -> None:
         """Per state and conv op kind, the BatchNorms normalised together keep their statistics side
         by side (see :func:`fastnas.spaces.ops.pack_running_stats`)."""
@@ -411,8 +433,7 @@ class Cell(nn.Module):
     def _emit(self, j: int, x: Tensor, selected, queues, updates: StatUpdates) -> None:
         """Compute every needed op of every edge leaving state ``j`` (input ``x``) and queue it for
         its target node."""
-        edges = self._out_edges(j)
-        stride = self._ops[edges[0]].stride
+        edges, stride = self._plan(("out", j), self._out_edges_and_stride, j)
         needed = {e: [q for q in (_REAL_OPS if selected is None else selected[e]) if q != _NONE] for e in edges}
         relu: dict[int, Tensor] = {}  # times -> relu(x) repeated that many times along the channels
 
@@ -425,20 +446,20 @@ class Cell(nn.Module):
 
         unit = self._bn_unit if self._bn_unit.dtype == x.dtype else None
         for q in _REAL_OPS:
-            members = [e for e in edges if q in needed[e]]
+            members = tuple(e for e in edges if q in needed[e])
             if not members:
                 continue
             name = PRIMITIVES[q]
             if name in _POOLS:
                 pooled = _pool(name, x, stride)
-                bns = [self._ops[e]._ops[q][1] for e in members]
+                bns = self._plan((q, members), self._op_modules, q, members, 1)
                 if all(lean_bn_eligible(b) for b in bns):
                     y = shared_batch_norm(pooled, bns, unit, updates)
                     outs = [y] * len(members)
                 else:
                     outs = [b(pooled) for b in bns]
             elif name == "skip_connect":
-                fr = [self._ops[e]._ops[q] for e in members]
+                fr = self._plan((q, members), self._op_modules, q, members)
                 outs = [x if stride == 1 else op.forward_relu(relu_x(), unit, updates) for op in fr]
             else:
                 outs = self._conv_group(q, members, relu_x, unit, updates)
@@ -451,24 +472,41 @@ class Cell(nn.Module):
         convolution over the edges' concatenated weights — the depthwise ones over the input repeated
         once per edge, the pointwise ones grouped by edge — and each BatchNorm one BatchNorm over the
         edges' concatenated channels; returns one dense output per edge."""
-        seqs = [self._ops[e]._ops[q].op for e in edges]
-        if not all(lean_bn_eligible(s[i]) for s in seqs for i in _BN_INDICES[PRIMITIVES[q]]):
+        seqs, layers, bn_groups = self._plan((q, tuple(edges)), self._conv_group_plan, q, edges)
+        if not all(lean_bn_eligible(b) for group in bn_groups for b in group):
             return [run_tail(s, relu_x(), start=1) for s in seqs]  # running statistics in use: module by module
         m, C = len(seqs), relu_x().shape[1]
 
         def conv(y: Tensor, index: int, groups: int) -> Tensor:
-            layer = seqs[0][index]
-            weight = torch.cat([s[index].weight for s in seqs]) if m > 1 else layer.weight
+            layer = layers[index][0]
+            weight = torch.cat([c.weight for c in layers[index]]) if m > 1 else layer.weight
             if groups == y.shape[1]:
                 return depthwise_conv2d(y, weight, layer.stride, layer.padding, layer.dilation)
             return F.conv2d(y, weight, None, layer.stride, layer.padding, layer.dilation, groups)
 
         y = conv(conv(relu_x(m), 1, m * C), 2, m)
         if PRIMITIVES[q].startswith("sep"):
-            y = torch.relu(batch_norm(y, [s[3] for s in seqs], unit, updates=updates))
+            y = torch.relu(batch_norm(y, bn_groups[0], unit, updates=updates))
             y = conv(conv(y, 5, m * C), 6, m)
-        outs = batch_norm(y, [s[-1] for s in seqs], unit, parts=m, updates=updates)
+        outs = batch_norm(y, bn_groups[-1], unit, parts=m, updates=updates)
         return outs if m > 1 else [outs]
+
+    def _out_edges_and_stride(self, j: int) -> tuple[list[int], int]:
+        edges = self._out_edges(j)
+        return edges, self._ops[edges[0]].stride
+
+    def _op_modules(self, q: int, edges: Sequence[int], index: int | None = None) -> list[nn.Module]:
+        """Op ``q`` of each edge (its layer ``index`` when given)."""
+        ops = [self._ops[e]._ops[q] for e in edges]
+        return ops if index is None else [op[index] for op in ops]
+
+    def _conv_group_plan(self, q: int, edges: Sequence[int]):
+        """``(seqs, layers, bn_groups)`` of :meth:`_conv_group`: op ``q``'s Sequential on each edge, its
+        layers by index (one list per index, over the edges), a :class:`BatchNormGroup` per
+        BatchNorm index."""
+        seqs = [self._ops[e]._ops[q].op for e in edges]
+        layers = [list(stage) for stage in zip(*seqs)]
+        return seqs, layers, [BatchNormGroup(layers[i]) for i in _BN_INDICES[PRIMITIVES[q]]]
 
     @staticmethod
     def _bypass(rest: Tensor, stride: int) -> Tensor:

@@ -42,6 +42,7 @@ from fastnas.ops.batch_norm import bn_constants
 from fastnas.spaces import _arch
 from fastnas.spaces._arch import pick_weights, sharing_picks
 from fastnas.spaces.ops import (
+    BatchNormGroup,
     Identity,
     StatUpdates,
     Zero,
@@ -51,6 +52,7 @@ from fastnas.spaces.ops import (
     lean_bn_eligible,
     pack_running_stats,
     run_tail,
+    structure_version,
     to_preferred_layout,
 )
 
@@ -251,6 +253,8 @@ class SearchCell(nn.Module):
         self.edge_keys = sorted(self.edges.keys())
         self.edge2index = {key: i for i, key in enumerate(self.edge_keys)}
         self.num_edges = len(self.edges)
+        self._edge_of = [[self.edge2index.get(f"{i}<-{j}") for j in range(max_nodes)] for i in range(max_nodes)]
+        self._all_ops = range(len(op_names))
         self.last_computed: list[tuple[str, str]] = []  # (edge key, op) pairs of the last eager forward
         # constants of the BatchNorm backward (two kernels fewer per backward)
         self.register_buffer("_bn_unit", bn_constants((max_nodes - 1) * C_out), persistent=False)
@@ -367,11 +371,47 @@ class SearchCell(nn.Module):
         ones = torch.ones(self.num_edges, len(self.op_names), dtype=inputs.dtype, device=inputs.device)
         return self.forward(inputs, ones, selected)
 
+    # what an op of the plan is (see _plan)
+    _ZERO, _IDENTITY, _POOL, _CONV, _OTHER = range(5)
+
+    def _plan(self) -> tuple[list[list[tuple]], dict[tuple, BatchNormGroup]]:
+        """``(ops, groups)``: per edge (``edge_keys`` order) and op, ``(kind, module, conv, bn)``
+        (``conv``/``bn``: a ReLUConvBN's, else None), and the cell's :class:`BatchNormGroup` per set of
+        ``(edge, op)`` pairs one convolution computes (filled by :meth:`_emit`). Classifying the ops
+        through ``nn.Module`` attribute lookups cost the host more than the cell's kernels; the plan is
+        rebuilt when any module registration anywhere changed the structure
+        (:func:`~fastnas.spaces.ops.structure_version`) and in a copy of the cell."""
+        tracing = torch.compiler.is_compiling()  # (nothing cached, no global read: no guards on them)
+        key = None if tracing else (id(self), structure_version())
+        cached = None if tracing else self.__dict__.get("_plan_cache")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        ops = []
+        for edge in self.edge_keys:
+            row = []
+            for op in self.edges[edge]:
+                if isinstance(op, Zero):
+                    row.append((self._ZERO, op, None, None))
+                elif isinstance(op, Identity):
+                    row.append((self._IDENTITY, op, None, None))
+                elif isinstance(op, POOLING) and op.preprocess is None:
+                    row.append((self._POOL, op, None, None))
+                elif isinstance(op, ReLUConvBN):
+                    row.append((self._CONV, op, op.op[1], op.op[2]))
+                else:
+                    row.append((self._OTHER, op, None, None))
+            ops.append(row)
+        plan = (ops, {})
+        if not tracing:
+            self.__dict__["_plan_cache"] = (key, plan)
+        return plan
+
     def _emit(self, j: int, x: Tensor, selected, pending, updates: StatUpdates) -> None:
         """Compute every needed op of every edge leaving node ``j`` and queue it for its target node."""
         relu: list[Tensor] = []
         pools: dict[tuple[str, int], Tensor] = {}
-        convs: dict[str, list[tuple[int, int, int, nn.Module]]] = defaultdict(list)  # name -> (i, e, k, module)
+        convs: dict[int, list[tuple[int, int, nn.Module, nn.Module]]] = {}  # op -> (i, e, conv, bn)
+        ops, groups = self._plan()
 
         def relu_x() -> Tensor:
             if not relu:
@@ -379,46 +419,46 @@ class SearchCell(nn.Module):
             return relu[0]
 
         for i in range(j + 1, self.max_nodes):
-            key = f"{i}<-{j}"
-            e = self.edge2index[key]
-            ops = range(len(self.op_names)) if selected is None else selected[e]
-            for k in ops:
-                op = self.edges[key][k]
-                if isinstance(op, Zero):
+            e = self._edge_of[i][j]
+            row = ops[e]
+            for k in self._all_ops if selected is None else selected[e]:
+                kind, op, conv, bn = row[k]
+                if kind == self._ZERO:
                     continue
-                if isinstance(op, Identity):
+                if kind == self._IDENTITY:
                     out = x
-                elif isinstance(op, POOLING) and op.preprocess is None:
+                elif kind == self._POOL:
                     pk = (op.mode, op.stride)
                     if pk not in pools:
                         pools[pk] = op.pool(x)
                     out = pools[pk]
-                elif isinstance(op, ReLUConvBN) and lean_bn_eligible(op.op[2]):
-                    convs[self.op_names[k]].append((i, e, k, op))
+                elif kind == self._CONV and lean_bn_eligible(bn):
+                    convs.setdefault(k, []).append((i, e, conv, bn))
                     continue
-                elif isinstance(op, ReLUConvBN):
+                elif kind == self._CONV:
                     out = run_tail(op.op, relu_x(), start=1)
                 else:
                     out = op(x)
-                self._queue(pending, i, out, e, k)
+                pending[i].append((e, k, out))
         unit = self._bn_unit if self._bn_unit.dtype == x.dtype else None
-        for group in convs.values():
-            conv = group[0][3].op[1]
-            bns = [m.op[2] for *_, m in group]
-            weight = torch.cat([m.op[1].weight for *_, m in group]) if len(group) > 1 else conv.weight
+        for k, group in convs.items():
+            conv = group[0][2]
+            members = tuple((e, k) for _, e, _, _ in group)
+            bns = groups.get(members)
+            if bns is None:
+                bns = BatchNormGroup([bn for *_, bn in group])
+                if not torch.compiler.is_compiling():
+                    groups[members] = bns
+            weight = torch.cat([c.weight for _, _, c, _ in group]) if len(group) > 1 else conv.weight
             bias = biases = None
             if conv.bias is not None and can_leave_out_biases(bns):  # (affine=False: xautodl's convs
-                biases = [m.op[1].bias for *_, m in group]  # have biases, which the BatchNorm removes)
+                biases = [c.bias for _, _, c, _ in group]  # have biases, which the BatchNorm removes)
             elif conv.bias is not None:
-                bias = torch.cat([m.op[1].bias for *_, m in group]) if len(group) > 1 else conv.bias
+                bias = torch.cat([c.bias for _, _, c, _ in group]) if len(group) > 1 else conv.bias
             y = F.conv2d(relu_x(), weight, bias, conv.stride, conv.padding, conv.dilation)
             outs = batch_norm(y, bns, unit, parts=len(group), updates=updates, biases=biases)
-            for (i, e, k, _), out in zip(group, outs if len(group) > 1 else [outs]):
-                self._queue(pending, i, out, e, k)
-
-    @staticmethod
-    def _queue(queues, i: int, out: Tensor, e: int, k: int) -> None:
-        queues[i].append((e, k, out))
+            for (i, e, _, _), out in zip(group, outs if len(group) > 1 else [outs]):
+                pending[i].append((e, k, out))
 
 
 # --------------------------------------------------------------------------- the network

@@ -145,6 +145,30 @@ def pack_running_stats(bns: Sequence[nn.BatchNorm2d]) -> None:
             setattr(bn, name, chunk.view(b.shape))
 
 
+_structure_version = 0
+"""Incremented whenever any module registers a submodule, parameter or buffer (global registration
+hooks): the supernets' cached plans (:func:`structure_version`) are rebuilt after any such change."""
+
+
+def _bump_structure_version(*_) -> None:
+    global _structure_version
+    _structure_version += 1
+
+
+module_mod.register_module_module_registration_hook(_bump_structure_version)
+module_mod.register_module_parameter_registration_hook(_bump_structure_version)
+module_mod.register_module_buffer_registration_hook(_bump_structure_version)
+
+
+def structure_version() -> int:
+    """A number that changes whenever a module anywhere gains, loses or replaces a submodule,
+    parameter or buffer: what a cached plan of a module tree (which op is what, which modules a
+    kernel serves) is keyed on. (``.to()`` and ``.double()`` replace tensors without registering them,
+    so a plan reads tensors from their modules when it runs, and :class:`BatchNormGroup` checks its
+    buffers.)"""
+    return _structure_version
+
+
 class StatUpdates:
     """BatchNorm bookkeeping of a whole cell, collected during its forward and applied at its end by
     :meth:`apply` in a handful of foreach kernels: ``num_batches_tracked += 1`` of every module run,
@@ -164,7 +188,7 @@ class StatUpdates:
         bias of the convolution before the BatchNorm (see :func:`batch_norm`)."""
         means, values = self.biases.setdefault(momentum, ([], []))
         means.extend(running_means)
-        values.extend(b.detach() for b in biases)
+        values.extend(biases)  # (read under no_grad by apply)
 
     def apply(self) -> None:
         # buffers and batch statistics only: nothing here is recorded by autograd
@@ -214,10 +238,13 @@ def _count_batch(bns: Sequence[nn.BatchNorm2d], updates: StatUpdates | None) -> 
             torch._foreach_add_(tracked, 1)
 
 
-def _group_stats(bns: Sequence[nn.BatchNorm2d]):
+def _group_stats(bns: Sequence[nn.BatchNorm2d], packed: tuple[Tensor, Tensor, Tensor | None] | None = None):
     """``(running_mean, running_var, momentum, write_back)`` for one BatchNorm kernel over the
     concatenated channels of ``bns`` (all in training mode, tracking, one momentum): packed views
-    when the buffers are adjacent, else concatenated copies that ``write_back()`` copies back."""
+    when the buffers are adjacent (``packed``: found already, see :class:`BatchNormGroup`), else
+    concatenated copies that ``write_back()`` copies back."""
+    if packed is not None:
+        return packed[0], packed[1], bns[0].momentum, None
     means, variances = [bn.running_mean for bn in bns], [bn.running_var for bn in bns]
     running_mean, running_var = _adjacent(means), _adjacent(variances)
     if running_mean is not None and running_var is not None:
@@ -230,8 +257,54 @@ def _group_stats(bns: Sequence[nn.BatchNorm2d]):
     return running_mean, running_var, bns[0].momentum, write_back
 
 
+class BatchNormGroup:
+    """BatchNorm modules normalised together by one kernel (the same op of several edges, see
+    :func:`batch_norm`), with the packed views of their running statistics found once: searching them
+    (:func:`_adjacent`, a storage comparison per buffer) cost the host more than the kernel's launch.
+    Each call compares the modules' current buffers with the ones the views were made from, by
+    identity, so a replaced buffer (``.to()``, an assignment) is seen. A supernet keeps one per group
+    of its cells (see :meth:`fastnas.spaces.nb201.SearchCell._plan`); :func:`batch_norm` takes it
+    where it takes a list of modules."""
+
+    __slots__ = ("bns", "_buffers", "_packed")
+    _NAMES = ("running_mean", "running_var", "num_batches_tracked")
+
+    def __init__(self, bns: Sequence[nn.BatchNorm2d]) -> None:
+        self.bns = tuple(bns)
+        self._buffers: tuple | None = None
+        self._packed: tuple[Tensor, Tensor, Tensor | None] | None = None
+
+    def __len__(self) -> int:
+        return len(self.bns)
+
+    def __iter__(self):
+        return iter(self.bns)
+
+    def __getitem__(self, index):
+        return self.bns[index]
+
+    def packed(self) -> tuple[Tensor, Tensor, Tensor | None] | None:
+        """``(running_mean, running_var, num_batches_tracked)``, each one view over the group's
+        buffers of that name (the counters None when a module has none), when the means and variances
+        are packed (see :func:`pack_running_stats`); else None. Never while tracing."""
+        if torch.compiler.is_compiling() or not plain_autograd():
+            return None
+        current = tuple(bn._buffers.get(name) for bn in self.bns for name in self._NAMES)
+        cached = self._buffers
+        if cached is None or any(a is not b for a, b in zip(current, cached)):
+            means, variances, counters = current[0::3], current[1::3], current[2::3]
+            packed = None
+            if all(t is not None for t in means + variances):
+                mean, var = _adjacent(means), _adjacent(variances)
+                if mean is not None and var is not None:
+                    count = _adjacent(counters) if all(t is not None for t in counters) else None
+                    packed = (mean, var, count)
+            self._buffers, self._packed = current, packed
+        return self._packed
+
+
 def _tracks(bn: nn.BatchNorm2d) -> bool:
-    return bn.training and bn.track_running_stats and bn.running_mean is not None
+    return bn.training and bn.track_running_stats and bn._buffers.get("running_mean") is not None
 
 
 @torch.no_grad()
@@ -264,13 +337,15 @@ class _BiasLeftOut(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, *biases):
         ctx.sizes = [b.numel() for b in biases]
-        ctx.shapes = [b.shape for b in biases]
+        ctx.shapes = None if all(b.dim() == 1 for b in biases) else [b.shape for b in biases]
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad):
         zeros = grad.new_zeros(sum(ctx.sizes)).split(ctx.sizes)  # one kernel for every bias
-        return (grad, *(z.view(shape) for z, shape in zip(zeros, ctx.shapes)))
+        if ctx.shapes is not None:
+            zeros = [z.view(shape) for z, shape in zip(zeros, ctx.shapes)]
+        return (grad, *zeros)
 
 
 def _biases_left_out(x: Tensor, biases: Sequence[Tensor]) -> Tensor:
@@ -296,8 +371,12 @@ def _lean_batch_norm(
     tracking = [b for b in bns if _tracks(b)]
     in_kernel = len(tracking) == len(bns) and all(b.momentum is not None and b.momentum == first.momentum for b in bns)
     if in_kernel:  # the kernel updates the (packed) running statistics itself
-        _count_batch(bns, updates)
-        running_mean, running_var, momentum, write_back = _group_stats(bns)
+        packed = bns.packed() if isinstance(bns, BatchNormGroup) else None
+        if packed is not None and packed[2] is not None and updates is not None:
+            updates.counters.append(packed[2])  # every module's counter in one view
+        else:
+            _count_batch(bns, updates)
+        running_mean, running_var, momentum, write_back = _group_stats(bns, packed)
     else:  # no statistics to track, or cumulative averages / mixed momenta: updated after the kernel
         running_mean = running_var = write_back = None
         momentum = 0.0
@@ -310,7 +389,7 @@ def _lean_batch_norm(
         write_back()
     if biases is not None and in_kernel:  # the kernel's running means lack the biases
         target = updates if updates is not None else StatUpdates()
-        target.add_biases([bn.running_mean for bn in bns], biases, momentum)
+        target.add_biases([bn._buffers["running_mean"] for bn in bns], biases, momentum)
         if updates is None:
             target.apply()
     if tracking and not in_kernel:
@@ -352,7 +431,7 @@ def batch_norm(
     through a tensor the caller passes to ``updates.through`` when ``updates`` is given, else
     through ``x``.
     """
-    bns = list(bn) if isinstance(bn, (list, tuple)) else [bn]
+    bns = bn if isinstance(bn, BatchNormGroup) else list(bn) if isinstance(bn, (list, tuple)) else [bn]
     if biases is not None and not can_leave_out_biases(bns):
         raise ValueError(
             "biases: only BatchNorms that normalise with batch statistics, have no affine parameters and a "
