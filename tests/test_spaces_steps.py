@@ -8,9 +8,17 @@ import torch.nn.functional as F
 from conftest import TOL, assert_close_dicts
 from eager_supernets import EagerDartsNetwork, EagerNB201Network, run_step
 from kernel_count import count_kernels
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastnas.spaces import darts, nb201
-from fastnas.spaces.ops import _adjacent, batch_norm, pack_running_stats, shared_batch_norm
+from fastnas.spaces.ops import (
+    _adjacent,
+    batch_norm,
+    cat_parameters,
+    pack_parameters,
+    pack_running_stats,
+    shared_batch_norm,
+)
 
 SAMPLED = [dict(sampler="gdas"), dict(sampler="uniform"), dict(sampler="gdas", arch="simplex")]
 
@@ -222,6 +230,56 @@ def test_cached_plans_follow_the_modules(space):
     assert_steps_match_eager(space, copy, x)
     assert_close_dicts(net.state_dict(), before, rtol=0, atol=0)  # the original untouched by the copy's steps
     assert_steps_match_eager(space, net, x)
+
+
+def test_packed_parameters_concatenate_as_views():
+    """pack_parameters keeps each Parameter (identity, values) and puts them side by side; cat_parameters
+    is then a view of them, whose gradient equals torch.cat's and which sees in-place changes made
+    before the backward as autograd does; unpacked, non-contiguous or transformed: a concatenation."""
+    torch.manual_seed(0)
+    convs = [torch.nn.Conv2d(3, c, 3).double() for c in (2, 4, 3)]
+    params = [c.weight for c in convs]
+    values = [p.detach().clone() for p in params]
+    assert cat_parameters(params).data_ptr() != params[0].data_ptr()  # not packed: copied
+    pack_parameters(convs)
+    assert [c.weight for c in convs] == params and all(torch.equal(p, v) for p, v in zip(params, values))
+    assert _adjacent(params) is not None
+    joined = cat_parameters(params)
+    assert joined.data_ptr() == params[0].data_ptr() and torch.equal(joined, torch.cat(values))
+    g = torch.randn_like(joined)
+    (joined * g).sum().backward()
+    for p, expected in zip(params, g.split([2, 4, 3])):
+        torch.testing.assert_close(p.grad, expected, rtol=0, atol=0)
+    assert torch.autograd.gradcheck(lambda *ps: cat_parameters(ps) * 1.0, tuple(params))
+    joined = cat_parameters(params)
+    with torch.no_grad():
+        params[1].mul_(2)  # after the forward, before the backward
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        joined.sum().backward()
+    with torch.no_grad():
+        assert cat_parameters(params)._base is not None  # a view without autograd too
+    last = [torch.nn.Conv2d(3, 2, 3).to(memory_format=torch.channels_last) for _ in range(2)]
+    pack_parameters(last)  # left as they are
+    assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in last)
+
+
+@pytest.mark.parametrize("space", ["darts", "nb201"])
+def test_a_step_concatenates_no_parameters(space):
+    """The grouped convolutions read their edges' weights where they lie (packed), after .double() too."""
+    net = tiny(space).double()
+    params = {p.data_ptr() for p in net.parameters()}
+    concatenated = []
+
+    class Cats(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket is torch.ops.aten.cat:
+                concatenated.extend(t.data_ptr() in params for t in args[0])
+            return func(*args, **(kwargs or {}))
+
+    x, y = torch.randn(2, 3, 8, 8, dtype=torch.float64), torch.randint(0, 5, (2,))
+    with Cats():
+        train_step(net, x, y)
+    assert concatenated and not any(concatenated)
 
 
 # --------------------------------------------------------------------------- torch.func and forward-mode AD

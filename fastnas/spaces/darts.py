@@ -52,7 +52,9 @@ from fastnas.spaces.ops import (
     Zero,
     avg_pool_3x3,
     batch_norm,
+    cat_parameters,
     lean_bn_eligible,
+    pack_parameters,
     pack_running_stats,
     preferred_memory_format,
     repeat_channels,
@@ -296,7 +298,7 @@ class Cell(nn.Module):
         # constants of the BatchNorm backward (two kernels fewer per backward)
         self.register_buffer("_bn_unit", bn_constants(steps * C), persistent=False)
         self._compiled_nodes = None
-        self._pack_running_stats()
+        self._pack_groups()
 
     def _out_edges(self, j: int) -> list[int]:
         """The edges leaving state ``j``, by target node."""
@@ -322,18 +324,22 @@ class Cell(nn.Module):
             entry = plan[key] = build(*args)
         return entry
 
-    def _pack_running_stats(self) -> None:
-        """Per state and conv op kind, the BatchNorms normalised together keep their statistics side
-        by side (see :func:`fastnas.spaces.ops.pack_running_stats`)."""
+    def _pack_groups(self) -> None:
+        """Per state and conv op kind, the layers run as one convolution or one BatchNorm keep their
+        weights, and their statistics, side by side (see :func:`fastnas.spaces.ops.pack_parameters`
+        and :func:`fastnas.spaces.ops.pack_running_stats`)."""
         for j in range(1 + self._steps):
             edges = self._out_edges(j)
             for q in _CONV_OPS:
                 for index in _BN_INDICES[PRIMITIVES[q]]:
                     pack_running_stats([self._ops[e]._ops[q].op[index] for e in edges])
+                for index, layer in enumerate(self._ops[edges[0]]._ops[q].op):
+                    if isinstance(layer, nn.Conv2d):
+                        pack_parameters([self._ops[e]._ops[q].op[index] for e in edges], "weight")
 
     def _apply(self, fn, recurse=True):
         module = super()._apply(fn, recurse)
-        self._pack_running_stats()  # .to() / .double() gave every buffer its own storage
+        self._pack_groups()  # .to() / .double() gave every tensor its own storage
         return module
 
     def forward(
@@ -479,7 +485,7 @@ class Cell(nn.Module):
 
         def conv(y: Tensor, index: int, groups: int) -> Tensor:
             layer = layers[index][0]
-            weight = torch.cat([c.weight for c in layers[index]]) if m > 1 else layer.weight
+            weight = cat_parameters([c.weight for c in layers[index]])
             if groups == y.shape[1]:
                 return depthwise_conv2d(y, weight, layer.stride, layer.padding, layer.dilation)
             return F.conv2d(y, weight, None, layer.stride, layer.padding, layer.dilation, groups)

@@ -49,7 +49,9 @@ from fastnas.spaces.ops import (
     avg_pool_3x3,
     batch_norm,
     can_leave_out_biases,
+    cat_parameters,
     lean_bn_eligible,
+    pack_parameters,
     pack_running_stats,
     run_tail,
     structure_version,
@@ -258,25 +260,28 @@ class SearchCell(nn.Module):
         self.last_computed: list[tuple[str, str]] = []  # (edge key, op) pairs of the last eager forward
         # constants of the BatchNorm backward (two kernels fewer per backward)
         self.register_buffer("_bn_unit", bn_constants((max_nodes - 1) * C_out), persistent=False)
-        self._pack_running_stats()
+        self._pack_groups()
 
     def compile_nodes(self, **options) -> None:
         """Compile the cell with ``torch.compile(**options)`` (regional compilation: cells of the same
         shapes run the same compiled code)."""
         self.compile(**options)
 
-    def _pack_running_stats(self) -> None:
-        """The BatchNorms of one conv op on every edge leaving a node are normalised together: their
-        statistics are kept side by side (see :func:`fastnas.spaces.ops.pack_running_stats`)."""
+    def _pack_groups(self) -> None:
+        """One conv op on every edge leaving a node runs as one convolution and one BatchNorm: the
+        convolutions' weights and biases, and the BatchNorms' statistics, are kept side by side (see
+        :func:`fastnas.spaces.ops.pack_parameters` and :func:`fastnas.spaces.ops.pack_running_stats`)."""
         for j in range(self.max_nodes - 1):
             for k in range(len(self.op_names)):
                 ops = [self.edges[f"{i}<-{j}"][k] for i in range(j + 1, self.max_nodes)]
                 if all(isinstance(op, ReLUConvBN) for op in ops):
                     pack_running_stats([op.op[2] for op in ops])
+                    pack_parameters([op.op[1] for op in ops], "weight")
+                    pack_parameters([op.op[1] for op in ops], "bias")
 
     def _apply(self, fn, recurse=True):
         module = super()._apply(fn, recurse)
-        self._pack_running_stats()  # .to() / .double() gave every buffer its own storage
+        self._pack_groups()  # .to() / .double() gave every tensor its own storage
         return module
 
     def extra_repr(self) -> str:
@@ -449,12 +454,12 @@ class SearchCell(nn.Module):
                 bns = BatchNormGroup([bn for *_, bn in group])
                 if not torch.compiler.is_compiling():
                     groups[members] = bns
-            weight = torch.cat([c.weight for _, _, c, _ in group]) if len(group) > 1 else conv.weight
+            weight = cat_parameters([c.weight for _, _, c, _ in group])
             bias = biases = None
             if conv.bias is not None and can_leave_out_biases(bns):  # (affine=False: xautodl's convs
                 biases = [c.bias for _, _, c, _ in group]  # have biases, which the BatchNorm removes)
             elif conv.bias is not None:
-                bias = torch.cat([c.bias for _, _, c, _ in group]) if len(group) > 1 else conv.bias
+                bias = cat_parameters([c.bias for _, _, c, _ in group])
             y = F.conv2d(relu_x(), weight, bias, conv.stride, conv.padding, conv.dilation)
             outs = batch_norm(y, bns, unit, parts=len(group), updates=updates, biases=biases)
             for (i, e, _, _), out in zip(group, outs if len(group) > 1 else [outs]):

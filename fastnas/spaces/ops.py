@@ -145,6 +145,76 @@ def pack_running_stats(bns: Sequence[nn.BatchNorm2d]) -> None:
             setattr(bn, name, chunk.view(b.shape))
 
 
+@torch.no_grad()
+def pack_parameters(modules: Sequence[nn.Module], name: str = "weight") -> None:
+    """Move the parameter ``name`` of ``modules`` (one dtype, device and shape but for the first
+    dimension, contiguous) into one storage, in order: each Parameter keeps its identity (optimizers
+    holding it are unaffected), its ``.data`` becoming a view of that storage. Then
+    :func:`cat_parameters` of them is a view, not a copy: the same op of several edges, computed by
+    one convolution, needs no concatenation of their weights per step. Values and state_dict keys are
+    unchanged; a later ``.to()`` or ``.double()`` gives separate tensors again (the supernets pack
+    them again); parameters that are not contiguous (``memory_format=torch.channels_last``) are left
+    as they are."""
+    params = [getattr(m, name) for m in modules]
+    if len(params) < 2 or any(p is None for p in params):
+        return
+    first = params[0]
+    if any(
+        p.dtype != first.dtype or p.device != first.device or p.shape[1:] != first.shape[1:] or not p.is_contiguous()
+        for p in params
+    ):
+        return
+    if _adjacent(params) is not None:
+        return
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    offset = 0
+    for p in params:
+        p.data = flat[offset : offset + p.numel()].view(p.shape)
+        offset += p.numel()
+
+
+def _side_by_side(tensors: Sequence[Tensor]) -> Tensor:
+    """The concatenation along dimension 0 of contiguous ``tensors`` that lie side by side in one
+    storage, as a view of the first."""
+    first = tensors[0]
+    shape = (sum(t.shape[0] for t in tensors), *first.shape[1:])
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= size
+    return first.as_strided(shape, tuple(reversed(strides)), first.storage_offset())
+
+
+class _SideBySide(torch.autograd.Function):
+    """:func:`_side_by_side` (no copy); the gradient is split into views, one per tensor."""
+
+    @staticmethod
+    def forward(ctx, *tensors):
+        ctx.sizes = [t.shape[0] for t in tensors]
+        ctx.save_for_backward(*tensors)  # for the version check: each may be modified in place
+        return _side_by_side(tensors)
+
+    @staticmethod
+    def backward(ctx, grad):
+        _ = ctx.saved_tensors  # raises if a tensor was modified in place since the forward
+        # one copy into the parameters' (contiguous) layout, where autograd would copy part by part
+        return tuple(grad.contiguous().split(ctx.sizes))
+
+
+def cat_parameters(tensors: Sequence[Tensor]) -> Tensor:
+    """``torch.cat(tensors)`` (dimension 0): a view, and no kernel, when they were packed by
+    :func:`pack_parameters` and still lie side by side (outside tracing and torch.func transforms,
+    where it is the concatenation)."""
+    if len(tensors) == 1:
+        return tensors[0]
+    first = tensors[0]
+    if _adjacent(tensors) is None or any(t.shape[1:] != first.shape[1:] or t.dtype != first.dtype for t in tensors):
+        return torch.cat(list(tensors))
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return _SideBySide.apply(*tensors)
+    return _side_by_side(tensors)
+
+
 _structure_version = 0
 """Incremented whenever any module registers a submodule, parameter or buffer (global registration
 hooks): the supernets' cached plans (:func:`structure_version`) are rebuilt after any such change."""
