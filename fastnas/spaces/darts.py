@@ -16,12 +16,13 @@ for partial channels. What differs is the execution:
   for every edge leaving a state at once: each depthwise stage is ONE depthwise convolution over the
   state's ReLU repeated once per edge, each pointwise stage ONE convolution grouped by edge, each
   BatchNorm ONE BatchNorm kernel over the edges' channels, whose running statistics lie side by side
-  in memory so that the kernel updates them all (every op keeps its own parameters and buffers); the
-  last BatchNorm writes one dense tensor per edge, ready for the mixed sums;
+  in memory so that the kernel updates them all (every op keeps its own parameters and buffers, the
+  convolutions' weights side by side too, so that their concatenation is a view); the last
+  BatchNorm writes one dense tensor per edge, ready for the mixed sums;
 * ``affine=False`` BatchNorms keep only their output for the backward (see :mod:`fastnas.spaces.ops`),
   and the batch counts of a cell are incremented by one foreach kernel.
 
-A training step at C=16, 8 layers dispatches 3,870 kernels (non-view ATen operators, forward and
+A training step at C=16, 8 layers dispatches 3,030 kernels (non-view ATen operators, forward and
 backward) against 13,612 for DARTS's ``model_search.Network`` (``benchmarks/bench_step_kernels.py``).
 
 Weighting modes (``Network(arch=..., sampler=...)``): softmax of logits (DARTS), weights used as given
@@ -299,6 +300,11 @@ class Cell(nn.Module):
         self.register_buffer("_bn_unit", bn_constants(steps * C), persistent=False)
         self._compiled_nodes = None
         self._pack_groups()
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_plan_cache", None)  # a copy or a pickle builds its own (it refers to modules and views)
+        return state
 
     def _out_edges(self, j: int) -> list[int]:
         """The edges leaving state ``j``, by target node."""

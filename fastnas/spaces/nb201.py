@@ -13,14 +13,15 @@ Mathematics, parameters and state_dict keys are those of NAS-Bench-201's referen
 * ``skip_connect`` hands the node itself to the mixed sums (no copy);
 * what depends only on a node is computed once for every edge leaving it: its ReLU, its
   ``avg_pool_3x3`` (parameterless), and the convolutions of every ``nor_conv_kxk`` leaving it, run as
-  ONE convolution whose weight is the concatenation of the edges' weights, followed by one native
+  ONE convolution whose weight is the concatenation of the edges' weights (a view: they lie side by
+  side, see :func:`fastnas.spaces.ops.pack_parameters`), followed by one native
   ``affine=False`` BatchNorm (updating the edges' running statistics, which lie side by side in
   memory, in its kernel) that returns a dense tensor per edge and keeps only those outputs for the
   backward (see :mod:`fastnas.spaces.ops`); the batch counts of a cell are incremented by one
   foreach kernel.
 
-A training step at C=16, N=5 dispatches 1,504 kernels (non-view ATen operators, forward and backward)
-against 4,697 for xautodl's ``TinyNetworkDarts`` (1,489 against 4,517 when the BatchNorms do not track
+A training step at C=16, N=5 dispatches 1,077 kernels (non-view ATen operators, forward and backward)
+against 4,697 for xautodl's ``TinyNetworkDarts`` (1,047 against 4,517 when the BatchNorms do not track
 running statistics; ``benchmarks/bench_step_kernels.py``).
 
 Architecture strings follow NAS-Bench-201: ``|op~0|+|op~0|op~1|+|op~0|op~1|op~2|``, one group per
@@ -283,6 +284,11 @@ class SearchCell(nn.Module):
         module = super()._apply(fn, recurse)
         self._pack_groups()  # .to() / .double() gave every tensor its own storage
         return module
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_plan_cache", None)  # a copy or a pickle builds its own (it refers to modules and views)
+        return state
 
     def extra_repr(self) -> str:
         return f"info :: {self.max_nodes} nodes, inC={self.in_dim}, outC={self.out_dim}"

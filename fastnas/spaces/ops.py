@@ -18,7 +18,10 @@ Two kinds of things live here:
     of a depthwise convolution that runs the ops of several edges at once;
   - :func:`pack_running_stats` — places the running statistics of a group of BatchNorms next to
     each other in memory, so that one BatchNorm kernel over the group's channels updates all of
-    them;
+    them; :class:`BatchNormGroup` keeps the views over them found (host time);
+  - :func:`pack_parameters` / :func:`cat_parameters` — the same for a group of convolutions'
+    weights, whose concatenation is then a view, not a kernel;
+  - :func:`structure_version` — what the cells' cached plans (which module is what) are keyed on;
   - :func:`run_tail` — applies a reference ``nn.Sequential`` from a given index on, with every
     ``affine=False`` BatchNorm replaced by :func:`batch_norm` and every depthwise convolution by
     :func:`fastnas.ops.depthwise_conv.depthwise_conv2d`.
