@@ -104,6 +104,13 @@ def test_gradcheck_and_double_backward(memory_format):
     assert torch.autograd.gradcheck(fn, (x,))
     assert torch.autograd.gradgradcheck(fn, (x,))
 
+    def with_invstd(x):  # invstd is differentiable: its gradient joins the blocks'
+        ys, _, invstd = lean_batch_norm(x, 3, None, None, 0.0, 1e-5)
+        return ys[0] * 2, invstd
+
+    assert torch.autograd.gradcheck(with_invstd, (x,))
+    assert torch.autograd.gradgradcheck(with_invstd, (x,))
+
 
 def test_opcheck_registered_ops():
     x = random_input((2, 6, 3, 4, 3), torch.float32).detach()
@@ -115,6 +122,9 @@ def test_opcheck_registered_ops():
     grads = [torch.randn_like(y) for y in ys]
     opcheck(torch.ops.fastnas.batch_norm_parts_backward.default, (grads, ys, invstd))
     opcheck(torch.ops.fastnas.batch_norm_parts_backward.default, ([grads[0], None, grads[2]], ys, invstd))
+    xg = x.clone().requires_grad_()  # the C++ autograd that lean_batch_norm runs
+    opcheck(torch.ops.fastnas._lean_batch_norm_autograd.default, (xg, 3, rm.clone(), rv.clone(), 0.1, 1e-5))
+    opcheck(torch.ops.fastnas._lean_batch_norm_autograd.default, (xg, 2, None, None, 0.0, 1e-3))
 
 
 def test_deterministic_across_thread_counts():

@@ -231,7 +231,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_parts_cpu(const at::Te
 }
 
 // dx [B, C, H, W] channels_last from the blocks' gradients (an undefined one: zero) and outputs.
-at::Tensor batch_norm_parts_backward_cpu(at::ArrayRef<std::optional<at::Tensor>> grads, at::TensorList outputs,
+// (grads as the dispatcher passes Tensor?[]: the C++ autograd, csrc/batch_norm_autograd.cpp, calls it so)
+at::Tensor batch_norm_parts_backward_cpu(const c10::List<std::optional<at::Tensor>>& grads, at::TensorList outputs,
                                          const at::Tensor& invstd) {
   const char* op = "fastnas::batch_norm_parts_backward";
   const int64_t parts = static_cast<int64_t>(outputs.size());
@@ -251,7 +252,7 @@ at::Tensor batch_norm_parts_backward_cpu(at::ArrayRef<std::optional<at::Tensor>>
     TORCH_CHECK_TYPE(y.scalar_type() == first.scalar_type(), op, ": outputs[", q, "] has dtype ", y.scalar_type(),
                      ", outputs[0] ", first.scalar_type());
     TORCH_CHECK(y.device() == first.device(), op, ": outputs must be on one device");
-    const auto& g = grads[q];
+    const std::optional<at::Tensor> g = grads.get(q);
     if (g.has_value() && g->defined()) {
       TORCH_CHECK_VALUE(g->sizes() == first.sizes(), op, ": grads[", q, "] has shape ", g->sizes(),
                         ", the outputs ", first.sizes());
@@ -269,7 +270,7 @@ at::Tensor batch_norm_parts_backward_cpu(at::ArrayRef<std::optional<at::Tensor>>
   std::vector<at::Tensor> ys, gs;
   for (int64_t q = 0; q < parts; ++q) {
     ys.push_back(outputs[q].contiguous(at::MemoryFormat::ChannelsLast));
-    const auto& g = grads[q];
+    const std::optional<at::Tensor> g = grads.get(q);
     gs.push_back(g.has_value() && g->defined() ? g->contiguous(at::MemoryFormat::ChannelsLast) : at::Tensor());
   }
   const at::Tensor layout =

@@ -208,6 +208,11 @@ def lean_batch_norm(
     if not plain_autograd():  # torch.func transforms, forward-mode AD: the autograd.Functions cannot run
         return _functional_lean_batch_norm(x, parts, running_mean, running_var, momentum, eps)
     if uses_kernels(x, running_mean, running_var):
+        if not torch.compiler.is_compiling():  # the same autograd in C++ (csrc/batch_norm_autograd.cpp)
+            *ys, mean, invstd = torch.ops.fastnas._lean_batch_norm_autograd(
+                x, parts, running_mean, running_var, momentum, eps
+            )
+            return ys, mean, invstd
         fn = _KernelLeanBatchNorm
     else:
         fn = _NativeLeanBatchNorm
@@ -224,6 +229,25 @@ def _functional_lean_batch_norm(x, parts, running_mean, running_var, momentum, e
     return list(y.chunk(parts, dim=1)), mean.detach(), torch.rsqrt(var + eps)
 
 
+def _fake_parts(input: Tensor, parts: int) -> tuple[Tensor, Tensor, Tensor]:
+    """What ``fastnas::batch_norm_parts`` returns, for fake tensors: CPU blocks channels_last, the
+    Triton kernels' NCHW blocks with float32 statistics for 16-bit inputs on CUDA."""
+    B, C, H, W = input.shape
+    if input.device.type == "cuda":
+        stats = torch.float64 if input.dtype == torch.float64 else torch.float32
+        out = input.new_empty((parts, B, C // parts, H, W))
+        return out, input.new_empty((C,), dtype=stats), input.new_empty((C,), dtype=stats)
+    out = input.new_empty((parts, B, H, W, C // parts)).permute(0, 1, 4, 2, 3)
+    return out, input.new_empty((C,)), input.new_empty((C,))
+
+
+def _composite_backward(grads, outputs, invstd, invstd_grad, eps):
+    """``fastnas::_lean_batch_norm_backward_composite``: the C++ autograd's backward where it must be
+    differentiable (``create_graph=True``) or ``invstd`` has a gradient, by PyTorch's operators."""
+    dx = _native_backward(grads, outputs, invstd, eps, None)
+    return _add_invstd_grad(dx, invstd_grad, outputs, invstd)
+
+
 def register_native_fakes() -> None:
     """Fake kernels of the compiled ops (called once the extension is loaded) and, on a machine with
     CUDA and Triton, the Triton kernels as the ops' CUDA kernels (``FASTNAS_TRITON_BATCH_NORM=0``:
@@ -233,13 +257,14 @@ def register_native_fakes() -> None:
 
     @torch.library.register_fake("fastnas::batch_norm_parts")
     def _(input, parts, running_mean, running_var, momentum, eps):
-        B, C, H, W = input.shape
-        if input.device.type == "cuda":  # Triton: NCHW blocks, float32 statistics for 16-bit inputs
-            stats = torch.float64 if input.dtype == torch.float64 else torch.float32
-            out = input.new_empty((parts, B, C // parts, H, W))
-            return out, input.new_empty((C,), dtype=stats), input.new_empty((C,), dtype=stats)
-        out = input.new_empty((parts, B, H, W, C // parts)).permute(0, 1, 4, 2, 3)
-        return out, input.new_empty((C,)), input.new_empty((C,))
+        return _fake_parts(input, parts)
+
+    @torch.library.register_fake("fastnas::_lean_batch_norm_autograd")
+    def _(input, parts, running_mean, running_var, momentum, eps):
+        out, mean, invstd = _fake_parts(input, parts)
+        return [*out.unbind(0), mean, invstd]
+
+    torch.library.impl("fastnas::_lean_batch_norm_backward_composite", "CompositeImplicitAutograd")(_composite_backward)
 
     @torch.library.register_fake("fastnas::batch_norm_parts_backward")
     def _(grads, outputs, invstd):
