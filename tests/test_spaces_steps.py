@@ -258,6 +258,8 @@ def test_packed_parameters_concatenate_as_views():
         joined.sum().backward()
     with torch.no_grad():
         assert cat_parameters(params)._base is not None  # a view without autograd too
+    with pytest.raises(ValueError, match="fastnas::_side_by_side: tensors must .* lie side by side"):
+        torch.ops.fastnas._side_by_side([params[1], params[0]])  # not in order (cat_parameters checks first)
     last = [torch.nn.Conv2d(3, 2, 3).to(memory_format=torch.channels_last) for _ in range(2)]
     pack_parameters(last)  # left as they are
     assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in last)

@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as module_mod
 
+from fastnas import backend
 from fastnas.ops._nhwc import plain_autograd, strictly_channels_last
 from fastnas.ops.avg_pool import avg_pool2d
 from fastnas.ops.batch_norm import lean_batch_norm
@@ -176,46 +177,19 @@ def pack_parameters(modules: Sequence[nn.Module], name: str = "weight") -> None:
         offset += p.numel()
 
 
-def _side_by_side(tensors: Sequence[Tensor]) -> Tensor:
-    """The concatenation along dimension 0 of contiguous ``tensors`` that lie side by side in one
-    storage, as a view of the first."""
-    first = tensors[0]
-    shape = (sum(t.shape[0] for t in tensors), *first.shape[1:])
-    strides, step = [], 1
-    for size in reversed(shape):
-        strides.append(step)
-        step *= size
-    return first.as_strided(shape, tuple(reversed(strides)), first.storage_offset())
-
-
-class _SideBySide(torch.autograd.Function):
-    """:func:`_side_by_side` (no copy); the gradient is split into views, one per tensor."""
-
-    @staticmethod
-    def forward(ctx, *tensors):
-        ctx.sizes = [t.shape[0] for t in tensors]
-        ctx.save_for_backward(*tensors)  # for the version check: each may be modified in place
-        return _side_by_side(tensors)
-
-    @staticmethod
-    def backward(ctx, grad):
-        _ = ctx.saved_tensors  # raises if a tensor was modified in place since the forward
-        # one copy into the parameters' (contiguous) layout, where autograd would copy part by part
-        return tuple(grad.contiguous().split(ctx.sizes))
-
-
 def cat_parameters(tensors: Sequence[Tensor]) -> Tensor:
     """``torch.cat(tensors)`` (dimension 0): a view, and no kernel, when they were packed by
     :func:`pack_parameters` and still lie side by side (outside tracing and torch.func transforms,
     where it is the concatenation)."""
     if len(tensors) == 1:
         return tensors[0]
-    first = tensors[0]
-    if _adjacent(tensors) is None or any(t.shape[1:] != first.shape[1:] or t.dtype != first.dtype for t in tensors):
-        return torch.cat(list(tensors))
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return _SideBySide.apply(*tensors)
-    return _side_by_side(tensors)
+    if not torch.compiler.is_compiling() and plain_autograd() and backend.load_extension():
+        try:  # a view of the first, whose gradient is split into views (csrc/side_by_side_autograd.cpp,
+            # which checks that they lie side by side: cheaper there than here)
+            return torch.ops.fastnas._side_by_side.default(list(tensors))
+        except ValueError:  # not (or no longer) packed
+            pass
+    return torch.cat(list(tensors))
 
 
 _structure_version = 0
