@@ -7,7 +7,8 @@
 // returns the parts' outputs, then mean (not differentiable) and invstd, as the Python autograd.Function
 // beside it does; it runs fastnas::batch_norm_parts forward and fastnas::batch_norm_parts_backward
 // backward (the CPU kernels, or the Triton ones registered for CUDA). A Python autograd.Function cost
-// the host about 12 us each way on top of the kernels, at supernet sizes more than their launches.
+// the host about 12 us over the forward kernel alone (CPU, timeit), at supernet sizes more than the
+// kernel's launch.
 // The backward of a backward (create_graph=True) and a gradient for invstd go to
 // fastnas::_lean_batch_norm_backward_composite, PyTorch's differentiable operators, registered from
 // Python (fastnas/ops/batch_norm.py). fastnas.ops.batch_norm.lean_batch_norm calls this op outside

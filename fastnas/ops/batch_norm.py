@@ -12,8 +12,8 @@ Two paths compute it:
 * the registered ops ``fastnas::batch_norm_parts`` and ``fastnas::batch_norm_parts_backward``, which
   write and read the blocks where they are, outside torch.func transforms and forward-mode AD
   (:func:`uses_kernels`); in eager mode their autograd is C++ (``fastnas::_lean_batch_norm_autograd``,
-  ``csrc/batch_norm_autograd.cpp``: a Python autograd.Function cost the host about 12 µs each way),
-  while tracing the autograd.Function below:
+  ``csrc/batch_norm_autograd.cpp``: the Python autograd.Function cost the host about 12 µs over the
+  forward kernel on CPU), while tracing the autograd.Function below:
 
   - CPU float32/float64 channels_last tensors, with the extension built: compiled kernels
     (``csrc/cpu/batch_norm_cpu.cpp``). Statistics are summed in fixed chunks in double
@@ -186,11 +186,11 @@ class _KernelLeanBatchNorm(torch.autograd.Function):
     def backward(ctx, *grads):
         invstd, *ys = ctx.saved_tensors
         grads_of_ys = list(grads[: len(ys)])
-        if torch.is_grad_enabled():  # create_graph=True: the native backward, which is differentiable
-            dx = _native_backward(grads_of_ys, ys, invstd, ctx.eps, None)
+        if torch.is_grad_enabled() or grads[-1] is not None:  # create_graph=True, or a use of invstd
+            dx = _composite_backward(grads_of_ys, ys, invstd, grads[-1], ctx.eps)
         else:
             dx = torch.ops.fastnas.batch_norm_parts_backward(grads_of_ys, ys, invstd)
-        return _add_invstd_grad(dx, grads[-1], ys, invstd), None, None, None, None, None, None
+        return dx, None, None, None, None, None, None
 
 
 def lean_batch_norm(
@@ -244,8 +244,9 @@ def _fake_parts(input: Tensor, parts: int) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def _composite_backward(grads, outputs, invstd, invstd_grad, eps):
-    """``fastnas::_lean_batch_norm_backward_composite``: the C++ autograd's backward where it must be
-    differentiable (``create_graph=True``) or ``invstd`` has a gradient, by PyTorch's operators."""
+    """``fastnas::_lean_batch_norm_backward_composite``: the backward where it must be differentiable
+    (``create_graph=True``) or ``invstd`` has a gradient, by PyTorch's operators (both autograds use
+    it)."""
     dx = _native_backward(grads, outputs, invstd, eps, None)
     return _add_invstd_grad(dx, invstd_grad, outputs, invstd)
 

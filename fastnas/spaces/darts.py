@@ -48,6 +48,7 @@ from fastnas.spaces import _arch
 from fastnas.spaces._arch import pick_weights, sharing_picks
 from fastnas.spaces.ops import (
     BatchNormGroup,
+    CachedPlans,
     Identity,
     StatUpdates,
     Zero,
@@ -61,7 +62,6 @@ from fastnas.spaces.ops import (
     repeat_channels,
     run_tail,
     shared_batch_norm,
-    structure_version,
     to_preferred_layout,
 )
 
@@ -250,7 +250,7 @@ def channel_shuffle(x: Tensor, groups: int) -> Tensor:
 # --------------------------------------------------------------------------- the cell
 
 
-class Cell(nn.Module):
+class Cell(CachedPlans, nn.Module):
     """A DARTS search cell: two preprocessed inputs, ``steps`` nodes, each the sum over all earlier
     states of a mixed op, output the concatenation of the last ``multiplier`` states.
 
@@ -301,34 +301,9 @@ class Cell(nn.Module):
         self._compiled_nodes = None
         self._pack_groups()
 
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state.pop("_plan_cache", None)  # a copy or a pickle builds its own (it refers to modules and views)
-        return state
-
     def _out_edges(self, j: int) -> list[int]:
         """The edges leaving state ``j``, by target node."""
         return [e for e, (_, src) in enumerate(self.edges) if src == j]
-
-    def _plan(self, key: tuple, build: Callable, *args):
-        """``build(*args)``, cached under ``key`` for this cell's structure: what the forward needs about
-        the modules of a group of ops (their layers, a :class:`BatchNormGroup` per BatchNorm), since
-        finding them through ``nn.Module`` attribute lookups cost the host more than the cell's
-        kernels. The cache is dropped when any module registration anywhere changed the structure
-        (:func:`~fastnas.spaces.ops.structure_version`) and in a copy of the cell; nothing is cached
-        while tracing."""
-        if torch.compiler.is_compiling():
-            return build(*args)
-        version = (id(self), structure_version())
-        cached = self.__dict__.get("_plan_cache")
-        if cached is None or cached[0] != version:
-            cached = (version, {})
-            self.__dict__["_plan_cache"] = cached
-        plan = cached[1]
-        entry = plan.get(key)
-        if entry is None:
-            entry = plan[key] = build(*args)
-        return entry
 
     def _pack_groups(self) -> None:
         """Per state and conv op kind, the layers run as one convolution or one BatchNorm keep their

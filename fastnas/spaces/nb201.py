@@ -44,6 +44,7 @@ from fastnas.spaces import _arch
 from fastnas.spaces._arch import pick_weights, sharing_picks
 from fastnas.spaces.ops import (
     BatchNormGroup,
+    CachedPlans,
     Identity,
     StatUpdates,
     Zero,
@@ -55,7 +56,6 @@ from fastnas.spaces.ops import (
     pack_parameters,
     pack_running_stats,
     run_tail,
-    structure_version,
     to_preferred_layout,
 )
 
@@ -211,7 +211,7 @@ class ResNetBasicblock(nn.Module):
 # --------------------------------------------------------------------------- the search cell
 
 
-class SearchCell(nn.Module):
+class SearchCell(CachedPlans, nn.Module):
     """A NAS-Bench-201 search cell; drop-in for xautodl's ``NAS201SearchCell``.
 
     Same constructor, ``edges["i<-j"]`` ModuleDict of candidate-op lists (state_dict keys
@@ -284,11 +284,6 @@ class SearchCell(nn.Module):
         module = super()._apply(fn, recurse)
         self._pack_groups()  # .to() / .double() gave every tensor its own storage
         return module
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state.pop("_plan_cache", None)  # a copy or a pickle builds its own (it refers to modules and views)
-        return state
 
     def extra_repr(self) -> str:
         return f"info :: {self.max_nodes} nodes, inC={self.in_dim}, outC={self.out_dim}"
@@ -382,21 +377,12 @@ class SearchCell(nn.Module):
         ones = torch.ones(self.num_edges, len(self.op_names), dtype=inputs.dtype, device=inputs.device)
         return self.forward(inputs, ones, selected)
 
-    # what an op of the plan is (see _plan)
+    # what an op is (see _op_kinds)
     _ZERO, _IDENTITY, _POOL, _CONV, _OTHER = range(5)
 
-    def _plan(self) -> tuple[list[list[tuple]], dict[tuple, BatchNormGroup]]:
-        """``(ops, groups)``: per edge (``edge_keys`` order) and op, ``(kind, module, conv, bn)``
-        (``conv``/``bn``: a ReLUConvBN's, else None), and the cell's :class:`BatchNormGroup` per set of
-        ``(edge, op)`` pairs one convolution computes (filled by :meth:`_emit`). Classifying the ops
-        through ``nn.Module`` attribute lookups cost the host more than the cell's kernels; the plan is
-        rebuilt when any module registration anywhere changed the structure
-        (:func:`~fastnas.spaces.ops.structure_version`) and in a copy of the cell."""
-        tracing = torch.compiler.is_compiling()  # (nothing cached, no global read: no guards on them)
-        key = None if tracing else (id(self), structure_version())
-        cached = None if tracing else self.__dict__.get("_plan_cache")
-        if cached is not None and cached[0] == key:
-            return cached[1]
+    def _op_kinds(self) -> list[list[tuple]]:
+        """Per edge (``edge_keys`` order) and op, ``(kind, module, conv, bn)`` (``conv``/``bn``: a
+        ReLUConvBN's, else None): what :meth:`_emit` caches (:meth:`_plan`)."""
         ops = []
         for edge in self.edge_keys:
             row = []
@@ -412,17 +398,14 @@ class SearchCell(nn.Module):
                 else:
                     row.append((self._OTHER, op, None, None))
             ops.append(row)
-        plan = (ops, {})
-        if not tracing:
-            self.__dict__["_plan_cache"] = (key, plan)
-        return plan
+        return ops
 
     def _emit(self, j: int, x: Tensor, selected, pending, updates: StatUpdates) -> None:
         """Compute every needed op of every edge leaving node ``j`` and queue it for its target node."""
         relu: list[Tensor] = []
         pools: dict[tuple[str, int], Tensor] = {}
         convs: dict[int, list[tuple[int, int, nn.Module, nn.Module]]] = {}  # op -> (i, e, conv, bn)
-        ops, groups = self._plan()
+        ops = self._plan("ops", self._op_kinds)
 
         def relu_x() -> Tensor:
             if not relu:
@@ -455,11 +438,7 @@ class SearchCell(nn.Module):
         for k, group in convs.items():
             conv = group[0][2]
             members = tuple((e, k) for _, e, _, _ in group)
-            bns = groups.get(members)
-            if bns is None:
-                bns = BatchNormGroup([bn for *_, bn in group])
-                if not torch.compiler.is_compiling():
-                    groups[members] = bns
+            bns = self._plan(members, BatchNormGroup, [bn for *_, bn in group])
             weight = cat_parameters([c.weight for _, _, c, _ in group])
             bias = biases = None
             if conv.bias is not None and can_leave_out_biases(bns):  # (affine=False: xautodl's convs

@@ -21,7 +21,8 @@ Two kinds of things live here:
     them; :class:`BatchNormGroup` keeps the views over them found (host time);
   - :func:`pack_parameters` / :func:`cat_parameters` — the same for a group of convolutions'
     weights, whose concatenation is then a view, not a kernel;
-  - :func:`structure_version` — what the cells' cached plans (which module is what) are keyed on;
+  - :class:`CachedPlans` and :func:`structure_version` — the cells' cached plans (which module is
+    what) and what they are keyed on;
   - :func:`run_tail` — applies a reference ``nn.Sequential`` from a given index on, with every
     ``affine=False`` BatchNorm replaced by :func:`batch_norm` and every depthwise convolution by
     :func:`fastnas.ops.depthwise_conv.depthwise_conv2d`.
@@ -35,7 +36,7 @@ statistics updates of BatchNorm (momentum, cumulative average when ``momentum is
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -144,9 +145,14 @@ def pack_running_stats(bns: Sequence[nn.BatchNorm2d]) -> None:
         buffers = [getattr(bn, name) for bn in bns]
         if len(bns) < 2 or any(b is None for b in buffers) or _adjacent(buffers) is not None:
             continue
-        flat = torch.cat([b.reshape(-1) for b in buffers])
-        for bn, b, chunk in zip(bns, buffers, flat.split([b.numel() for b in buffers])):
-            setattr(bn, name, chunk.view(b.shape))
+        for bn, copy in zip(bns, _side_by_side_copies(buffers)):
+            setattr(bn, name, copy)
+
+
+def _side_by_side_copies(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """Copies of ``tensors``, each in its shape, lying side by side, in order, in one new storage."""
+    flat = torch.cat([t.detach().reshape(-1) for t in tensors])
+    return [chunk.view(t.shape) for t, chunk in zip(tensors, flat.split([t.numel() for t in tensors]))]
 
 
 @torch.no_grad()
@@ -170,11 +176,8 @@ def pack_parameters(modules: Sequence[nn.Module], name: str = "weight") -> None:
         return
     if _adjacent(params) is not None:
         return
-    flat = torch.cat([p.detach().reshape(-1) for p in params])
-    offset = 0
-    for p in params:
-        p.data = flat[offset : offset + p.numel()].view(p.shape)
-        offset += p.numel()
+    for p, copy in zip(params, _side_by_side_copies(params)):
+        p.data = copy
 
 
 def cat_parameters(tensors: Sequence[Tensor]) -> Tensor:
@@ -214,6 +217,34 @@ def structure_version() -> int:
     so a plan reads tensors from their modules when it runs, and :class:`BatchNormGroup` checks its
     buffers.)"""
     return _structure_version
+
+
+class CachedPlans:
+    """What the supernets' cells share to keep their host time low: :meth:`_plan` caches what the
+    forward needs to know about the cell's modules (which op is what, a :class:`BatchNormGroup` per
+    group), which found through ``nn.Module`` attribute lookups cost the host more than the cell's
+    kernels. The cache is dropped when any module registration anywhere changed the structure
+    (:func:`structure_version`); a copy or a pickle of the cell builds its own; nothing is cached, and
+    no global read, while tracing."""
+
+    def _plan(self, key, build: Callable, *args):
+        """``build(*args)``, cached under ``key``."""
+        if torch.compiler.is_compiling():
+            return build(*args)
+        version = (id(self), structure_version())
+        cached = self.__dict__.get("_plan_cache")
+        if cached is None or cached[0] != version:
+            cached = (version, {})
+            self.__dict__["_plan_cache"] = cached
+        entry = cached[1].get(key)
+        if entry is None:
+            entry = cached[1][key] = build(*args)
+        return entry
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_plan_cache", None)  # it refers to modules and views of their tensors
+        return state
 
 
 class StatUpdates:
@@ -271,37 +302,31 @@ class StatUpdates:
             torch._foreach_add_(buffers, stats, alpha=factor)
 
 
-def _count_batch(bns: Sequence[nn.BatchNorm2d], updates: StatUpdates | None) -> None:
-    """``num_batches_tracked += 1`` for every module of ``bns`` that counts: now (one kernel when the
-    counters are packed, else one foreach kernel), or at the end of the cell by ``updates``."""
-    tracked = [bn.num_batches_tracked for bn in bns if bn.num_batches_tracked is not None]
+def _count_batch(bns: Sequence[nn.BatchNorm2d], updates: StatUpdates | None, packed: Tensor | None = None) -> None:
+    """``num_batches_tracked += 1`` for every module of ``bns`` that counts (``packed``: their counters
+    as one view, see :class:`BatchNormGroup`): now, in one kernel, or at the end of the cell by
+    ``updates``."""
+    if packed is not None:
+        tracked = [packed]
+    else:
+        tracked = [bn.num_batches_tracked for bn in bns if bn.num_batches_tracked is not None]
     if updates is not None:
         updates.counters.extend(tracked)
     elif tracked:
-        packed = _adjacent(tracked)
-        if packed is not None:
-            packed.add_(1)
-        else:
-            torch._foreach_add_(tracked, 1)
+        torch._foreach_add_(tracked, 1)
 
 
-def _group_stats(bns: Sequence[nn.BatchNorm2d], packed: tuple[Tensor, Tensor, Tensor | None] | None = None):
-    """``(running_mean, running_var, momentum, write_back)`` for one BatchNorm kernel over the
-    concatenated channels of ``bns`` (all in training mode, tracking, one momentum): packed views
-    when the buffers are adjacent (``packed``: found already, see :class:`BatchNormGroup`), else
-    concatenated copies that ``write_back()`` copies back."""
-    if packed is not None:
-        return packed[0], packed[1], bns[0].momentum, None
+def _concatenated_stats(bns: Sequence[nn.BatchNorm2d]):
+    """``(running_mean, running_var, write_back)`` for one BatchNorm kernel over the concatenated
+    channels of ``bns`` whose statistics are not packed: concatenated copies that ``write_back()``
+    copies back."""
     means, variances = [bn.running_mean for bn in bns], [bn.running_var for bn in bns]
-    running_mean, running_var = _adjacent(means), _adjacent(variances)
-    if running_mean is not None and running_var is not None:
-        return running_mean, running_var, bns[0].momentum, None
     running_mean, running_var = torch.cat(means), torch.cat(variances)
 
     def write_back() -> None:
         torch._foreach_copy_(means + variances, [*running_mean.chunk(len(bns)), *running_var.chunk(len(bns))])
 
-    return running_mean, running_var, bns[0].momentum, write_back
+    return running_mean, running_var, write_back
 
 
 class BatchNormGroup:
@@ -309,9 +334,9 @@ class BatchNormGroup:
     :func:`batch_norm`), with the packed views of their running statistics found once: searching them
     (:func:`_adjacent`, a storage comparison per buffer) cost the host more than the kernel's launch.
     Each call compares the modules' current buffers with the ones the views were made from, by
-    identity, so a replaced buffer (``.to()``, an assignment) is seen. A supernet keeps one per group
-    of its cells (see :meth:`fastnas.spaces.nb201.SearchCell._plan`); :func:`batch_norm` takes it
-    where it takes a list of modules."""
+    identity, so a replaced buffer (``.to()``, an assignment) is seen. A supernet's cell keeps one per
+    group (:class:`CachedPlans`); :func:`batch_norm` takes it where it takes a list of modules (and
+    makes one for a list)."""
 
     __slots__ = ("bns", "_buffers", "_packed")
     _NAMES = ("running_mean", "running_var", "num_batches_tracked")
@@ -333,21 +358,26 @@ class BatchNormGroup:
     def packed(self) -> tuple[Tensor, Tensor, Tensor | None] | None:
         """``(running_mean, running_var, num_batches_tracked)``, each one view over the group's
         buffers of that name (the counters None when a module has none), when the means and variances
-        are packed (see :func:`pack_running_stats`); else None. Never while tracing."""
-        if torch.compiler.is_compiling() or not plain_autograd():
-            return None
+        are packed (see :func:`pack_running_stats`); else None. Cached outside tracing and torch.func
+        transforms (under them a group of more than one module is never packed, see :func:`_adjacent`)."""
         current = tuple(bn._buffers.get(name) for bn in self.bns for name in self._NAMES)
-        cached = self._buffers
-        if cached is None or any(a is not b for a, b in zip(current, cached)):
-            means, variances, counters = current[0::3], current[1::3], current[2::3]
-            packed = None
-            if all(t is not None for t in means + variances):
-                mean, var = _adjacent(means), _adjacent(variances)
-                if mean is not None and var is not None:
-                    count = _adjacent(counters) if all(t is not None for t in counters) else None
-                    packed = (mean, var, count)
-            self._buffers, self._packed = current, packed
+        if torch.compiler.is_compiling() or not plain_autograd():
+            return _packed_views(current)
+        if self._buffers is None or any(a is not b for a, b in zip(current, self._buffers)):
+            self._buffers, self._packed = current, _packed_views(current)
         return self._packed
+
+
+def _packed_views(buffers: tuple) -> tuple[Tensor, Tensor, Tensor | None] | None:
+    """:meth:`BatchNormGroup.packed` of the modules' ``(running_mean, running_var,
+    num_batches_tracked)`` buffers, module after module."""
+    means, variances, counters = buffers[0::3], buffers[1::3], buffers[2::3]
+    if any(t is None for t in means + variances):
+        return None
+    mean, var = _adjacent(means), _adjacent(variances)
+    if mean is None or var is None:
+        return None
+    return mean, var, _adjacent(counters) if all(t is not None for t in counters) else None
 
 
 def _tracks(bn: nn.BatchNorm2d) -> bool:
@@ -384,15 +414,13 @@ class _BiasLeftOut(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, *biases):
         ctx.sizes = [b.numel() for b in biases]
-        ctx.shapes = None if all(b.dim() == 1 for b in biases) else [b.shape for b in biases]
+        ctx.shapes = [b.shape for b in biases]
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad):
         zeros = grad.new_zeros(sum(ctx.sizes)).split(ctx.sizes)  # one kernel for every bias
-        if ctx.shapes is not None:
-            zeros = [z.view(shape) for z, shape in zip(zeros, ctx.shapes)]
-        return (grad, *zeros)
+        return (grad, *(z.view(shape) for z, shape in zip(zeros, ctx.shapes)))
 
 
 def _biases_left_out(x: Tensor, biases: Sequence[Tensor]) -> Tensor:
@@ -418,12 +446,14 @@ def _lean_batch_norm(
     tracking = [b for b in bns if _tracks(b)]
     in_kernel = len(tracking) == len(bns) and all(b.momentum is not None and b.momentum == first.momentum for b in bns)
     if in_kernel:  # the kernel updates the (packed) running statistics itself
-        packed = bns.packed() if isinstance(bns, BatchNormGroup) else None
-        if packed is not None and packed[2] is not None and updates is not None:
-            updates.counters.append(packed[2])  # every module's counter in one view
+        packed = (bns if isinstance(bns, BatchNormGroup) else BatchNormGroup(bns)).packed()
+        if packed is not None:
+            running_mean, running_var, counters = packed
+            write_back = None
         else:
-            _count_batch(bns, updates)
-        running_mean, running_var, momentum, write_back = _group_stats(bns, packed)
+            (running_mean, running_var, write_back), counters = _concatenated_stats(bns), None
+        _count_batch(bns, updates, counters)
+        momentum = first.momentum
     else:  # no statistics to track, or cumulative averages / mixed momenta: updated after the kernel
         running_mean = running_var = write_back = None
         momentum = 0.0
