@@ -167,3 +167,25 @@ def assert_fp32_step_close(fast, eager, x) -> None:
     for k in grads_fast:
         scale = grads_eager[k].abs().max().item()
         torch.testing.assert_close(grads_fast[k], grads_eager[k], rtol=1e-3, atol=1e-3 * scale + 1e-5)
+
+
+def graph_recording_backend(forward_graphs: list, backward_graphs: list):
+    """An AOTAutograd backend that runs the graphs as traced and keeps them."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    def keep(graphs):
+        def compiler(gm, example_inputs):
+            graphs.append(gm)
+            return make_boxed_func(gm.forward)
+
+        return compiler
+
+    return aot_autograd(fw_compiler=keep(forward_graphs), bw_compiler=keep(backward_graphs))
+
+
+def ops_of(gm) -> set:
+    """The operators a graph calls, mutating ones included (functionalised: wrapped by a higher-order op)."""
+    calls = [node for node in gm.graph.nodes if node.op == "call_function"]
+    wrapped = [node.args[0] for node in calls if "auto_functionalized" in str(node.target)]
+    return {node.target for node in calls} | set(wrapped)

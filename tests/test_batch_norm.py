@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import graph_recording_backend, ops_of
 from torch.library import opcheck
 
 from fastnas import backend
@@ -187,3 +188,33 @@ def test_traces_with_torch_compile_fullgraph():
     (dx_compiled,) = torch.autograd.grad(compiled(x), x)
     (dx_eager,) = torch.autograd.grad(fn(x), x)
     torch.testing.assert_close(dx_compiled, dx_eager)
+
+
+@pytest.mark.parametrize("invstd_differentiable", [False, True])
+def test_compiled_backward_runs_the_kernel_unless_invstd_may_have_a_gradient(invstd_differentiable):
+    """A traced backward gives every output a gradient, so it cannot see that ``invstd``'s is unused:
+    with ``invstd_differentiable=False`` the compiled graph runs the kernels' backward, otherwise
+    PyTorch's composite one (which also differentiates through ``invstd``). Both equal eager."""
+    torch._dynamo.reset()
+    x = random_input((2, 6, 3, 4, 3), torch.float32)
+    running_mean, running_var = torch.zeros(6), torch.ones(6)
+
+    def fn(x, running_mean, running_var):
+        ys, _, invstd = lean_batch_norm(x, 3, running_mean, running_var, 0.1, 1e-5, None, invstd_differentiable)
+        loss = sum(y.square().sum() * (i + 1) for i, y in enumerate(ys))
+        return loss + invstd.sum() if invstd_differentiable else loss
+
+    forward_graphs, backward_graphs = [], []
+    compiled = torch.compile(fn, fullgraph=True, backend=graph_recording_backend(forward_graphs, backward_graphs))
+    stats = running_mean.clone(), running_var.clone()
+    (dx_compiled,) = torch.autograd.grad(compiled(x, *stats), x)
+    (dx_eager,) = torch.autograd.grad(fn(x, running_mean, running_var), x)
+    torch.testing.assert_close(dx_compiled, dx_eager)
+    torch.testing.assert_close(stats, (running_mean, running_var))
+    _, _, invstd = lean_batch_norm(x, 3, None, None, 0.1, 1e-5, None, invstd_differentiable)
+    assert invstd.requires_grad == invstd_differentiable
+    (backward,) = backward_graphs
+    kernel = torch.ops.fastnas.batch_norm_parts_backward.default
+    composite = torch.ops.aten.native_batch_norm_backward.default
+    assert (kernel in ops_of(backward)) != invstd_differentiable
+    assert (composite in ops_of(backward)) == invstd_differentiable

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TOL, assert_close_dicts
+from conftest import TOL, assert_close_dicts, graph_recording_backend, ops_of
 from eager_supernets import EagerDartsNetwork, EagerNB201Network, run_step
 from kernel_count import count_kernels
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -474,3 +474,30 @@ def test_regional_compilation_shares_graphs_across_cells():
             train_step(n, x, y)
         assert_grads_close(net, eager)
         assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 3
+
+
+@pytest.mark.parametrize("space", ["darts", "nb201"])
+def test_compiled_cells_run_the_batch_norm_kernels_both_ways(space):
+    """compile_cells on a channels_last batch (fastnas's CPU layout): every cell graph runs the
+    BatchNorm kernels forward and backward (not PyTorch's BatchNorm, decomposed and recompiled per
+    cell), with the eager network's results."""
+    torch._dynamo.reset()
+    torch.manual_seed(11)
+    net, eager = small(space), small(space)
+    eager.load_state_dict(net.state_dict())
+    forward_graphs, backward_graphs = [], []
+    net.compile_cells(backend=graph_recording_backend(forward_graphs, backward_graphs))
+    eager.compute_all_ops = True
+    x = torch.randn(2, 3, 8, 8).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 5, (2,))
+    for n in (net, eager):
+        train_step(n, x, y)
+    assert_grads_close(net, eager)
+    assert_close_dicts(dict(net.named_buffers()), dict(eager.named_buffers()), rtol=1e-5, atol=1e-6)
+    assert forward_graphs and len(backward_graphs) == len(forward_graphs)
+    kernels = torch.ops.fastnas.batch_norm_parts.default, torch.ops.fastnas.batch_norm_parts_backward.default
+    for forward, backward in zip(forward_graphs, backward_graphs):
+        assert kernels[0] in ops_of(forward) and kernels[1] in ops_of(backward)
+        assert not {torch.ops.aten.native_batch_norm_backward.default, torch.ops.aten.native_batch_norm.default} & (
+            ops_of(forward) | ops_of(backward)
+        )

@@ -170,24 +170,27 @@ class _NativeLeanBatchNorm(torch.autograd.Function):
 
 
 class _KernelLeanBatchNorm(torch.autograd.Function):
-    """The path by the registered ops: compiled CPU kernels, Triton on CUDA (see the module docstring)."""
+    """The path by the registered ops while tracing (see the module docstring). With
+    ``invstd_differentiable`` False the backward is always the kernel: a traced backward cannot tell
+    an unused ``invstd`` from a used one (dynamo gives every output a gradient), so with it True the
+    traced graph holds PyTorch's composite backward instead."""
 
     @staticmethod
-    def forward(ctx, x, parts, running_mean, running_var, momentum, eps, unit):
+    def forward(ctx, x, parts, running_mean, running_var, momentum, eps, invstd_differentiable):
         out, mean, invstd = torch.ops.fastnas.batch_norm_parts(x, parts, running_mean, running_var, momentum, eps)
         ys = out.unbind(0)
-        ctx.eps = eps
+        ctx.eps, ctx.invstd_differentiable = eps, invstd_differentiable
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(invstd, *ys)
-        ctx.mark_non_differentiable(mean)
+        ctx.mark_non_differentiable(*((mean,) if invstd_differentiable else (mean, invstd)))
         return (*ys, mean, invstd)
 
     @staticmethod
     def backward(ctx, *grads):
         invstd, *ys = ctx.saved_tensors
         grads_of_ys = list(grads[: len(ys)])
-        if torch.is_grad_enabled() or grads[-1] is not None:  # create_graph=True, or a use of invstd
-            dx = _composite_backward(grads_of_ys, ys, invstd, grads[-1], ctx.eps)
+        if ctx.invstd_differentiable and (torch.is_grad_enabled() or grads[-1] is not None):
+            dx = _composite_backward(grads_of_ys, ys, invstd, grads[-1], ctx.eps)  # create_graph, or invstd used
         else:
             dx = torch.ops.fastnas.batch_norm_parts_backward(grads_of_ys, ys, invstd)
         return dx, None, None, None, None, None, None
@@ -201,25 +204,30 @@ def lean_batch_norm(
     momentum: float,
     eps: float,
     unit: Tensor | None = None,
+    invstd_differentiable: bool = True,
 ) -> tuple[list[Tensor], Tensor, Tensor]:
     """``(outputs, mean, invstd)``: training-mode BatchNorm of ``x`` ``[B, C, H, W]`` without affine
     parameters, as ``parts`` dense tensors ``[B, C / parts, H, W]`` in ``x``'s layout, with the batch
     ``mean`` (not differentiable) and ``invstd = 1/sqrt(var + eps)`` ``[C]`` (differentiable).
     ``running_mean``/``running_var`` (both or neither) are updated in place with ``momentum`` as
-    ``F.batch_norm`` does (unbiased variance). ``unit``: see :func:`bn_constants` (native path only)."""
+    ``F.batch_norm`` does (unbiased variance). ``unit``: see :func:`bn_constants` (native path only).
+    ``invstd_differentiable=False``: ``invstd`` is returned detached, which lets a compiled graph run
+    the kernels' backward (see :class:`_KernelLeanBatchNorm`); the supernets use it only for their
+    running statistics."""
     if not plain_autograd():  # torch.func transforms, forward-mode AD: the autograd.Functions cannot run
-        return _functional_lean_batch_norm(x, parts, running_mean, running_var, momentum, eps)
-    if uses_kernels(x, running_mean, running_var):
+        ys, mean, invstd = _functional_lean_batch_norm(x, parts, running_mean, running_var, momentum, eps)
+    elif uses_kernels(x, running_mean, running_var):
         if not torch.compiler.is_compiling():  # the same autograd in C++ (csrc/batch_norm_autograd.cpp)
             *ys, mean, invstd = torch.ops.fastnas._lean_batch_norm_autograd(
                 x, parts, running_mean, running_var, momentum, eps
             )
-            return ys, mean, invstd
-        fn = _KernelLeanBatchNorm
+        else:
+            *ys, mean, invstd = _KernelLeanBatchNorm.apply(
+                x, parts, running_mean, running_var, momentum, eps, invstd_differentiable
+            )
     else:
-        fn = _NativeLeanBatchNorm
-    *ys, mean, invstd = fn.apply(x, parts, running_mean, running_var, momentum, eps, unit)
-    return ys, mean, invstd
+        *ys, mean, invstd = _NativeLeanBatchNorm.apply(x, parts, running_mean, running_var, momentum, eps, unit)
+    return ys, mean, (invstd if invstd_differentiable else invstd.detach())
 
 
 def _functional_lean_batch_norm(x, parts, running_mean, running_var, momentum, eps):

@@ -461,7 +461,9 @@ def _lean_batch_norm(
         updates.zero_gradients.extend(biases)
     elif biases is not None:
         x = _biases_left_out(x, biases)
-    ys, mean, invstd = lean_batch_norm(x, parts, running_mean, running_var, momentum, first.eps, unit)
+    ys, mean, invstd = lean_batch_norm(
+        x, parts, running_mean, running_var, momentum, first.eps, unit, invstd_differentiable=False
+    )
     if write_back is not None:
         write_back()
     if biases is not None and in_kernel:  # the kernel's running means lack the biases
