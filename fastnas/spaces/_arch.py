@@ -231,9 +231,11 @@ def pick_weights(W: Tensor, pairs: Sequence[tuple[int, int]], picked: Tensor | N
     row, else a stack of the entries. ``picked``: ``W[e, k_e]`` per edge (one op per edge, see
     :class:`EdgeWeights`), sliced the same way. Within :func:`sharing_picks`, computed once per
     source tensor and ``pairs``."""
-    cache = getattr(_forward, "picks", None)
     source, gather = (W, _gather) if picked is None else (picked, _gather_picked)
-    if cache is None or torch.compiler.is_compiling():
+    # not read while tracing: torch 2.11's dynamo guards on the thread-local attribute's presence,
+    # which the first eager forward changes (a recompilation)
+    cache = None if torch.compiler.is_compiling() else getattr(_forward, "picks", None)
+    if cache is None:
         return gather(source, pairs)
     # the source itself is kept with the entry, so that its id is not reused while the cache lives
     key = (id(source), source._version, torch.is_grad_enabled(), picked is None, tuple(pairs))
