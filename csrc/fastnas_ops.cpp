@@ -125,12 +125,13 @@ TORCH_LIBRARY_FRAGMENT(fastnas, m) {
       " float momentum, float eps) -> (Tensor, Tensor, Tensor)");
   m.def("batch_norm_parts_backward(Tensor?[] grads, Tensor[] outputs, Tensor invstd) -> Tensor");
   // 2-D average pooling (ceil_mode=False, no divisor override) and its input gradient given the output
-  // gradient `grad`; CPU only (csrc/cpu/avg_pool_cpu.cpp), channels_last float32/float64.
+  // gradient `grad`; CPU only (csrc/cpu/avg_pool_cpu.cpp), channels_last float32/float64. The input's
+  // size is SymInt[]: a traced graph with dynamic shapes keeps them symbolic.
   m.def(
       "avg_pool2d_nhwc(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, bool count_include_pad)"
       " -> Tensor");
   m.def(
-      "avg_pool2d_nhwc_backward(Tensor grad, int[4] input_size, int[2] kernel_size, int[2] stride, int[2] padding,"
+      "avg_pool2d_nhwc_backward(Tensor grad, SymInt[4] input_size, int[2] kernel_size, int[2] stride, int[2] padding,"
       " bool count_include_pad) -> Tensor");
 }
 

@@ -14,6 +14,10 @@ from fastnas.ops.avg_pool import avg_pool2d
 
 pytestmark = pytest.mark.skipif(not backend.load_extension(), reason="the compiled extension is not built")
 
+# the eager autograd in C++ (csrc/avg_pool_autograd.cpp): the pooling and its input gradient
+KERNEL_NODE = "torch::autograd::CppNode<fastnas::(anonymous namespace)::AvgPool>"
+INPUT_GRAD_NODE = "torch::autograd::CppNode<fastnas::(anonymous namespace)::AvgPoolInputGrad>"
+
 # (B, C, H, W, kernel, stride, padding): the spaces' 3x3 pools at both strides, 2x2 stride 2, odd
 # sizes, asymmetric geometry, strides above the kernel (pixels in no window), channel counts around
 # the vector widths (1, 3, 17, 70: full blocks of 4 vectors, a partial block, a scalar tail), outputs
@@ -48,7 +52,7 @@ def pytorch_pool(x, kernel, stride, padding, count_include_pad):
 def test_matches_pytorch_in_float64(geometry, count_include_pad):
     x, kernel, stride, padding = random_case(geometry, torch.float64)
     y = avg_pool2d(x, kernel, stride, padding, count_include_pad)
-    assert y.grad_fn.name() == "_AvgPool2dBackward"
+    assert y.grad_fn.name() == KERNEL_NODE
     x_ref, y_ref = pytorch_pool(x, kernel, stride, padding, count_include_pad)
     g = torch.randn_like(y_ref)
     torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
@@ -86,7 +90,7 @@ def test_gradcheck_and_double_backward(count_include_pad):
     assert torch.autograd.gradgradcheck(fn, (x,))
     # the gradient of the gradient runs the kernels too (pooling is linear: its second derivative is 0)
     (dx,) = torch.autograd.grad(fn(x).square().sum(), x, create_graph=True)
-    assert dx.grad_fn.name() == "_AvgPool2dInputGradBackward"
+    assert dx.grad_fn.name() == INPUT_GRAD_NODE
     x_ref, y_ref = pytorch_pool(x, kernel, stride, padding, count_include_pad)
     (dx_ref,) = torch.autograd.grad(y_ref.square().sum(), x_ref, create_graph=True)
     v = torch.randn_like(dx)
@@ -131,6 +135,7 @@ def test_opcheck_registered_kernels(count_include_pad):
         torch.ops.fastnas.avg_pool2d_nhwc_backward.default,
         (g, list(x.shape), kernel, stride, padding, count_include_pad),
     )
+    opcheck(torch.ops.fastnas._avg_pool2d_autograd.default, (x, kernel, stride, padding, count_include_pad))
 
 
 def test_bad_input_is_named():
@@ -167,7 +172,7 @@ def test_falls_back_to_pytorch_where_the_kernels_do_not_run():
     assert not avg_pool.uses_kernels(x)
     assert avg_pool2d(x.requires_grad_(), 3, 1, 1).grad_fn.name() == "AvgPool2DBackward0"
     x32 = x.float().detach().requires_grad_()
-    assert avg_pool2d(x32, 3, 1, 1).grad_fn.name() == "_AvgPool2dBackward"
+    assert avg_pool2d(x32, 3, 1, 1).grad_fn.name() == KERNEL_NODE
     assert not avg_pool.uses_kernels(x32[0])  # unbatched [C, H, W]: PyTorch's
     torch.testing.assert_close(avg_pool2d(x32[0], 3, 1, 1), F.avg_pool2d(x32[0], 3, 1, 1), rtol=0, atol=0)
     if torch.cuda.is_available():
@@ -188,3 +193,19 @@ def test_compiles_without_graph_breaks():
     x_ref, y_ref = pytorch_pool(x, kernel, stride, padding, False)
     (dx_ref,) = torch.autograd.grad(y_ref.square().sum(), x_ref)
     torch.testing.assert_close(dx, dx_ref, rtol=1e-12, atol=1e-12)
+
+
+def test_compiled_with_dynamic_shapes_keeps_the_sizes_symbolic():
+    """The input gradient op takes the input's size as SymInt[]: one graph serves every size."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = torch.compile(lambda a: avg_pool2d(a, 3, 1, 1, False).square().sum(),
+                             backend="aot_eager", fullgraph=True, dynamic=True)  # fmt: skip
+    for shape in [(2, 17, 9, 8), (3, 6, 12, 10), (4, 24, 7, 11)]:
+        x = torch.randn(shape, dtype=torch.float64).contiguous(memory_format=torch.channels_last).requires_grad_()
+        (dx,) = torch.autograd.grad(compiled(x), x)
+        x_ref, y_ref = pytorch_pool(x, 3, 1, 1, False)
+        (dx_ref,) = torch.autograd.grad(y_ref.square().sum(), x_ref)
+        torch.testing.assert_close(dx, dx_ref, rtol=1e-12, atol=1e-12)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert not torch._dynamo.utils.counters["recompiles"]

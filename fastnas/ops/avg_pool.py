@@ -13,6 +13,10 @@ The forward sums every window in PyTorch's order (same results). The backward is
 pixel summing its windows in a fixed order (deterministic, independent of the thread count), equal to
 PyTorch's up to rounding. Pooling is linear, so the backward of the backward is the forward: double
 backward (``create_graph=True``) runs the kernels too.
+
+In eager mode the autograd is C++ (``fastnas::_avg_pool2d_autograd``, ``csrc/avg_pool_autograd.cpp``:
+a Python autograd.Function's backward cost the host about 30 µs more a call); ``torch.compile``
+traces the autograd.Functions below.
 """
 
 from __future__ import annotations
@@ -96,6 +100,8 @@ def avg_pool2d(
     padding = pair(padding, "padding")
     if not uses_kernels(x):
         return F.avg_pool2d(x, kernel_size, stride, padding, count_include_pad=count_include_pad)
+    if not torch.compiler.is_compiling():  # the same autograd in C++ (csrc/avg_pool_autograd.cpp)
+        return torch.ops.fastnas._avg_pool2d_autograd(x, kernel_size, stride, padding, bool(count_include_pad))
     return _AvgPool2d.apply(x, (kernel_size, stride, padding, bool(count_include_pad)))
 
 
@@ -104,12 +110,14 @@ def register_native_fakes() -> None:
     global _kernels_built
     _kernels_built = True
 
-    @torch.library.register_fake("fastnas::avg_pool2d_nhwc")
-    def _(input, kernel_size, stride, padding, count_include_pad):
+    def pooled(input, kernel_size, stride, padding, count_include_pad):
         B, C, H, W = input.shape
         Ho = (H + 2 * padding[0] - kernel_size[0]) // stride[0] + 1
         Wo = (W + 2 * padding[1] - kernel_size[1]) // stride[1] + 1
         return input.new_empty((B, C, Ho, Wo)).contiguous(memory_format=torch.channels_last)
+
+    torch.library.register_fake("fastnas::avg_pool2d_nhwc")(pooled)
+    torch.library.register_fake("fastnas::_avg_pool2d_autograd")(pooled)
 
     @torch.library.register_fake("fastnas::avg_pool2d_nhwc_backward")
     def _(grad, input_size, kernel_size, stride, padding, count_include_pad):

@@ -227,7 +227,7 @@ def lean_batch_norm(
             )
     else:
         *ys, mean, invstd = _NativeLeanBatchNorm.apply(x, parts, running_mean, running_var, momentum, eps, unit)
-    return ys, mean, (invstd if invstd_differentiable else invstd.detach())
+    return ys, mean, (invstd.detach() if invstd.requires_grad and not invstd_differentiable else invstd)
 
 
 def _functional_lean_batch_norm(x, parts, running_mean, running_var, momentum, eps):
