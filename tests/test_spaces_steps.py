@@ -501,3 +501,50 @@ def test_compiled_cells_run_the_batch_norm_kernels_both_ways(space):
         assert not {torch.ops.aten.native_batch_norm_backward.default, torch.ops.aten.native_batch_norm.default} & (
             ops_of(forward) | ops_of(backward)
         )
+
+
+def _cat_of_inputs(gm) -> list:
+    """The graph's concatenations of its own inputs (weights concatenated inside the graph)."""
+    return [
+        node
+        for node in gm.graph.nodes
+        if node.target is torch.ops.aten.cat.default and all(a.op == "placeholder" for a in node.args[0])
+    ]
+
+
+@pytest.mark.parametrize("space", ["darts", "nb201"])
+def test_compiled_cells_update_running_statistics_after_the_graph(space):
+    """compile_cells: the graphs write back no buffer (the running statistics are updated after each
+    graph, from the batch statistics it returns) and concatenate no weights (views of the packed
+    parameters come in); buffers and gradients end as the eager network's, also for a group whose
+    statistics are no longer packed, a module given another momentum than its group's and one given a
+    cumulative average (``momentum=None``, weighed after the graph)."""
+    torch._dynamo.reset()
+    torch.manual_seed(12)
+    net, eager = small(space), small(space)
+    eager.load_state_dict(net.state_dict())
+    packed = [
+        name
+        for name, b in net.named_buffers()
+        if "running_mean" in name and b.untyped_storage().nbytes() > b.numel() * b.element_size()
+    ]
+    other_momentum, cumulative, unpacked = (packed[i].rsplit(".", 1)[0] for i in (0, 1, -1))
+    for n in (net, eager):
+        n.get_submodule(other_momentum).momentum = 0.3
+        n.get_submodule(cumulative).momentum = None
+        bn = n.get_submodule(unpacked)
+        bn.running_mean, bn.running_var = bn.running_mean.clone(), bn.running_var.clone()
+    forward_graphs, backward_graphs = [], []
+    net.compile_cells(backend=graph_recording_backend(forward_graphs, backward_graphs))
+    eager.compute_all_ops = True
+    x = torch.randn(2, 3, 8, 8).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 5, (2,))
+    for _ in range(2):
+        for n in (net, eager):
+            train_step(n, x, y)
+        assert_grads_close(net, eager)
+        assert_close_dicts(dict(net.named_buffers()), dict(eager.named_buffers()), rtol=1e-5, atol=1e-6)
+    assert forward_graphs
+    for forward in forward_graphs:
+        assert torch.ops.aten.copy_.default not in ops_of(forward)
+        assert not _cat_of_inputs(forward)

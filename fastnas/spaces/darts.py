@@ -349,13 +349,20 @@ class Cell(CachedPlans, nn.Module):
         unit = self._bn_unit if self._bn_unit.dtype == s1.dtype else None
         s0 = self._preprocess(self.preprocess0, s0, unit, updates)
         s1 = self._preprocess(self.preprocess1, s1, unit, updates)
-        nodes = self.nodes if self._compiled_nodes is None else self._compiled_nodes
-        return nodes(s0, s1, weights, selected, edge_weights, picked, updates)
+        if self._compiled_nodes is None:
+            return self.nodes(s0, s1, weights, selected, edge_weights, picked, updates)
+        deferred = StatUpdates(deferred=True, plans=self)  # the compiled graph leaves every buffer alone
+        packed = self._packed_weights(selected) if self.training else None
+        out = self._compiled_nodes(s0, s1, weights, selected, edge_weights, picked, deferred, packed)
+        updates.apply()
+        deferred.apply()
+        return out
 
     def compile_nodes(self, **options) -> None:
         """Compile :meth:`nodes` with ``torch.compile(**options)``: every cell of the same kind and
         shapes runs the same compiled code (the preprocessing, whose input shapes differ from cell to
-        cell, stays eager)."""
+        cell, stays eager). The compiled code returns the batch statistics, and the running
+        statistics are updated after it (see :class:`fastnas.spaces.ops.StatUpdates`)."""
         self._compiled_nodes = torch.compile(self.nodes, **options)
 
     def nodes(
@@ -367,10 +374,12 @@ class Cell(CachedPlans, nn.Module):
         edge_weights: Tensor | None,
         picked: Tensor | None,
         updates: StatUpdates,
+        packed: dict | None = None,
     ) -> Tensor:
         """The cell after its preprocessing: ``s0``, ``s1`` ``[B, C, H, W]``, ``weights`` with the
         edge weights multiplied in (the other arguments as in :meth:`forward`; ``updates`` as in
-        :func:`fastnas.spaces.ops.batch_norm`, applied here)."""
+        :func:`fastnas.spaces.ops.batch_norm`, applied here unless deferred; ``packed``: see
+        :meth:`_packed_weights`)."""
         states = [s0, s1]
         k = self.partial_channels
         queues: list[list[tuple[int, int, Tensor]]] = [[] for _ in range(self._steps)]  # (edge, op, output)
@@ -387,7 +396,7 @@ class Cell(CachedPlans, nn.Module):
                 if k > 1:  # one split, whose backward is one concatenation
                     x, rest = x.split([x.shape[1] // k, x.shape[1] - x.shape[1] // k], dim=1)
                     x = x.contiguous(memory_format=preferred_memory_format(x))
-                self._emit(j, x, selected, queues, updates)
+                self._emit(j, x, selected, queues, updates, packed)
                 if k > 1:
                     for e in self._out_edges(j):
                         passes[self.edges[e][0]].append(self._bypass(rest, self._ops[e].stride))
@@ -407,7 +416,8 @@ class Cell(CachedPlans, nn.Module):
                 bypass = fastnas.mixed_sum(passes[i], ones)
                 node = channel_shuffle(torch.cat([node, bypass], dim=1), k)
             states.append(node)
-        updates.apply()
+        if not updates.deferred:
+            updates.apply()
         return torch.cat(states[-self._multiplier :], dim=1)
 
     @staticmethod
@@ -417,7 +427,7 @@ class Cell(CachedPlans, nn.Module):
             return module.forward_relu(r, unit, updates)
         return run_tail(module.op, r, start=1, unit=unit, updates=updates)
 
-    def _emit(self, j: int, x: Tensor, selected, queues, updates: StatUpdates) -> None:
+    def _emit(self, j: int, x: Tensor, selected, queues, updates: StatUpdates, packed: dict | None = None) -> None:
         """Compute every needed op of every edge leaving state ``j`` (input ``x``) and queue it for
         its target node."""
         edges, stride = self._plan(("out", j), self._out_edges_and_stride, j)
@@ -449,16 +459,19 @@ class Cell(CachedPlans, nn.Module):
                 fr = self._plan((q, members), self._op_modules, q, members)
                 outs = [x if stride == 1 else op.forward_relu(relu_x(), unit, updates) for op in fr]
             else:
-                outs = self._conv_group(q, members, relu_x, unit, updates)
+                outs = self._conv_group(q, members, relu_x, unit, updates, packed)
             for e, out in zip(members, outs):
                 queues[self.edges[e][0]].append((e, q, out))
 
-    def _conv_group(self, q: int, edges: Sequence[int], relu_x, unit, updates: StatUpdates) -> list[Tensor]:
+    def _conv_group(
+        self, q: int, edges: Sequence[int], relu_x, unit, updates: StatUpdates, packed: dict | None = None
+    ) -> list[Tensor]:
         """Op ``q`` (a sep or dil conv) of every edge in ``edges``, given ``relu_x(times)``, their
         shared input ``relu(x)`` repeated ``times`` along the channels: each stage of the op is ONE
         convolution over the edges' concatenated weights — the depthwise ones over the input repeated
         once per edge, the pointwise ones grouped by edge — and each BatchNorm one BatchNorm over the
-        edges' concatenated channels; returns one dense output per edge."""
+        edges' concatenated channels; returns one dense output per edge (``packed``: the concatenated
+        weights, when :meth:`_packed_weights` made them)."""
         seqs, layers, bn_groups = self._plan((q, tuple(edges)), self._conv_group_plan, q, edges)
         if not all(lean_bn_eligible(b) for group in bn_groups for b in group):
             return [run_tail(s, relu_x(), start=1) for s in seqs]  # running statistics in use: module by module
@@ -466,7 +479,9 @@ class Cell(CachedPlans, nn.Module):
 
         def conv(y: Tensor, index: int, groups: int) -> Tensor:
             layer = layers[index][0]
-            weight = cat_parameters([c.weight for c in layers[index]])
+            weight = packed.get((q, tuple(edges), index)) if packed is not None else None
+            if weight is None:
+                weight = cat_parameters([c.weight for c in layers[index]])
             if groups == y.shape[1]:
                 return depthwise_conv2d(y, weight, layer.stride, layer.padding, layer.dilation)
             return F.conv2d(y, weight, None, layer.stride, layer.padding, layer.dilation, groups)
@@ -477,6 +492,24 @@ class Cell(CachedPlans, nn.Module):
             y = conv(conv(y, 5, m * C), 6, m)
         outs = batch_norm(y, bn_groups[-1], unit, parts=m, updates=updates)
         return outs if m > 1 else [outs]
+
+    def _packed_weights(self, selected: Sequence[Sequence[int]] | None) -> dict[tuple, Tensor]:
+        """The weights of every convolution :meth:`_conv_group` will run, keyed ``(op, edges, layer
+        index)``, each the concatenation of its edges' weights: made before a compiled :meth:`nodes`,
+        they are views of the packed parameters (see :func:`fastnas.spaces.ops.cat_parameters`),
+        where inside the graph each would be a copy forward and a split backward."""
+        packed = {}
+        for j in range(self._steps + 1):
+            edges, _ = self._plan(("out", j), self._out_edges_and_stride, j)
+            for q in _CONV_OPS:
+                members = tuple(e for e in edges if selected is None or q in selected[e])
+                if not members:
+                    continue
+                _, layers, _ = self._plan((q, members), self._conv_group_plan, q, members)
+                for index, stage in enumerate(layers):
+                    if isinstance(stage[0], nn.Conv2d):
+                        packed[q, members, index] = cat_parameters([c.weight for c in stage])
+        return packed
 
     def _out_edges_and_stride(self, j: int) -> tuple[list[int], int]:
         edges = self._out_edges(j)

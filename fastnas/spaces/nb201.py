@@ -261,12 +261,14 @@ class SearchCell(CachedPlans, nn.Module):
         self.last_computed: list[tuple[str, str]] = []  # (edge key, op) pairs of the last eager forward
         # constants of the BatchNorm backward (two kernels fewer per backward)
         self.register_buffer("_bn_unit", bn_constants((max_nodes - 1) * C_out), persistent=False)
+        self._compiled_cell = None
         self._pack_groups()
 
     def compile_nodes(self, **options) -> None:
-        """Compile the cell with ``torch.compile(**options)`` (regional compilation: cells of the same
-        shapes run the same compiled code)."""
-        self.compile(**options)
+        """Compile the cell's nodes with ``torch.compile(**options)`` (regional compilation: cells of
+        the same shapes run the same compiled code). The compiled code returns the batch statistics,
+        and the running statistics are updated after it (see :class:`fastnas.spaces.ops.StatUpdates`)."""
+        self._compiled_cell = torch.compile(self._nodes, **options)
 
     def _pack_groups(self) -> None:
         """One conv op on every edge leaving a node runs as one convolution and one BatchNorm: the
@@ -313,14 +315,33 @@ class SearchCell(CachedPlans, nn.Module):
             raise ValueError(
                 f"weightss must have shape [{self.num_edges}, {len(self.op_names)}], got {tuple(weightss.shape)}"
             )
+        if self._compiled_cell is None:
+            return self._nodes(inputs, weightss, selected, unselected, picked, StatUpdates())
+        updates = StatUpdates(deferred=True, plans=self)  # the compiled graph leaves every buffer alone
+        packed = self._packed_weights(selected) if self.training else None
+        out = self._compiled_cell(inputs, weightss, selected, unselected, picked, updates, packed)
+        updates.apply()
+        return out
+
+    def _nodes(
+        self,
+        inputs: Tensor,
+        weightss: Tensor,
+        selected: Sequence[Sequence[int]] | None,
+        unselected: Tensor | None,
+        picked: Tensor | None,
+        updates: StatUpdates,
+        packed: dict | None = None,
+    ) -> Tensor:
+        """:meth:`forward`'s nodes (``updates``: as in :func:`fastnas.spaces.ops.batch_norm`, applied
+        here unless deferred; ``packed``: see :meth:`_packed_weights`)."""
         tracing = torch.compiler.is_compiling()
         if not tracing:
             self.last_computed = []
         nodes = [inputs]
         queues: dict[int, list[tuple[int, int, Tensor]]] = defaultdict(list)  # node -> (edge, op, output)
-        updates = StatUpdates()  # BatchNorm bookkeeping, applied at the end in a few foreach kernels
         for j in range(self.max_nodes - 1):
-            self._emit(j, nodes[j], selected, queues, updates)
+            self._emit(j, nodes[j], selected, queues, updates, packed)
             queue = sorted(queues.pop(j + 1, []), key=lambda t: t[:2])
             if not tracing:
                 self.last_computed += [(self.edge_keys[e], self.op_names[k]) for e, k, _ in queue]
@@ -341,7 +362,8 @@ class SearchCell(CachedPlans, nn.Module):
                 else:
                     node = node + torch.stack([unselected[e] for e in rows]).sum()
             nodes.append(node)
-        updates.apply()
+        if not updates.deferred:
+            updates.apply()
         return nodes[-1]
 
     def forward_gdas(self, inputs: Tensor, hardwts: Tensor, index: Tensor) -> Tensor:
@@ -400,8 +422,9 @@ class SearchCell(CachedPlans, nn.Module):
             ops.append(row)
         return ops
 
-    def _emit(self, j: int, x: Tensor, selected, pending, updates: StatUpdates) -> None:
-        """Compute every needed op of every edge leaving node ``j`` and queue it for its target node."""
+    def _emit(self, j: int, x: Tensor, selected, pending, updates: StatUpdates, packed: dict | None = None) -> None:
+        """Compute every needed op of every edge leaving node ``j`` and queue it for its target node
+        (``packed``: the concatenated conv weights, when :meth:`_packed_weights` made them)."""
         relu: list[Tensor] = []
         pools: dict[tuple[str, int], Tensor] = {}
         convs: dict[int, list[tuple[int, int, nn.Module, nn.Module]]] = {}  # op -> (i, e, conv, bn)
@@ -439,16 +462,43 @@ class SearchCell(CachedPlans, nn.Module):
             conv = group[0][2]
             members = tuple((e, k) for _, e, _, _ in group)
             bns = self._plan(members, BatchNormGroup, [bn for *_, bn in group])
-            weight = cat_parameters([c.weight for _, _, c, _ in group])
+            weight = packed.get(members) if packed is not None else None
+            if weight is None:
+                weight = cat_parameters([c.weight for _, _, c, _ in group])
             bias = biases = None
             if conv.bias is not None and can_leave_out_biases(bns):  # (affine=False: xautodl's convs
                 biases = [c.bias for _, _, c, _ in group]  # have biases, which the BatchNorm removes)
             elif conv.bias is not None:
-                bias = cat_parameters([c.bias for _, _, c, _ in group])
+                bias = packed.get((members, "bias")) if packed is not None else None
+                if bias is None:
+                    bias = cat_parameters([c.bias for _, _, c, _ in group])
             y = F.conv2d(relu_x(), weight, bias, conv.stride, conv.padding, conv.dilation)
             outs = batch_norm(y, bns, unit, parts=len(group), updates=updates, biases=biases)
             for (i, e, _, _), out in zip(group, outs if len(group) > 1 else [outs]):
                 pending[i].append((e, k, out))
+
+    def _packed_weights(self, selected: Sequence[Sequence[int]] | None) -> dict[tuple, Tensor]:
+        """The weight of every convolution :meth:`_emit` will run, keyed by its ``(edge, op)`` pairs
+        (and its bias, keyed ``(pairs, "bias")``, where the BatchNorms cannot leave it out), each the
+        concatenation of its edges' tensors: made before a compiled :meth:`_nodes`, they are views of
+        the packed parameters (see :func:`fastnas.spaces.ops.cat_parameters`), where inside the graph
+        each would be a copy forward and a split backward."""
+        ops = self._plan("ops", self._op_kinds)
+        packed = {}
+        for j in range(self.max_nodes - 1):
+            groups: dict[int, list[tuple[int, nn.Module, nn.Module]]] = {}
+            for i in range(j + 1, self.max_nodes):
+                e = self._edge_of[i][j]
+                for k in self._all_ops if selected is None else selected[e]:
+                    kind, _, conv, bn = ops[e][k]
+                    if kind == self._CONV and lean_bn_eligible(bn):
+                        groups.setdefault(k, []).append((e, conv, bn))
+            for k, group in groups.items():
+                members = tuple((e, k) for e, _, _ in group)
+                packed[members] = cat_parameters([c.weight for _, c, _ in group])
+                if group[0][1].bias is not None and not can_leave_out_biases([bn for *_, bn in group]):
+                    packed[members, "bias"] = cat_parameters([c.bias for _, c, _ in group])
+        return packed
 
 
 # --------------------------------------------------------------------------- the network

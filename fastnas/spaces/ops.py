@@ -251,12 +251,23 @@ class StatUpdates:
     """BatchNorm bookkeeping of a whole cell, collected during its forward and applied at its end by
     :meth:`apply` in a handful of foreach kernels: ``num_batches_tracked += 1`` of every module run,
     and the running statistics of modules that share another module's output (see
-    :func:`shared_batch_norm`)."""
+    :func:`shared_batch_norm`).
 
-    def __init__(self) -> None:
+    ``deferred=True``: every running statistic is updated by :meth:`apply`, none by a BatchNorm
+    kernel. For a compiled region that returns its batch statistics and leaves the buffers alone:
+    ``apply`` runs after it, eagerly, on the groups' packed buffers (a few foreach kernels), where
+    mutating each module's buffers inside the graph made the compiler write, and compile, a copy back
+    for every one of them (in a DARTS cell, a third of the compile time). ``plans``: the cell, whose
+    :class:`CachedPlans` keep a :class:`BatchNormGroup` per group (its packed views found once)."""
+
+    def __init__(self, deferred: bool = False, plans: CachedPlans | None = None) -> None:
+        self.deferred = deferred
+        self.plans = plans
+        # deferred: (modules of one kernel, batch mean, batch invstd, values per channel, momentum, biases)
+        self.groups: list[tuple[tuple[nn.BatchNorm2d, ...], Tensor, Tensor, int, float, tuple[Tensor, ...]]] = []
         self.counters: list[Tensor] = []
-        # (module, batch mean, batch invstd, values per channel, momentum)
-        self.shared: list[tuple[nn.BatchNorm2d, Tensor, Tensor, int, float]] = []
+        # (module, batch mean, batch invstd, values per channel, momentum: None when deferred cumulative)
+        self.shared: list[tuple[nn.BatchNorm2d, Tensor, Tensor, int, float | None]] = []
         # momentum -> (running means, the convolution biases left out of their batch means)
         self.biases: dict[float, tuple[list[Tensor], list[Tensor]]] = {}
         self.zero_gradients: list[Tensor] = []  # those biases, given gradient zero by :meth:`through`
@@ -282,20 +293,45 @@ class StatUpdates:
         return _biases_left_out(t, biases)
 
     def _update(self) -> None:
-        if self.counters:
-            torch._foreach_add_(self.counters, 1)
+        # (running mean, running var, batch mean, batch invstd, eps, values per channel, factor)
+        targets = []
+        for bn, mean, invstd, n, f in self.shared:
+            if f is None:  # deferred cumulative average: factor 1 / count, counted first
+                bn.num_batches_tracked.add_(1)
+                f = 1.0 / float(bn.num_batches_tracked)
+            targets.append((bn.running_mean, bn.running_var, mean, invstd, bn.eps, n, f))
+        counters = self.counters
+        if self.groups:
+            counters = list(counters)
+            for bns, mean, invstd, n, f, biases in self.groups:
+                mean = mean + torch.cat([b.reshape(-1) for b in biases]) if biases else mean
+                group = self.plans._plan(("bn", bns), BatchNormGroup, bns) if self.plans else BatchNormGroup(bns)
+                packed = group.packed()
+                if packed is not None:  # one view per statistic over the whole group
+                    targets.append((packed[0], packed[1], mean, invstd, bns[0].eps, n, f))
+                    if packed[2] is not None:
+                        counters.append(packed[2])
+                        continue
+                else:
+                    means, invstds = mean.chunk(len(bns)), invstd.chunk(len(bns))
+                    targets += [
+                        (bn.running_mean, bn.running_var, m, i, bn.eps, n, f) for bn, m, i in zip(bns, means, invstds)
+                    ]
+                counters += [bn.num_batches_tracked for bn in bns if bn.num_batches_tracked is not None]
+        if counters:
+            torch._foreach_add_(counters, 1)
         for momentum, (means, biases) in self.biases.items():
             torch._foreach_add_(means, biases, alpha=momentum)
-        if not self.shared:
+        if not targets:
             return
         # unbiased batch variance, as the native kernel stores it: (invstd^-2 - eps) * n / (n - 1)
-        variances = torch._foreach_pow([invstd for _, _, invstd, _, _ in self.shared], -2)
-        torch._foreach_sub_(variances, [bn.eps for bn, *_ in self.shared])
-        torch._foreach_mul_(variances, [n / max(n - 1, 1) for *_, n, _ in self.shared])
+        variances = torch._foreach_pow([invstd for _, _, _, invstd, *_ in targets], -2)
+        torch._foreach_sub_(variances, [eps for *_, eps, _, _ in targets])
+        torch._foreach_mul_(variances, [n / max(n - 1, 1) for *_, n, _ in targets])
         by_factor: dict[float, tuple[list[Tensor], list[Tensor]]] = {}
-        for (bn, mean, _, _, factor), var in zip(self.shared, variances):
+        for (running_mean, running_var, mean, _, _, _, factor), var in zip(targets, variances):
             buffers, stats = by_factor.setdefault(factor, ([], []))
-            buffers += [bn.running_mean, bn.running_var]
+            buffers += [running_mean, running_var]
             stats += [mean, var]
         for factor, (buffers, stats) in by_factor.items():  # running = (1 - f) * running + f * batch
             torch._foreach_mul_(buffers, 1.0 - factor)
@@ -391,11 +427,14 @@ def _update_from_batch(
     """Update the running statistics of ``bns`` (each tracking, in training mode) as their own forward
     would from the batch ``mean`` and ``invstd = 1/sqrt(var + eps)`` of ``count`` values per channel
     (see :meth:`StatUpdates.apply`): at the end of the cell with ``updates``, else now.
-    ``momentum=None`` (cumulative average, factor ``1 / num_batches_tracked``) is applied now and
-    reads the count on the host."""
+    ``momentum=None`` (cumulative average, factor ``1 / num_batches_tracked``) is applied now, or by
+    deferred ``updates``, and reads the count on the host."""
     now = StatUpdates()
+    deferred = updates is not None and updates.deferred
     for bn in bns:
-        if bn.momentum is None:  # factor 1 / count, counted first
+        if bn.momentum is None and deferred:  # counted and weighed by apply, after the graph
+            updates.shared.append((bn, mean, invstd, count, None))
+        elif bn.momentum is None:  # factor 1 / count, counted first
             bn.num_batches_tracked.add_(1)
             now.shared.append((bn, mean, invstd, count, 1.0 / float(bn.num_batches_tracked)))
         else:
@@ -445,6 +484,12 @@ def _lean_batch_norm(
         raise ValueError("bn: the modules of one group must share eps")
     tracking = [b for b in bns if _tracks(b)]
     in_kernel = len(tracking) == len(bns) and all(b.momentum is not None and b.momentum == first.momentum for b in bns)
+    if in_kernel and updates is not None and updates.deferred:  # batch statistics only; updates.apply does the rest
+        ys, mean, invstd = lean_batch_norm(x, parts, None, None, 0.0, first.eps, unit, invstd_differentiable=False)
+        updates.groups.append((tuple(bns), mean, invstd, x.numel() // x.shape[1], first.momentum, tuple(biases or ())))
+        if biases is not None:
+            updates.zero_gradients.extend(biases)
+        return ys, mean, invstd
     if in_kernel:  # the kernel updates the (packed) running statistics itself
         packed = (bns if isinstance(bns, BatchNormGroup) else BatchNormGroup(bns)).packed()
         if packed is not None:
