@@ -191,30 +191,33 @@ def test_traces_with_torch_compile_fullgraph():
 
 
 @pytest.mark.parametrize("invstd_differentiable", [False, True])
-def test_compiled_backward_runs_the_kernel_unless_invstd_may_have_a_gradient(invstd_differentiable):
-    """A traced backward gives every output a gradient, so it cannot see that ``invstd``'s is unused:
-    with ``invstd_differentiable=False`` the compiled graph runs the kernels' backward, otherwise
-    PyTorch's composite one (which also differentiates through ``invstd``). Both equal eager."""
+def test_compiled_backward_runs_the_kernel(invstd_differentiable):
+    """The compiled graph runs the kernels' backward, not PyTorch's composite one, whether ``invstd``
+    is differentiable (a traced backward gives it a gradient, used or not: the graph adds the term
+    through it) or not; both equal eager, ``invstd`` used in the loss or not."""
     torch._dynamo.reset()
     x = random_input((2, 6, 3, 4, 3), torch.float32)
     running_mean, running_var = torch.zeros(6), torch.ones(6)
 
-    def fn(x, running_mean, running_var):
+    def fn(x, running_mean, running_var, use_invstd):
         ys, _, invstd = lean_batch_norm(x, 3, running_mean, running_var, 0.1, 1e-5, None, invstd_differentiable)
         loss = sum(y.square().sum() * (i + 1) for i, y in enumerate(ys))
-        return loss + invstd.sum() if invstd_differentiable else loss
+        return loss + (invstd * torch.arange(1.0, 7.0)).sum() if use_invstd else loss
 
-    forward_graphs, backward_graphs = [], []
-    compiled = torch.compile(fn, fullgraph=True, backend=graph_recording_backend(forward_graphs, backward_graphs))
-    stats = running_mean.clone(), running_var.clone()
-    (dx_compiled,) = torch.autograd.grad(compiled(x, *stats), x)
-    (dx_eager,) = torch.autograd.grad(fn(x, running_mean, running_var), x)
-    torch.testing.assert_close(dx_compiled, dx_eager)
-    torch.testing.assert_close(stats, (running_mean, running_var))
-    _, _, invstd = lean_batch_norm(x, 3, None, None, 0.1, 1e-5, None, invstd_differentiable)
-    assert invstd.requires_grad == invstd_differentiable
-    (backward,) = backward_graphs
     kernel = torch.ops.fastnas.batch_norm_parts_backward.default
     composite = torch.ops.aten.native_batch_norm_backward.default
-    assert (kernel in ops_of(backward)) != invstd_differentiable
-    assert (composite in ops_of(backward)) == invstd_differentiable
+    for use_invstd in (False, True) if invstd_differentiable else (False,):
+        torch._dynamo.reset()
+        forward_graphs, backward_graphs = [], []
+        backend = graph_recording_backend(forward_graphs, backward_graphs)
+        compiled = torch.compile(fn, fullgraph=True, backend=backend)
+        stats = running_mean.clone(), running_var.clone()
+        expected_stats = running_mean.clone(), running_var.clone()
+        (dx_compiled,) = torch.autograd.grad(compiled(x, *stats, use_invstd), x)
+        (dx_eager,) = torch.autograd.grad(fn(x, *expected_stats, use_invstd), x)
+        torch.testing.assert_close(dx_compiled, dx_eager)
+        torch.testing.assert_close(stats, expected_stats)
+        (backward,) = backward_graphs
+        assert kernel in ops_of(backward) and composite not in ops_of(backward)
+    _, _, invstd = lean_batch_norm(x, 3, None, None, 0.1, 1e-5, None, invstd_differentiable)
+    assert invstd.requires_grad == invstd_differentiable

@@ -170,10 +170,11 @@ class _NativeLeanBatchNorm(torch.autograd.Function):
 
 
 class _KernelLeanBatchNorm(torch.autograd.Function):
-    """The path by the registered ops while tracing (see the module docstring). With
-    ``invstd_differentiable`` False the backward is always the kernel: a traced backward cannot tell
-    an unused ``invstd`` from a used one (dynamo gives every output a gradient), so with it True the
-    traced graph holds PyTorch's composite backward instead."""
+    """The path by the registered ops while tracing (see the module docstring). The backward is the
+    kernel's, plus, with ``invstd_differentiable``, the gradient through ``invstd`` (one pointwise
+    term the compiler fuses): a traced backward cannot tell an unused ``invstd`` from a used one
+    (dynamo gives every output a gradient), so it always adds the term then, zero when unused. A
+    double backward (``create_graph``) takes PyTorch's composite backward."""
 
     @staticmethod
     def forward(ctx, x, parts, running_mean, running_var, momentum, eps, invstd_differentiable):
@@ -189,10 +190,12 @@ class _KernelLeanBatchNorm(torch.autograd.Function):
     def backward(ctx, *grads):
         invstd, *ys = ctx.saved_tensors
         grads_of_ys = list(grads[: len(ys)])
-        if ctx.invstd_differentiable and (torch.is_grad_enabled() or grads[-1] is not None):
-            dx = _composite_backward(grads_of_ys, ys, invstd, grads[-1], ctx.eps)  # create_graph, or invstd used
+        if ctx.invstd_differentiable and torch.is_grad_enabled():  # create_graph: differentiable
+            dx = _composite_backward(grads_of_ys, ys, invstd, grads[-1], ctx.eps)
         else:
             dx = torch.ops.fastnas.batch_norm_parts_backward(grads_of_ys, ys, invstd)
+            if ctx.invstd_differentiable:
+                dx = _add_invstd_grad(dx, grads[-1], ys, invstd)
         return dx, None, None, None, None, None, None
 
 
