@@ -516,7 +516,8 @@ def _cat_of_inputs(gm) -> list:
 def test_compiled_cells_update_running_statistics_after_the_graph(space):
     """compile_cells: the graphs write back no buffer (the running statistics are updated after each
     graph, from the batch statistics it returns) and concatenate no weights (views of the packed
-    parameters come in); buffers and gradients end as the eager network's, also for a group whose
+    parameters come in, and each node's op weights, picked before the graph, so the graphs do not read
+    the architecture weights); buffers and gradients end as the eager network's, also for a group whose
     statistics are no longer packed, a module given another momentum than its group's and one given a
     cumulative average (``momentum=None``, weighed after the graph)."""
     torch._dynamo.reset()
@@ -545,6 +546,9 @@ def test_compiled_cells_update_running_statistics_after_the_graph(space):
         assert_grads_close(net, eager)
         assert_close_dicts(dict(net.named_buffers()), dict(eager.named_buffers()), rtol=1e-5, atol=1e-6)
     assert forward_graphs
+    arch_shape = tuple(net.arch_parameters()[0].shape)
     for forward in forward_graphs:
         assert torch.ops.aten.copy_.default not in ops_of(forward)
         assert not _cat_of_inputs(forward)
+        inputs = [node for node in forward.graph.nodes if node.op == "placeholder"]
+        assert not [node for node in inputs if tuple(node.meta["val"].shape) == arch_shape and node.users]

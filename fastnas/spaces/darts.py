@@ -352,7 +352,11 @@ class Cell(CachedPlans, nn.Module):
         if self._compiled_nodes is None:
             return self.nodes(s0, s1, weights, selected, edge_weights, picked, updates)
         deferred = StatUpdates(deferred=True, plans=self)  # the compiled graph leaves every buffer alone
-        packed = self._packed_weights(selected) if self.training else None
+        packed = self._packed_weights(selected) if self.training else {}
+        for i in range(self._steps):  # each node's op weights, shared by the cells (see pick_weights)
+            pairs = self._node_pairs(i, selected)
+            if pairs:
+                packed["node", i] = pick_weights(weights, pairs, picked)
         out = self._compiled_nodes(s0, s1, weights, selected, edge_weights, picked, deferred, packed)
         updates.apply()
         deferred.apply()
@@ -379,7 +383,9 @@ class Cell(CachedPlans, nn.Module):
         """The cell after its preprocessing: ``s0``, ``s1`` ``[B, C, H, W]``, ``weights`` with the
         edge weights multiplied in (the other arguments as in :meth:`forward`; ``updates`` as in
         :func:`fastnas.spaces.ops.batch_norm`, applied here unless deferred; ``packed``: see
-        :meth:`_packed_weights`)."""
+        :meth:`_packed_weights`, with node ``i``'s op weights under ``("node", i)``, picked before
+        a compiled graph, where each node's slice of ``weights`` would be a kernel and its backward
+        another)."""
         states = [s0, s1]
         k = self.partial_channels
         queues: list[list[tuple[int, int, Tensor]]] = [[] for _ in range(self._steps)]  # (edge, op, output)
@@ -406,7 +412,10 @@ class Cell(CachedPlans, nn.Module):
             offset = i * (i + 3) // 2  # edges of the earlier nodes: 2 + 3 + ... + (i + 1)
             if queue:
                 queue.sort(key=lambda t: t[:2])
-                w = pick_weights(weights, [(e, q) for e, q, _ in queue], picked)
+                pairs = [(e, q) for e, q, _ in queue]
+                w = packed.get(("node", i)) if packed and pairs == self._node_pairs(i, selected) else None
+                if w is None:
+                    w = pick_weights(weights, pairs, picked)
                 node = fastnas.mixed_sum([o for *_, o in queue], w)
             else:  # every sampled op is 'none': the node is zero
                 node = states[0].new_zeros(node_shape)
@@ -510,6 +519,14 @@ class Cell(CachedPlans, nn.Module):
                     if isinstance(stage[0], nn.Conv2d):
                         packed[q, members, index] = cat_parameters([c.weight for c in stage])
         return packed
+
+    def _node_pairs(self, i: int, selected: Sequence[Sequence[int]] | None) -> list[tuple[int, int]]:
+        """The ``(edge, op)`` pairs node ``i`` sums, in :meth:`nodes`' order."""
+        offset = i * (i + 3) // 2  # edges of the earlier nodes: 2 + 3 + ... + (i + 1)
+        ops = [
+            _REAL_OPS if selected is None else sorted(set(selected[e]) - {_NONE}) for e in range(offset, offset + 2 + i)
+        ]
+        return [(offset + n, q) for n, row in enumerate(ops) for q in row]
 
     def _out_edges_and_stride(self, j: int) -> tuple[list[int], int]:
         edges = self._out_edges(j)

@@ -318,7 +318,11 @@ class SearchCell(CachedPlans, nn.Module):
         if self._compiled_cell is None:
             return self._nodes(inputs, weightss, selected, unselected, picked, StatUpdates())
         updates = StatUpdates(deferred=True, plans=self)  # the compiled graph leaves every buffer alone
-        packed = self._packed_weights(selected) if self.training else None
+        packed = self._packed_weights(selected) if self.training else {}
+        for node in range(1, self.max_nodes):  # each node's op weights, shared by the cells (see pick_weights)
+            pairs = self._node_pairs(node, selected)
+            if pairs:
+                packed["node", node] = pick_weights(weightss, pairs, picked)
         out = self._compiled_cell(inputs, weightss, selected, unselected, picked, updates, packed)
         updates.apply()
         return out
@@ -334,7 +338,9 @@ class SearchCell(CachedPlans, nn.Module):
         packed: dict | None = None,
     ) -> Tensor:
         """:meth:`forward`'s nodes (``updates``: as in :func:`fastnas.spaces.ops.batch_norm`, applied
-        here unless deferred; ``packed``: see :meth:`_packed_weights`)."""
+        here unless deferred; ``packed``: see :meth:`_packed_weights`, with node ``i``'s op weights
+        under ``("node", i)``, picked before a compiled graph, where each node's slice of ``weightss``
+        would be a kernel and its backward another)."""
         tracing = torch.compiler.is_compiling()
         if not tracing:
             self.last_computed = []
@@ -346,7 +352,10 @@ class SearchCell(CachedPlans, nn.Module):
             if not tracing:
                 self.last_computed += [(self.edge_keys[e], self.op_names[k]) for e, k, _ in queue]
             if queue:
-                w = pick_weights(weightss, [(e, k) for e, k, _ in queue], picked)
+                pairs = [(e, k) for e, k, _ in queue]
+                w = packed.get(("node", j + 1)) if packed and pairs == self._node_pairs(j + 1, selected) else None
+                if w is None:
+                    w = pick_weights(weightss, pairs, picked)
                 outs = [o for *_, o in queue]
                 if j + 2 == self.max_nodes:  # the last node: the biases left out get their zero gradients
                     outs[0] = updates.through(outs[0])
@@ -476,6 +485,13 @@ class SearchCell(CachedPlans, nn.Module):
             outs = batch_norm(y, bns, unit, parts=len(group), updates=updates, biases=biases)
             for (i, e, _, _), out in zip(group, outs if len(group) > 1 else [outs]):
                 pending[i].append((e, k, out))
+
+    def _node_pairs(self, node: int, selected: Sequence[Sequence[int]] | None) -> list[tuple[int, int]]:
+        """The ``(edge, op)`` pairs ``node`` sums (``none`` left out), in :meth:`_nodes`' order."""
+        ops = self._plan("ops", self._op_kinds)
+        edges = sorted(self._edge_of[node][i] for i in range(node))
+        rows = [(e, self._all_ops if selected is None else sorted(set(selected[e]))) for e in edges]
+        return [(e, k) for e, row in rows for k in row if ops[e][k][0] != self._ZERO]
 
     def _packed_weights(self, selected: Sequence[Sequence[int]] | None) -> dict[tuple, Tensor]:
         """The weight of every convolution :meth:`_emit` will run, keyed by its ``(edge, op)`` pairs
