@@ -257,7 +257,8 @@ class StatUpdates:
     kernel. For a compiled region that returns its batch statistics and leaves the buffers alone:
     ``apply`` runs after it, eagerly, on the groups' packed buffers (a few foreach kernels), where
     mutating each module's buffers inside the graph made the compiler write, and compile, a copy back
-    for every one of them (in a DARTS cell, a third of the compile time). ``plans``: the cell, whose
+    for every one of them (one DARTS cell compiled alone: its first step 68.6 s before, 54.9 s after,
+    `benchmarks/RESULTS.md`). ``plans``: the cell, whose
     :class:`CachedPlans` keep a :class:`BatchNormGroup` per group (its packed views found once)."""
 
     def __init__(self, deferred: bool = False, plans: CachedPlans | None = None) -> None:
@@ -300,23 +301,19 @@ class StatUpdates:
                 bn.num_batches_tracked.add_(1)
                 f = 1.0 / float(bn.num_batches_tracked)
             targets.append((bn.running_mean, bn.running_var, mean, invstd, bn.eps, n, f))
-        counters = self.counters
-        if self.groups:
-            counters = list(counters)
-            for bns, mean, invstd, n, f, biases in self.groups:
-                mean = mean + torch.cat([b.reshape(-1) for b in biases]) if biases else mean
-                group = self.plans._plan(("bn", bns), BatchNormGroup, bns) if self.plans else BatchNormGroup(bns)
-                packed = group.packed()
-                if packed is not None:  # one view per statistic over the whole group
-                    targets.append((packed[0], packed[1], mean, invstd, bns[0].eps, n, f))
-                    if packed[2] is not None:
-                        counters.append(packed[2])
-                        continue
-                else:
-                    means, invstds = mean.chunk(len(bns)), invstd.chunk(len(bns))
-                    targets += [
-                        (bn.running_mean, bn.running_var, m, i, bn.eps, n, f) for bn, m, i in zip(bns, means, invstds)
-                    ]
+        counters = list(self.counters)
+        for bns, mean, invstd, n, f, biases in self.groups:
+            mean = mean + torch.cat([b.reshape(-1) for b in biases]) if biases else mean
+            group = self.plans._plan(("bn", bns), BatchNormGroup, bns) if self.plans else BatchNormGroup(bns)
+            packed = group.packed()
+            if packed is None:  # module by module
+                blocks = zip(bns, mean.chunk(len(bns)), invstd.chunk(len(bns)))
+                targets += [(bn.running_mean, bn.running_var, m, i, bn.eps, n, f) for bn, m, i in blocks]
+            else:  # one view per statistic over the whole group
+                targets.append((packed[0], packed[1], mean, invstd, bns[0].eps, n, f))
+            if packed is not None and packed[2] is not None:
+                counters.append(packed[2])
+            else:
                 counters += [bn.num_batches_tracked for bn in bns if bn.num_batches_tracked is not None]
         if counters:
             torch._foreach_add_(counters, 1)
