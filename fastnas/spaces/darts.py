@@ -44,6 +44,7 @@ from torch import Tensor, nn
 import fastnas
 from fastnas.ops.batch_norm import bn_constants
 from fastnas.ops.depthwise_conv import depthwise_conv2d
+from fastnas.ops.max_pool import max_pool2d
 from fastnas.spaces import _arch
 from fastnas.spaces._arch import pick_weights, sharing_picks
 from fastnas.spaces.ops import (
@@ -56,6 +57,7 @@ from fastnas.spaces.ops import (
     batch_norm,
     cat_parameters,
     lean_bn_eligible,
+    max_pool_3x3,
     pack_parameters,
     pack_running_stats,
     preferred_memory_format,
@@ -192,7 +194,7 @@ _BN_INDICES = {"sep_conv_3x3": (3, 7), "sep_conv_5x5": (3, 7), "dil_conv_3x3": (
 
 def _pool(name: str, x: Tensor, stride: int) -> Tensor:
     if name == "max_pool_3x3":
-        return F.max_pool2d(x, 3, stride=stride, padding=1)
+        return max_pool_3x3(x, stride)
     return avg_pool_3x3(x, stride)
 
 
@@ -548,7 +550,7 @@ class Cell(CachedPlans, nn.Module):
     @staticmethod
     def _bypass(rest: Tensor, stride: int) -> Tensor:
         """PC-DARTS: the channels that skip the ops (max-pooled 2x2 at stride 2)."""
-        return rest if stride == 1 else F.max_pool2d(rest, 2, 2)
+        return rest if stride == 1 else max_pool2d(rest, 2, 2)
 
 
 # --------------------------------------------------------------------------- the network

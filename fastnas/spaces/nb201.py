@@ -53,6 +53,7 @@ from fastnas.spaces.ops import (
     can_leave_out_biases,
     cat_parameters,
     lean_bn_eligible,
+    max_pool_3x3,
     pack_parameters,
     pack_running_stats,
     run_tail,
@@ -125,7 +126,7 @@ class POOLING(nn.Module):
         """The pooling alone (after ``preprocess``)."""
         if self.mode == "avg":
             return avg_pool_3x3(x, self.stride)
-        return F.max_pool2d(x, 3, stride=self.stride, padding=1)
+        return max_pool_3x3(x, self.stride)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.pool(x if self.preprocess is None else self.preprocess(x))

@@ -27,6 +27,7 @@ Two kinds of things live here:
     ``affine=False`` BatchNorm replaced by :func:`batch_norm` and every depthwise convolution by
     :func:`fastnas.ops.depthwise_conv.depthwise_conv2d`.
   - :func:`avg_pool_3x3` — the spaces' average pooling, by :func:`fastnas.ops.avg_pool.avg_pool2d`.
+  - :func:`max_pool_3x3` — their max pooling, by :func:`fastnas.ops.max_pool.max_pool2d`.
 
 All of them compute the same mathematics as the modules they stand for, including the running
 statistics updates of BatchNorm (momentum, cumulative average when ``momentum is None``,
@@ -47,6 +48,7 @@ from fastnas.ops._nhwc import plain_autograd, strictly_channels_last
 from fastnas.ops.avg_pool import avg_pool2d
 from fastnas.ops.batch_norm import lean_batch_norm
 from fastnas.ops.depthwise_conv import depthwise_conv2d
+from fastnas.ops.max_pool import max_pool2d
 
 
 class Zero(nn.Module):
@@ -593,6 +595,12 @@ def avg_pool_3x3(x: Tensor, stride: int = 1) -> Tensor:
     """``F.avg_pool2d(x, 3, stride, 1, count_include_pad=False)`` of a ``[B, C, H, W]`` tensor, by
     :func:`fastnas.ops.avg_pool.avg_pool2d` (compiled kernels on channels_last CPU tensors)."""
     return avg_pool2d(x, 3, stride, 1, count_include_pad=False)
+
+
+def max_pool_3x3(x: Tensor, stride: int = 1) -> Tensor:
+    """``F.max_pool2d(x, 3, stride, 1)``, by :func:`fastnas.ops.max_pool.max_pool2d` (ATen's kernels
+    inside compiled CPU graphs)."""
+    return max_pool2d(x, 3, stride, 1)
 
 
 # --------------------------------------------------------------------------- reference Sequentials, slimmer
