@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch.library import opcheck
 
+from fastnas.ops._nhwc import pair
 from fastnas.ops.max_pool import _max_pool2d, _max_pool2d_backward, max_pool2d
 
 # (B, C, H, W, kernel, stride, padding): the spaces' 3x3 pools at both strides, PC-DARTS's 2x2 stride 2,
@@ -27,6 +28,11 @@ def random_input(geometry, dtype=torch.float64, memory_format=torch.channels_las
     return x, kernel, stride, padding
 
 
+def op_geometry(kernel, stride, padding) -> list[list[int]]:
+    """The registered op's arguments: each of them a list of two ints."""
+    return [list(pair(v, "geometry")) for v in (kernel, stride, padding)]
+
+
 def test_eager_is_pytorchs_own_max_pool():
     """No custom op in eager mode: the autograd node and the result are F.max_pool2d's."""
     x, kernel, stride, padding = random_input(GEOMETRIES[0])
@@ -42,7 +48,7 @@ def test_registered_ops_equal_pytorch(geometry, dtype, memory_format):
     """The path compiled graphs take, called eagerly: output, indices, layout and input gradient equal
     ATen's (they are ATen's kernels)."""
     x, kernel, stride, padding = random_input(geometry, dtype, memory_format)
-    k, s, p = (list(torch.nn.modules.utils._pair(v)) for v in (kernel, stride, padding))
+    k, s, p = op_geometry(kernel, stride, padding)
     y, indices = torch.ops.fastnas.max_pool2d(x, k, s, p)
     x_ref = x.detach().requires_grad_()
     y_ref, indices_ref = F.max_pool2d(x_ref, kernel, stride, padding, return_indices=True)
@@ -55,7 +61,7 @@ def test_registered_ops_equal_pytorch(geometry, dtype, memory_format):
 @pytest.mark.parametrize("geometry", GEOMETRIES)
 def test_gradcheck_to_second_order(geometry):
     x, kernel, stride, padding = random_input(geometry)
-    k, s, p = (list(torch.nn.modules.utils._pair(v)) for v in (kernel, stride, padding))
+    k, s, p = op_geometry(kernel, stride, padding)
 
     def pool(x):
         return torch.ops.fastnas.max_pool2d(x, k, s, p)[0]

@@ -12,7 +12,10 @@ KERNEL_DTYPES = (torch.float32, torch.float64)
 
 def pair(value: int | tuple[int, int], name: str) -> tuple[int, int]:
     """``value`` as a pair of ints (an int is repeated); ValueError naming ``name`` otherwise."""
-    values = (value, value) if isinstance(value, int) else tuple(value) if isinstance(value, (tuple, list)) else ()
+    if isinstance(value, int):
+        values = (value, value)
+    else:
+        values = tuple(value) if isinstance(value, (tuple, list)) else ()
     if len(values) != 2 or not all(isinstance(v, int) for v in values):
         raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
     return values

@@ -21,16 +21,17 @@ from torch import Tensor
 from fastnas.ops._nhwc import pair, plain_autograd
 
 
+def _aten_pool(x, kernel_size, stride, padding) -> tuple[Tensor, Tensor]:
+    return torch.ops.aten.max_pool2d_with_indices(x, kernel_size, stride, padding)
+
+
 @torch.library.custom_op("fastnas::max_pool2d", mutates_args=())
 def _max_pool2d(x: Tensor, kernel_size: list[int], stride: list[int], padding: list[int]) -> tuple[Tensor, Tensor]:
     """ATen's max pooling: the output, and the flat index of each window's maximum in its plane."""
-    out, indices = torch.ops.aten.max_pool2d_with_indices(x, kernel_size, stride, padding)
-    return out, indices
+    return _aten_pool(x, kernel_size, stride, padding)
 
 
-@_max_pool2d.register_fake
-def _(x, kernel_size, stride, padding):
-    return torch.ops.aten.max_pool2d_with_indices(x, kernel_size, stride, padding)
+_max_pool2d.register_fake(_aten_pool)
 
 
 def _aten_backward(grad, x, indices, kernel_size, stride, padding) -> Tensor:
@@ -48,9 +49,7 @@ def _max_pool2d_backward(
     return _aten_backward(grad, x, indices, kernel_size, stride, padding)
 
 
-@_max_pool2d_backward.register_fake
-def _(grad, x, indices, kernel_size, stride, padding):
-    return _aten_backward(grad, x, indices, kernel_size, stride, padding)
+_max_pool2d_backward.register_fake(_aten_backward)
 
 
 def _save_input_and_indices(ctx, inputs, output) -> None:
