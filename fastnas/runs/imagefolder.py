@@ -78,7 +78,10 @@ class LoaderOptions:
     @classmethod
     def of(cls, cfg: Any) -> LoaderOptions:
         """The options in a run's settings: its fields ``crop_size``, ``color_jitter`` (``"B,C,S,H"``) and
-        ``workers`` where it has them and they are set; the defaults otherwise."""
+        ``workers`` where it has them and they are set; the defaults otherwise (``cfg`` itself when it
+        is a LoaderOptions)."""
+        if isinstance(cfg, LoaderOptions):
+            return cfg
         found = {f.name: getattr(cfg, f.name, None) for f in dataclasses.fields(cls)}
         found["color_jitter"] = parse_color_jitter(found["color_jitter"])
         return cls(**{k: v for k, v in found.items() if v is not None})
@@ -178,6 +181,7 @@ class FolderImages:
             num_workers=workers,
             pin_memory=pin,
             prefetch_factor=4 if workers else None,
+            generator=torch.Generator().manual_seed(0),  # its workers' base seed, not drawn from torch's generator
         )
 
     def eval_batches(

@@ -54,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
         g, f"{', '.join(DATASETS)} (default {d.dataset}: built from scikit-learn's digits, no download)", d.out
     )
     g.add_argument("--nb201-table", help=f"look the result up in a NAS-Bench-201 table: {TABLE_HELP}")
+    g.add_argument(
+        "--subset",
+        help="bilevel: class-balanced fractions W,A of the training set for the weights and the architecture, "
+        "drawn for --seed (PC-DARTS's ImageNet search: 0.1,0.025)",
+    )
+    cli.add_image_folder_flags(g)
     g = p.add_argument_group("how to run")
     cli.add_running_flags(g, d)
     g = p.add_argument_group("optimisation (defaults follow the papers)")
