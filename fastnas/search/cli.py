@@ -40,14 +40,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--epochs",
         type=int,
-        help="epochs (default: 40 (nb201) or 10 (darts) on distorted-digits, 20 / 10 on digits, 50 on CIFAR)",
+        help="epochs (default: 40 (nb201) or 10 (darts) on distorted-digits, 20 / 10 on digits, 50 elsewhere)",
     )
     g.add_argument("--batch-size", type=int, help="global batch size (default: 32 on distorted-digits, else 64)")
-    g.add_argument("--channels", type=int, help="initial channels C (default: 8 on the digits, 16 on CIFAR)")
+    g.add_argument("--channels", type=int, help="initial channels C (default: 8 on the digits, 16 elsewhere)")
     g.add_argument(
         "--cells",
         type=int,
-        help="NAS-Bench-201: cells per stage N (1 on the digits, 5 on CIFAR); DARTS: layers (5 / 8)",
+        help="NAS-Bench-201: cells per stage N (1 on the digits, 5 elsewhere); DARTS: layers (5 / 8)",
     )
     g = p.add_argument_group("data and output")
     cli.add_data_and_output_flags(
