@@ -41,10 +41,13 @@ def write_tiny_cifar10(root: str, per_batch: int = 12, test: int = 16, seed: int
 
 
 def snapshot(path: str) -> dict[str, bytes]:
-    """Every file under ``path`` with its bytes."""
+    """Every file under ``path`` with its bytes (a lock file a killed process left is no data: a later
+    command may take it away)."""
     out = {}
     for dirpath, _, files in os.walk(path):
         for f in files:
+            if f == ".fastnas.lock":
+                continue
             p = os.path.join(dirpath, f)
             with open(p, "rb") as fh:
                 out[os.path.relpath(p, path)] = fh.read()

@@ -10,7 +10,6 @@ from fastnas.runs.config import (
     AMP_MODES,
     RunError,
     RunSettings,
-    read_config_json,
     require_at_least,
     require_choice,
 )
@@ -39,7 +38,7 @@ class RankConfig(RunSettings):
     table_column: str | None = None  # default: the data set's column if the table has one, else its first
     train_epochs: int | None = None  # of each standalone training (train's default)
 
-    RESUME_FILE = "config.json"  # the ranking run's own file; its parts have their own checkpoints
+    COMMAND = "rank"
 
 
 DEFAULT_DATASET = "distorted-digits"
@@ -48,9 +47,14 @@ DEFAULT_DATASET = "distorted-digits"
 def resolve(cfg: RankConfig) -> RankConfig:
     """Check every field and fill in what ``--from`` says; RunError with one line otherwise."""
     if cfg.from_run is not None:
-        saved = read_config_json(cfg.from_run)
-        if saved is None:
+        from fastnas.runs.folder import contents
+
+        found = contents(cfg.from_run)
+        if found.config is None:
             raise RunError(f"--from {cfg.from_run}: no config.json there (not a search run)")
+        if found.command != "search":
+            raise RunError(f"--from {cfg.from_run} holds {found.describe()}, not a search run")
+        saved = found.config
         # the supernet is that run's; its data set (and folder) the default one
         taken = ["space", "algorithm", "mode", "channels", "cells", "batch_size", "epochs"]
         if cfg.dataset is None:

@@ -17,9 +17,9 @@ supernet or standalone training continues from its last checkpoint).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
+import sys
 import time
 from typing import Any, Callable
 
@@ -28,10 +28,11 @@ import numpy as np
 from fastnas.rank import shared
 from fastnas.rank.config import RankConfig, resolve
 from fastnas.runs import data as data_mod
-from fastnas.runs.checkpoint import atomic_write_text, load_checkpoint
-from fastnas.runs.config import RunError, check_out_dir, config_json
+from fastnas.runs.checkpoint import atomic_write_json, atomic_write_text, load_checkpoint
+from fastnas.runs.config import RunError, config_json
 from fastnas.runs.distributed import Dist, process_group
 from fastnas.runs.engine import default_threads, device_and_data
+from fastnas.runs.folder import claim, contents, read_json, unfinished_note
 from fastnas.runs.plots import plot_rank_scatter
 from fastnas.runs.steps import check_cuda_graphs
 from fastnas.runs.tables import AccuracyTable, load_nb201_table
@@ -40,11 +41,11 @@ from fastnas.search.config import SearchConfig
 from fastnas.search.config import resolve as resolve_search
 from fastnas.search.loop import CHECKPOINT_FORMAT as SEARCH_FORMAT
 from fastnas.search.loop import run_search
+from fastnas.search.selection import space_size
 from fastnas.train.loop import run_train
 from fastnas.train.recipes import TrainConfig
 from fastnas.train.recipes import resolve as resolve_train
 
-RUN_FILES = ("config.json", "shared.json", "result.json", "scatter.png", "supernet", "standalone")
 TOP_K = 5
 _SOME_ARCH = {  # an architecture of each space, to check settings with
     "nb201": "|none~0|+|none~0|none~1|+|none~0|none~1|none~2|",
@@ -56,25 +57,55 @@ _SOME_ARCH = {  # an architecture of each space, to check settings with
 def run_rank(cfg: RankConfig) -> dict[str, Any]:
     """Rank ``cfg.count`` architectures with a supernet's shared weights and compare with the ground
     truth; return the summary also written to ``result.json`` (``finished`` False when ``stop_after``
-    ended it early). Raises :class:`~fastnas.runs.RunError` (before writing anything) for bad input."""
+    ended it early). Raises :class:`~fastnas.runs.RunError` (before writing anything) for bad input:
+    every setting, the table, the count and the ``--from`` supernet are checked before any training."""
     cfg = resolve(cfg)
     if Dist().world > 1:
         raise RunError("fastnas rank runs in one process (its search and trainings each can run under torchrun)")
-    check_out_dir(cfg.out, cfg.resume, RUN_FILES, "ranking run", resume_file=cfg.RESUME_FILE)
     search_cfg = _search_config(cfg)
     table = _table(cfg)
+    _check_count(cfg, table)
     if table is None:  # the standalone trainings' settings are checked now, not after the supernet
         resolve_train(_train_config(cfg, search_cfg, _SOME_ARCH[cfg.space], "unused"))
     supernet_dir = cfg.from_run or os.path.join(cfg.out, "supernet")
-    if cfg.from_run is not None and not os.path.isfile(os.path.join(cfg.from_run, "checkpoint.pt")):
-        raise RunError(f"--from {cfg.from_run}: no checkpoint.pt there")
-    device, data = device_and_data(cfg, Dist())
-    if cfg.cuda_graphs:
-        check_cuda_graphs(device, 1, cfg.amp)
     log = cfg.log or (lambda s: print(s, flush=True))
-    os.makedirs(cfg.out, exist_ok=True)
-    atomic_write_text(os.path.join(cfg.out, "config.json"), config_json(cfg))
-    return _Rank(cfg, search_cfg, supernet_dir, table, data, device, log).run()
+    with claim(cfg.out, cfg.COMMAND, cfg.resume) as folder:
+        if folder.decision.finished:
+            log(f"{cfg.out}: the ranking run is finished; nothing to do")
+            return read_json(os.path.join(cfg.out, "result.json"))
+        device, data = device_and_data(cfg, Dist())
+        if cfg.cuda_graphs:
+            check_cuda_graphs(device, 1, cfg.amp)
+        if cfg.from_run is not None:
+            _check_from(cfg, search_cfg, data)
+        atomic_write_text(os.path.join(cfg.out, "config.json"), config_json(cfg))
+        return _Rank(cfg, search_cfg, supernet_dir, table, data, device, log).run()
+
+
+def _check_count(cfg: RankConfig, table: AccuracyTable | None) -> None:
+    """``--count`` distinct architectures exist: in the table's rows (a CSV) or in the space."""
+    if table is not None and table.archs is not None and len(table.archs) < cfg.count:
+        raise RunError(f"--count {cfg.count} exceeds the {len(table.archs)} architectures of --nb201-table")
+    size = space_size(cfg.space)
+    if size is not None and size < cfg.count:
+        raise RunError(f"--count {cfg.count} exceeds the {size} architectures of the {cfg.space} space")
+
+
+def _check_from(cfg: RankConfig, search_cfg: SearchConfig, data: data_mod.ImageData) -> None:
+    """The ``--from`` search run holds a checkpoint of this supernet; an unfinished one is used as it
+    stands, with a warning naming its epoch."""
+    path = os.path.join(cfg.from_run, "checkpoint.pt")
+    if not os.path.isfile(path):
+        raise RunError(f"--from {cfg.from_run}: no checkpoint.pt there (a search that has not finished an epoch)")
+    ckpt = load_checkpoint(path, SEARCH_FORMAT, "fastnas search checkpoint")
+    alg = get_algorithm(search_cfg.algorithm)
+    try:
+        shared.restrictable_supernet(search_cfg, alg, data.num_classes, data.in_channels, ckpt["model"])
+    except (KeyError, RuntimeError) as e:
+        raise RunError(f"--from {cfg.from_run}: its supernet does not fit: {str(e).splitlines()[0]}") from None
+    note = unfinished_note(cfg.from_run)
+    if note:
+        print(f"fastnas rank: warning: --from {note}: ranking with its supernet as it stands", file=sys.stderr)
 
 
 def _search_config(cfg: RankConfig) -> SearchConfig:
@@ -84,8 +115,8 @@ def _search_config(cfg: RankConfig) -> SearchConfig:
         raise RunError(f"rank restricts supernets to one architecture; {alg.name}'s partial channels cannot be")
     search_cfg = SearchConfig(
         space=cfg.space, algorithm=cfg.algorithm, mode=cfg.mode, dataset=cfg.dataset, data_dir=cfg.data_dir,
-        out=os.path.join(cfg.out, "supernet"), epochs=cfg.epochs, batch_size=cfg.batch_size, channels=cfg.channels,
-        cells=cfg.cells, seed=cfg.seed, device=cfg.device, amp=cfg.amp, compile=cfg.compile,
+        out=os.path.join(cfg.out, "supernet"), part="supernet", epochs=cfg.epochs, batch_size=cfg.batch_size,
+        channels=cfg.channels, cells=cfg.cells, seed=cfg.seed, device=cfg.device, amp=cfg.amp, compile=cfg.compile,
         cuda_graphs=cfg.cuda_graphs, accum_steps=cfg.accum_steps,
         limit_batches=cfg.limit_batches, threads=cfg.threads, progress=cfg.progress, log=cfg.log, rs_samples=0,
     )  # fmt: skip
@@ -105,7 +136,8 @@ def _train_config(cfg: RankConfig, search_cfg: SearchConfig, arch: str, out: str
     """The standalone training of ``arch`` that gives its ground truth: a network of the supernet's
     size (channels, cells), ``fastnas train``'s recipe otherwise."""
     return TrainConfig(
-        arch=arch, dataset=cfg.dataset, data_dir=cfg.data_dir, out=out, epochs=cfg.train_epochs, seed=cfg.seed,
+        arch=arch, dataset=cfg.dataset, data_dir=cfg.data_dir, out=out, part="standalone", epochs=cfg.train_epochs,
+        seed=cfg.seed,
         channels=search_cfg.channels, cells=search_cfg.cells,
         device=cfg.device, amp=cfg.amp, compile=cfg.compile, cuda_graphs=cfg.cuda_graphs,
         accum_steps=cfg.accum_steps, limit_batches=cfg.limit_batches,
@@ -149,7 +181,7 @@ class _Rank:
         """Run (or resume) one part, within what is left of ``--stop-after``; True if it finished."""
         if self.budget == 0:
             return False
-        resume = os.path.isfile(os.path.join(part_cfg.out, "checkpoint.pt"))
+        resume = contents(part_cfg.out).command is not None  # begun: continued (from epoch 0 without a checkpoint)
         t0 = time.perf_counter()
         result = run(dataclasses.replace(part_cfg, resume=resume, stop_after=self.budget))
         self.seconds[what] = self.seconds.get(what, 0.0) + time.perf_counter() - t0
@@ -176,7 +208,7 @@ class _Rank:
             column = cfg.table_column or self.table.column_for(cfg.dataset)
             for row in rows:
                 found = self.table.lookup(row["arch"])
-                row["truth"] = None if found is None else found[column]
+                row["truth"] = None if found is None else found.get(column)
             truth_name = f"{column} of {cfg.nb201_table}"
         else:
             for k, row in enumerate(rows):
@@ -191,8 +223,7 @@ class _Rank:
         """The architectures and their shared-weight accuracies (computed once, kept in ``shared.json``)."""
         path = os.path.join(self.cfg.out, "shared.json")
         if os.path.isfile(path):
-            with open(path) as f:
-                return json.load(f)
+            return read_json(path)
         cfg, data = self.cfg, self.data.to(self.device)
         t0 = time.perf_counter()
         ckpt = load_checkpoint(
@@ -221,7 +252,7 @@ class _Rank:
                 rows.append({"arch": arch, "shared_acc": acc})
                 self.log(f"shared weights {acc:6.2f}%  {arch}")
         self.seconds["shared"] = time.perf_counter() - t0
-        atomic_write_text(path, json.dumps(rows, indent=1))
+        atomic_write_json(path, rows)
         return rows
 
     def _standalone(self, k: int, arch: str) -> dict[str, Any] | None:
@@ -232,8 +263,7 @@ class _Rank:
             run_train, _train_config(self.cfg, self.search_cfg, arch, out), "standalone"
         ):
             return None
-        with open(done) as f:
-            return json.load(f)
+        return read_json(done)
 
     def _report(self, rows: list[dict[str, Any]], truth_name: str) -> dict[str, Any]:
         cfg = self.cfg
@@ -279,6 +309,6 @@ class _Rank:
             f"best of the top-{min(TOP_K, len(known))}: {top5['best_truth']:.2f} ({top5['percentile']:.0f}th); "
             f"best of all: {max(truth):.2f}"
         )
-        atomic_write_text(os.path.join(cfg.out, "result.json"), json.dumps(summary, indent=1))
+        atomic_write_json(os.path.join(cfg.out, "result.json"), summary)
         plot_rank_scatter(sw, truth, os.path.join(cfg.out, "scatter.png"), summary, truth_name)
         return summary

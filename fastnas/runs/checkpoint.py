@@ -2,12 +2,16 @@
 
 Every file of a run is written atomically (a temporary file in the same folder, flushed and synced,
 then ``os.replace``), so a run killed at any moment leaves either the old or the new file, never a
-truncated one.
+truncated one. A write that fails (a full disk, a read-only folder) removes its temporary file,
+leaves the old file as it was, and raises :class:`RunError` with one line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
+import json
+import math
 import os
 import random
 from typing import Any
@@ -20,15 +24,38 @@ from fastnas.runs.config import RunError
 
 def atomic_write_bytes(path: str, payload: bytes) -> None:
     tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(payload)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if isinstance(e, OSError):
+            raise RunError(f"cannot write {path}: {e.strerror or e}") from None
+        raise
 
 
 def atomic_write_text(path: str, text: str) -> None:
     atomic_write_bytes(path, text.encode())
+
+
+def finite_json(value: Any) -> Any:
+    """``value`` with every NaN or infinite float replaced by None (JSON has no NaN)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v) for v in value]
+    return value
+
+
+def atomic_write_json(path: str, value: Any) -> None:
+    """``value`` as JSON, non-finite numbers written as ``null``."""
+    atomic_write_text(path, json.dumps(finite_json(value), indent=1, allow_nan=False))
 
 
 def atomic_torch_save(obj: Any, path: str) -> None:
@@ -69,11 +96,17 @@ def load_checkpoint(path: str, fmt: str, what: str) -> dict[str, Any]:
     names the kind of checkpoint in the message, e.g. "fastnas search checkpoint")."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # unreadable, truncated, not a torch file
-        first = str(e).splitlines()[0] if str(e) else ""
-        raise RunError(f"corrupt checkpoint {path}: {type(e).__name__}: {first}") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != fmt:
-        raise RunError(f"corrupt checkpoint {path}: not a {what}")
+    except Exception as e:  # unreadable, truncated, not a torch file, or holding objects of no checkpoint
+        raise RunError(f"corrupt checkpoint {path}: fastnas cannot read it ({type(e).__name__})") from None
+    found = ckpt.get("format") if isinstance(ckpt, dict) else None
+    if found != fmt:
+        kinds = {"search": "search", "train": "training"}
+        kind = next(
+            (f"a fastnas {w} checkpoint" for c, w in kinds.items() if str(found).startswith(f"fastnas-{c}-")), None
+        )
+        raise RunError(
+            f"checkpoint {path} is {kind}, not a {what}" if kind else f"corrupt checkpoint {path}: not a {what}"
+        )
     return ckpt
 
 

@@ -13,7 +13,9 @@ import os
 import sys
 from typing import Any, Callable
 
-from fastnas.runs.config import AMP_MODES, RunError, flag, read_config_json, setting_names
+from fastnas.runs.config import AMP_MODES, RunError, check_setting_types, flag, setting_names
+from fastnas.runs.distributed import Dist
+from fastnas.runs.folder import contents, decide, owner_of
 
 
 class UsageError(Exception):
@@ -26,6 +28,7 @@ class OneLineParser(argparse.ArgumentParser):
     def __init__(self, **kwargs: Any) -> None:
         kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
         super().__init__(argument_default=argparse.SUPPRESS, **kwargs)
+        add_version_flag(self)
 
     def error(self, message: str):  # type: ignore[override]
         raise UsageError(message)
@@ -40,22 +43,27 @@ def given(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # settings of a run's config.json that do not carry over to its resumption
-NOT_CARRIED = ("out", "resume", "stop_after", "progress")
+NOT_CARRIED = ("out", "resume", "stop_after", "progress", "part")
 
 
 def settings(config_cls: type, args: argparse.Namespace) -> dict[str, Any]:
     """The settings of the run the command line asks for. With ``--resume``, those of the run's
     ``config.json``, overridden by the flags given; a given flag that would change what the run
-    computes (a field outside ``config_cls._RESUME_FREE``) and differs from ``config.json`` is refused."""
+    computes (a field outside ``config_cls._RESUME_FREE``) and differs from ``config.json`` is refused,
+    and so is a folder that holds no run of this command (:func:`fastnas.runs.folder.decide`)."""
     asked = given(args)
     if not asked.get("resume"):
         return asked
     out = asked.get("out", config_cls().out)
-    if not os.path.isfile(os.path.join(out, config_cls.RESUME_FILE)):
-        raise RunError(f"nothing to resume: {out} holds no {config_cls.RESUME_FILE}")
-    saved = read_config_json(out)
+    owner = owner_of(out) if Dist().is_main else None  # torchrun: rank 0 may hold it already
+    if owner is not None:  # another process is writing it: its files are not yet what a resumption reads
+        raise RunError(f"{out} is in use by {owner}")
+    found = contents(out)
+    decide(out, found, config_cls.COMMAND, resume=True)
+    saved = found.config
     if saved is None:  # no config.json: the checkpoint alone says whether the flags fit
         return asked
+    check_setting_types(config_cls, saved, os.path.join(out, "config.json"))
     for name in setting_names(config_cls):
         if name in asked and name in saved and name not in config_cls._RESUME_FREE and asked[name] != saved[name]:
             raise RunError(
@@ -132,16 +140,25 @@ def add_running_flags(g: argparse._ArgumentGroup, d: Any) -> None:
     )
 
 
+def add_version_flag(p: argparse.ArgumentParser) -> None:
+    from fastnas import __version__
+
+    p.add_argument("--version", action="version", version=f"fastnas {__version__}")
+
+
 def main(prog: str, parser: argparse.ArgumentParser, argv: list[str] | None, run: Callable[[Any], Any]) -> int:
     """Parse ``argv`` and call ``run(args)``; return the exit status: 0 on success, 2 (with one
-    ``<prog>: error: ...`` line on stderr) on bad input, 130 on Ctrl-C."""
+    ``<prog>: error: ...`` line on stderr) on bad input or a file system that refuses a write, 130 on
+    Ctrl-C."""
     try:
         try:
             args = parser.parse_args(argv)
-        except SystemExit as e:  # --help
+        except SystemExit as e:  # --help, --version
             return int(e.code or 0)
         run(args)
-    except (UsageError, RunError) as e:
+    except (UsageError, RunError, OSError) as e:
+        if isinstance(e, OSError):  # a read or write the checks could not foresee (a disk that fills up)
+            e = RunError(f"{e.filename}: {e.strerror}" if e.filename else str(e))
         message = " ".join(str(e).split())  # one line
         print(f"{prog}: error: {message}", file=sys.stderr)
         return 2

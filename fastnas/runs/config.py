@@ -79,16 +79,18 @@ class RunSettings:
     stop_after: int | None = None
     threads: int | None = None
     progress: bool = True
+    part: str | None = None  # set by ``fastnas rank`` for its parts: "supernet" or "standalone"
     log: Callable[[str], None] | None = dataclasses.field(default=None, repr=False, compare=False)
 
     # fields that may differ between a run and its resumption (``epochs``: a run may be extended;
-    # the learning rate then follows the longer schedule; ``compile``, ``cuda_graphs``: how steps run)
+    # the learning rate then follows the longer schedule; ``compile``, ``cuda_graphs``: how steps run;
+    # ``threads``: how many CPU threads, which changes floating-point sums, so it is warned about)
     _RESUME_FREE: ClassVar[tuple[str, ...]] = (
         "out", "device", "resume", "stop_after", "threads", "progress", "data_dir", "log", "epochs",
-        "compile", "cuda_graphs",
+        "compile", "cuda_graphs", "part",
     )  # fmt: skip
 
-    RESUME_FILE: ClassVar[str] = "checkpoint.pt"  # what a run in ``out`` must hold to be resumed
+    COMMAND: ClassVar[str] = ""  # the command whose runs this configures: search, train or rank
 
     def run_defining(self) -> dict[str, Any]:
         """The fields a checkpoint must agree with to be resumed by this config."""
@@ -98,25 +100,49 @@ class RunSettings:
         return as_dict(self)
 
 
-def check_out_dir(
-    out: str, resume: bool, run_files: tuple[str, ...], what: str, resume_file: str = "checkpoint.pt"
-) -> None:
-    """Refuse to start a new run where one lies (``run_files``), or to resume where none lies
-    (no ``resume_file``)."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise RunError(f"--out {out} exists and is not a directory")
-    present = [f for f in run_files if os.path.exists(os.path.join(out, f))]
-    if resume:
-        if not os.path.isfile(os.path.join(out, resume_file)):
-            raise RunError(f"nothing to resume: {out} holds no {resume_file}")
-    elif present:
-        raise RunError(
-            f"--out {out} already holds a {what} ({present[0]}); pass --resume to continue it or choose another --out"
-        )
+def require_fraction(cfg: Any, names: tuple[str, ...]) -> None:
+    """Each field in ``names`` is None or a number in [0, 1) (momentum)."""
+    for name in names:
+        v = getattr(cfg, name)
+        if v is not None and not 0.0 <= v < 1.0:
+            raise RunError(f"{flag(name)} must lie in [0, 1), got {v}")
+
+
+def require_lr_range(cfg: Any) -> None:
+    """``lr_min`` at most ``lr``: the cosine schedule decays from one to the other."""
+    if cfg.lr_min > cfg.lr:
+        raise RunError(f"--lr-min {cfg.lr_min} is above --lr {cfg.lr}; the schedule decays from --lr to --lr-min")
+
+
+_TYPES = {"int": int, "float": (int, float), "str": str, "bool": bool, "None": type(None)}
+
+
+def check_setting_types(config_cls: type, values: dict[str, Any], where: str) -> None:
+    """Each of ``values`` has the type of its field in ``config_cls`` (a hand-edited ``config.json``
+    holding ``"epochs": "many"`` is refused here, naming ``where``, not deep inside the run)."""
+    hints = {f.name: str(f.type) for f in dataclasses.fields(config_cls)}
+    for name, value in values.items():
+        if name not in hints or name == "log":
+            continue
+        allowed = tuple(t for word in hints[name].replace(" ", "").split("|") for t in _flat(_TYPES.get(word)))
+        if not allowed:
+            continue
+        if isinstance(value, bool) and bool not in allowed or not isinstance(value, allowed):
+            raise RunError(f"{where}: {name} = {value!r} is not {' or '.join(_type_words(hints[name]))}")
+
+
+def _flat(t: Any) -> tuple[type, ...]:
+    return () if t is None else t if isinstance(t, tuple) else (t,)
+
+
+def _type_words(hint: str) -> list[str]:
+    words = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false", "None": "null"}
+    return [words.get(w, w) for w in hint.replace(" ", "").split("|")]
 
 
 def config_json(cfg: Any) -> str:
-    return json.dumps(as_dict(cfg), indent=1)
+    """``config.json`` of a run: the command that made it, then its settings."""
+    return json.dumps({"command": cfg.COMMAND, **as_dict(cfg)}, indent=1, allow_nan=False)
 
 
 def read_config_json(out: str) -> dict[str, Any] | None:
@@ -125,7 +151,7 @@ def read_config_json(out: str) -> dict[str, Any] | None:
     if not os.path.isfile(path):
         return None
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             saved = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise RunError(f"corrupt {path}: {e}") from None

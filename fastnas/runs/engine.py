@@ -20,13 +20,12 @@ each kind of step as a CUDA graph (:mod:`fastnas.runs.steps`).
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -36,14 +35,16 @@ from fastnas.runs import data as data_mod
 from fastnas.runs.batches import EpochBatches, Normalizer, epoch_batches, eval_batches
 from fastnas.runs.checkpoint import (
     atomic_torch_save,
+    atomic_write_json,
     atomic_write_text,
     check_resumable,
     load_checkpoint,
     rng_state,
     set_rng_state,
 )
-from fastnas.runs.config import AMP_DTYPES, RunError, check_out_dir, config_json
+from fastnas.runs.config import AMP_DTYPES, RunError, config_json
 from fastnas.runs.distributed import Dist, resolve_device
+from fastnas.runs.folder import WHAT, RunFolder, claim, read_json
 from fastnas.runs.steps import CapturedStep, check_cuda_graphs, compile_network, eager, step_stats
 
 Batches = list[tuple]  # micro-batches: (images, labels, what else the step's loss takes)
@@ -52,33 +53,36 @@ PROGRESS_REFRESH_S = 2.0  # the progress bar's loss and accuracy: a host read at
 
 @dataclass
 class Setup:
-    """What :func:`prepare` found: the processes, the device, the data and the checkpoint to resume."""
+    """What :func:`prepare` found: the processes, the device, the data, the claimed output folder and
+    the checkpoint to resume (None: start at epoch 0)."""
 
     ddp: Dist
     device: torch.device
     data: data_mod.ImageData
+    folder: RunFolder
     ckpt: dict[str, Any] | None
 
 
-def prepare(cfg: Any, run_files: tuple[str, ...], what: str, fmt: str) -> Setup:
-    """The checks and loads every run starts with; RunError (before anything is written) for bad input.
+@contextlib.contextmanager
+def prepare(cfg: Any, fmt: str) -> Iterator[Setup]:
+    """The checks and loads every run starts with, holding the claim on ``cfg.out`` for the body
+    (:func:`fastnas.runs.folder.claim`): RunError, before anything is written, for bad input.
 
-    ``cfg`` has the fields ``out``, ``resume``, ``device``, ``amp``, ``batch_size``, ``accum_steps``,
-    ``dataset``, ``data_dir`` and ``cuda_graphs``; ``what`` names the run ("search run"), ``fmt`` its
-    checkpoint format.
+    ``cfg`` has the fields ``out``, ``resume``, ``part``, ``device``, ``amp``, ``batch_size``,
+    ``accum_steps``, ``dataset``, ``data_dir`` and ``cuda_graphs``; ``fmt`` is its checkpoint format.
     """
     ddp = Dist()
     ddp.check_batch(cfg.batch_size, cfg.accum_steps)
-    check_out_dir(cfg.out, cfg.resume, run_files, what)
-    device, data = device_and_data(cfg, ddp)
-    if cfg.cuda_graphs:
-        check_cuda_graphs(device, ddp.world, cfg.amp)
-    ckpt = None
-    if cfg.resume:
-        path = os.path.join(cfg.out, "checkpoint.pt")
-        ckpt = load_checkpoint(path, fmt, f"fastnas {what.split()[0]} checkpoint")
-        check_resumable(ckpt, cfg.run_defining(), path)
-    return Setup(ddp, device, data, ckpt)
+    with claim(cfg.out, cfg.COMMAND, cfg.resume, cfg.part, lock=ddp.is_main) as folder:
+        device, data = device_and_data(cfg, ddp)
+        if cfg.cuda_graphs:
+            check_cuda_graphs(device, ddp.world, cfg.amp)
+        ckpt = None
+        if folder.decision.checkpoint:
+            path = os.path.join(cfg.out, "checkpoint.pt")
+            ckpt = load_checkpoint(path, fmt, f"fastnas {WHAT[cfg.COMMAND].split()[0]} checkpoint")
+            check_resumable(ckpt, cfg.run_defining(), path)
+        yield Setup(ddp, device, data, folder, ckpt)
 
 
 def device_and_data(cfg: Any, ddp: Dist) -> tuple[torch.device, data_mod.ImageData]:
@@ -95,6 +99,25 @@ def device_and_data(cfg: Any, ddp: Dist) -> tuple[torch.device, data_mod.ImageDa
 def default_threads(cfg: Any) -> int | None:
     """``--threads``, else 1 on the tiny embedded data sets (more threads only add overhead there)."""
     return cfg.threads or (1 if data_mod.is_embedded(cfg.dataset) else None)
+
+
+def run_threads(cfg: Any, setup: Setup) -> int | None:
+    """The CPU threads of this invocation: a resumed run keeps the count it ran with (a different
+    count changes floating-point sums, so the run would not continue bit-identically); a ``--threads``
+    that changes it is obeyed, with a warning."""
+    saved = setup.ckpt.get("cpu_threads") if setup.ckpt is not None else None
+    if saved is None or setup.device.type != "cpu":
+        return default_threads(cfg)
+    if cfg.threads is not None and cfg.threads != saved:
+        if setup.ddp.is_main:
+            print(
+                f"fastnas {cfg.COMMAND}: warning: {cfg.out} ran with {saved} CPU threads, this resumption with "
+                f"{cfg.threads}: floating-point sums change, so the result will not be bit-identical to an "
+                f"uninterrupted run (resume with --threads {saved} for that)",
+                file=sys.stderr,
+            )
+        return cfg.threads
+    return saved
 
 
 class EpochRun:
@@ -204,6 +227,7 @@ class EpochRun:
             "rng": rng_state(),
             "history": self.history,
             "elapsed_seconds": self.elapsed_seconds,
+            "cpu_threads": torch.get_num_threads() if self.device.type == "cpu" else None,
             **self.extra_state(),
         }
 
@@ -220,12 +244,10 @@ class EpochRun:
             self.elapsed_seconds = float(ckpt["elapsed_seconds"])
         except (KeyError, RuntimeError, ValueError, TypeError) as e:
             raise RunError(f"checkpoint {path} does not fit this run: {str(e).splitlines()[0]}") from None
-        epochs = self.cfg.epochs
-        if self.start_epoch >= epochs:
-            more = "" if self.start_epoch > epochs else " (it is finished)"
+        if self.start_epoch > self.cfg.epochs:
             raise RunError(
-                f"the run in {self.cfg.out} has done {self.start_epoch} epochs{more}; "
-                f"pass --epochs with more than {self.start_epoch} to extend it"
+                f"the run in {self.cfg.out} has done {self.start_epoch} epochs, more than --epochs "
+                f"{self.cfg.epochs}; resume with --epochs {self.start_epoch} or more"
             )
 
     def save(self, epoch: int) -> None:
@@ -234,7 +256,7 @@ class EpochRun:
             return
         out = self.cfg.out
         atomic_torch_save(self.state(epoch), os.path.join(out, "checkpoint.pt"))
-        atomic_write_text(os.path.join(out, "history.json"), json.dumps(self.history, indent=1))
+        atomic_write_json(os.path.join(out, "history.json"), self.history)
         self.save_extra()
 
     def save_extra(self) -> None:
@@ -403,10 +425,48 @@ class EpochRun:
         """The run's result once every epoch is done (``self.elapsed_seconds``: the epochs' wall time)."""
         raise NotImplementedError
 
+    def check_finite(self, epoch: int, record: dict[str, Any]) -> None:
+        """End the run (RunError) when ``epoch`` left a non-finite training loss or parameter: nothing
+        of it is saved, so the folder keeps the last finite checkpoint and exports nothing new. Under
+        fp16 loss scaling an infinite loss is a skipped step, not a divergence, so only the
+        parameters count there."""
+        params = [p for p in self.net.parameters() if p.is_floating_point()]
+        finite = torch.stack([torch.isfinite(p.detach()).all() for p in params]).all() if params else True
+        loss = record.get("train_loss")
+        bad_loss = loss is not None and not math.isfinite(loss) and self.cfg.amp != "fp16"
+        if bool(finite) and not bad_loss:
+            return
+        bad = [name for name, p in self.net.named_parameters() if not torch.isfinite(p.detach()).all()]
+        what = [f"training loss {loss}"] if bad_loss else []
+        if bad:
+            what.append(f"{len(bad)} non-finite parameters ({bad[0]}{', ...' if len(bad) > 1 else ''})")
+        kept = f"the checkpoint after epoch {epoch} is kept" if epoch else "nothing was saved"
+        raise RunError(
+            f"the run diverged in epoch {epoch + 1}: {' and '.join(what)}; it stops, exports nothing, and "
+            f"{kept}; lower the learning rates or keep gradient clipping"
+        )
+
+    def finished_result(self) -> dict[str, Any] | None:
+        """The stored result of a finished run that this invocation would not extend, else None."""
+        if self.start_epoch != self.cfg.epochs:
+            return None
+        path = os.path.join(self.cfg.out, "result.json")
+        if not os.path.isfile(path):
+            return None  # killed while finishing: finish again
+        result = read_json(path)
+        return result if isinstance(result, dict) and result.get("finished") else None
+
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
+        done = self.finished_result()
+        if done is not None:
+            if self.is_main:
+                self.log(
+                    f"{cfg.out}: the {cfg.COMMAND} run is finished ({cfg.epochs} epochs); nothing to do "
+                    f"(pass --epochs with more than {cfg.epochs} to extend it)"
+                )
+            return {**done, "history": self.history, "epochs_run": 0}
         if self.is_main:  # a resumed run may have changed --epochs, --device, ...: its config.json follows
-            os.makedirs(cfg.out, exist_ok=True)
             atomic_write_text(os.path.join(cfg.out, "config.json"), config_json(cfg))
         self.ddp.barrier()
         if self.is_main:
@@ -421,6 +481,7 @@ class EpochRun:
             for step in self.captured:  # the epoch's learning rate (and tau) are new constants
                 step.reset()
             record = self.epoch(epoch)
+            self.check_finite(epoch, record)
             self.history.append(record)
             if self.is_main:
                 self.log(self.epoch_line(record))

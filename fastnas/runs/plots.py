@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import io
 import math
-import os
 from typing import Any
 
 import numpy as np
@@ -20,22 +20,25 @@ def _pyplot():
 
 def save_figure(fig: Any, path: str, dpi: int = 80) -> None:
     """Write ``fig`` to ``path`` atomically and close it."""
-    tmp = f"{path}.tmp.{os.getpid()}.png"
-    fig.savefig(tmp, dpi=dpi)
-    _pyplot().close(fig)
-    os.replace(tmp, path)
+    from fastnas.runs.checkpoint import atomic_write_bytes
+
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, dpi=dpi, format="png")
+    finally:
+        _pyplot().close(fig)
+    atomic_write_bytes(path, buf.getvalue())
 
 
-def plot_arch_weights(
+def arch_weights_figure(
     history: list[dict[str, Any]],
-    path: str,
     op_names: list[str] | None = None,
     edge_labels: dict[str, list[str]] | None = None,
-) -> None:
-    """PNG of every edge's op weights over the epochs: one panel per edge (titled by ``edge_labels[cell]``,
-    e.g. ``1<-0``), one line per op (named by ``op_names``), the panels of each cell type in their own rows."""
+    chosen: dict[str, dict[str, str]] | None = None,
+) -> Any:
+    """The figure of :func:`plot_arch_weights` (None without history)."""
     if not history:
-        return
+        return None
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
 
@@ -44,8 +47,9 @@ def plot_arch_weights(
     n_edges = max(len(history[0]["arch_weights"][c]) for c in cells)
     cols = min(n_edges, 7)
     rows_per_cell = math.ceil(n_edges / cols)
-    height = 1.9 * rows_per_cell * len(cells) + 0.5
-    fig, axes = plt.subplots(rows_per_cell * len(cells), cols, figsize=(2.2 * cols, height), squeeze=False)
+    height = 2.1 * rows_per_cell * len(cells) + 0.6
+    fig, axes = plt.subplots(rows_per_cell * len(cells), cols, figsize=(2.3 * cols, height), squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ci, cell in enumerate(cells):
         w = np.array([h["arch_weights"][cell] for h in history])  # [epochs, edges, ops]
         for e in range(rows_per_cell * cols):
@@ -53,17 +57,45 @@ def plot_arch_weights(
             if e >= w.shape[1]:
                 ax.axis("off")
                 continue
+            label = edge_labels[cell][e] if edge_labels else f"edge {e}"
+            pick = (chosen or {}).get(cell, {}).get(label)
             for k in range(w.shape[2]):
-                ax.plot(epochs, w[:, e, k], label=op_names[k] if op_names else str(k))
+                name = op_names[k] if op_names else str(k)
+                is_pick = pick == name
+                ax.plot(
+                    epochs, w[:, e, k], label=name, color=colours[k % len(colours)],
+                    linewidth=2.2 if is_pick else 0.9, marker="*" if is_pick else None, markevery=[-1],
+                )  # fmt: skip
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_ylim(0, 1)
-            label = edge_labels[cell][e] if edge_labels else f"edge {e}"
-            ax.set_title(label if len(cells) == 1 else f"{cell} {label}", fontsize=8)
+            title = label if len(cells) == 1 else f"{cell} {label}"
+            ax.set_title(f"{title}: {pick}" if pick else title, fontsize=7)
             ax.tick_params(labelsize=6)
+            if e % cols == 0:
+                ax.set_ylabel("op weight", fontsize=7)
+            if e // cols == rows_per_cell - 1 or e + cols >= w.shape[1]:
+                ax.set_xlabel("epoch", fontsize=7)
     axes[0][0].legend(fontsize=5, loc="upper left")
-    fig.suptitle("architecture weights over the epochs (one panel per edge, one line per op)", fontsize=9)
-    fig.subplots_adjust(left=0.04, right=0.99, bottom=0.3 / height, top=1 - 0.55 / height, wspace=0.3, hspace=0.6)
-    save_figure(fig, path)
+    marked = "; the exported ops drawn thick and starred" if chosen else ""
+    fig.suptitle(f"architecture weights over the epochs (one panel per edge, one line per op{marked})", fontsize=9)
+    fig.subplots_adjust(left=0.06, right=0.99, bottom=0.5 / height, top=1 - 0.6 / height, wspace=0.3, hspace=0.75)
+    return fig
+
+
+def plot_arch_weights(
+    history: list[dict[str, Any]],
+    path: str,
+    op_names: list[str] | None = None,
+    edge_labels: dict[str, list[str]] | None = None,
+    chosen: dict[str, dict[str, str]] | None = None,
+) -> None:
+    """PNG of every edge's op weights over the epochs: one panel per edge (titled by ``edge_labels[cell]``,
+    e.g. ``1<-0``), one line per op (named by ``op_names``), the panels of each cell type in their own
+    rows; ``chosen[cell][edge label]``, the exported op of an edge, is drawn thick, starred and named
+    in the panel's title."""
+    fig = arch_weights_figure(history, op_names, edge_labels, chosen)
+    if fig is not None:
+        save_figure(fig, path)
 
 
 def plot_curves(history: list[dict[str, Any]], path: str, title: str = "") -> None:

@@ -19,6 +19,7 @@ through their packages, imported only when such a file is given, and give the co
 from __future__ import annotations
 
 import csv
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -67,9 +68,10 @@ def canonical_arch(text: str) -> str | None:
     from fastnas.spaces import nb201
 
     try:
-        return nb201.format_arch_string(nb201.parse_arch_string(text.replace(" ", "")))
+        nodes = nb201.parse_arch_string(text.replace(" ", ""))
     except (TypeError, ValueError):
         return None
+    return None if nb201.benchmark_cell_error(nodes) else nb201.format_arch_string(nodes)
 
 
 def load_nb201_table(path: str, flag: str = "--nb201-table") -> AccuracyTable:
@@ -88,7 +90,7 @@ def load_nb201_table(path: str, flag: str = "--nb201-table") -> AccuracyTable:
 def _read_csv(path: str, flag: str) -> AccuracyTable:
     where = f"{flag} {path}"
     try:
-        with open(path, newline="") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's byte-order mark
             rows = list(csv.reader(f))
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise RunError(f"{where} is not a readable CSV: {e}") from None
@@ -121,6 +123,8 @@ def _read_csv(path: str, flag: str) -> AccuracyTable:
                 values[name] = float(row[k])
             except ValueError:
                 raise RunError(f"{where} line {line}: {name} {row[k].strip()!r} is not a number") from None
+            if not math.isfinite(values[name]):
+                raise RunError(f"{where} line {line}: {name} {row[k].strip()!r} is not a finite number")
         key = canonical_arch(row[arch_col])
         if key is None:
             skipped.append(line)
@@ -169,10 +173,11 @@ def _read_api(path: str, flag: str, package: str) -> AccuracyTable:
         index = api.query_index_by_arch(arch)
         if index is None or index < 0:
             return None
-        return {
+        row = {
             column: _test_accuracy(api.get_more_info(index, dataset, hp="200", is_random=False))
             for dataset, column in zip(API_DATASETS, API_COLUMNS)
         }
+        return {k: v for k, v in row.items() if math.isfinite(v)} or None  # a missing accuracy is no value
 
     return AccuracyTable(path, API_COLUMNS, lookup)
 

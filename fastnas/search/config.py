@@ -13,6 +13,8 @@ from fastnas.runs.config import (
     require_at_least,
     require_choice,
     require_finite,
+    require_fraction,
+    require_lr_range,
 )
 from fastnas.search.algorithms import MODES, Algorithm, get_algorithm
 
@@ -89,6 +91,7 @@ class SearchConfig(RunSettings):
     nb201_table: str | None = None
 
     _RESUME_FREE = (*RunSettings._RESUME_FREE, "nb201_table", "workers")
+    COMMAND = "search"
 
 
 def resolve(cfg: SearchConfig) -> tuple[SearchConfig, Algorithm]:
@@ -134,6 +137,8 @@ def resolve(cfg: SearchConfig) -> tuple[SearchConfig, Algorithm]:
     if not 0.0 < cfg.train_portion < 1.0:
         raise RunError(f"--train-portion must lie in (0, 1), got {cfg.train_portion}")
     require_finite(cfg, ("lr", "lr_min", "momentum", "weight_decay", "grad_clip"))
+    require_fraction(cfg, ("momentum",))
+    require_lr_range(cfg)
     require_finite(cfg, ("arch_lr", "arch_weight_decay", "entropy_weight"))
     if alg.arch_optimizer == "gaea" and cfg.arch_lr * cfg.entropy_weight >= 1.0:
         raise RunError(

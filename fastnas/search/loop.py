@@ -18,7 +18,6 @@ error if they differ.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from typing import Any
@@ -29,17 +28,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastnas.runs import data as data_mod
-from fastnas.runs.checkpoint import atomic_write_text, seed_everything
+from fastnas.runs.checkpoint import atomic_write_json, atomic_write_text, seed_everything
 from fastnas.runs.config import RunError
 from fastnas.runs.distributed import process_group
-from fastnas.runs.engine import Batches, EpochRun, Setup, default_threads, prepare
+from fastnas.runs.engine import Batches, EpochRun, Setup, prepare, run_threads
 from fastnas.runs.plots import plot_arch_weights
 from fastnas.runs.tables import load_nb201_table
 from fastnas.search.algorithms import Algorithm, gumbel_tau, make_arch_optimizer
 from fastnas.search.config import SearchConfig, parse_subset, resolve
 
 CHECKPOINT_FORMAT = "fastnas-search-checkpoint/1"
-RUN_FILES = ("config.json", "checkpoint.pt", "history.json", "arch.txt", "result.json", "arch_weights.png")
 
 
 def build_network(
@@ -89,6 +87,24 @@ def edge_labels(net: nn.Module) -> list[str]:
     return [f"{i}<-{j}" for i in range(2, steps + 2) for j in range(i)]
 
 
+def chosen_ops(space: str, arch: str | None) -> dict[str, dict[str, str]] | None:
+    """The op of each edge an exported architecture keeps, ``{cell: {"i<-j": op}}`` (None: no architecture)."""
+    if arch is None:
+        return None
+    if space == "nb201":
+        from fastnas.spaces.nb201 import parse_arch_string
+
+        nodes = parse_arch_string(arch)
+        return {"cell": {f"{i}<-{j}": op for i, node in enumerate(nodes, start=1) for op, j in node}}
+    from fastnas.spaces.darts import parse_genotype
+
+    genotype = parse_genotype(arch)
+    return {
+        cell: {f"{k // 2 + 2}<-{j}": op for k, (op, j) in enumerate(getattr(genotype, cell))}
+        for cell in ("normal", "reduce")
+    }
+
+
 def row_entropy(weights: dict[str, Tensor]) -> dict[str, float]:
     """Mean entropy (nats) of the rows of each weight matrix (rows summing to 1)."""
     out = {}
@@ -104,20 +120,20 @@ def run_search(cfg: SearchConfig) -> dict[str, Any]:
     Raises :class:`~fastnas.runs.RunError` (before writing anything) for bad input.
     """
     cfg, alg = resolve(cfg)
-    setup = prepare(cfg, RUN_FILES, "search run", CHECKPOINT_FORMAT)
     table = load_nb201_table(cfg.nb201_table) if cfg.nb201_table else None
-    subset = parse_subset(cfg.subset) if cfg.subset else None
-    data, w_idx, a_idx = data_mod.search_split(setup.data, cfg.mode, cfg.train_portion, subset, cfg.seed)
-    setup = dataclasses.replace(setup, data=data)
-    if len(w_idx) < cfg.batch_size or len(a_idx) < cfg.batch_size:
-        raise RunError(
-            f"--batch-size {cfg.batch_size} exceeds the {min(len(w_idx), len(a_idx))} images of a "
-            f"{cfg.mode} split of {cfg.dataset}"
-        )
-    with process_group(setup.ddp, setup.device, default_threads(cfg)):
-        if table is not None and table.report and setup.ddp.is_main:
-            (cfg.log or print)(table.report)
-        return Search(cfg, alg, setup, w_idx, a_idx, table).run()
+    with prepare(cfg, CHECKPOINT_FORMAT) as setup:
+        subset = parse_subset(cfg.subset) if cfg.subset else None
+        data, w_idx, a_idx = data_mod.search_split(setup.data, cfg.mode, cfg.train_portion, subset, cfg.seed)
+        setup = dataclasses.replace(setup, data=data)
+        if len(w_idx) < cfg.batch_size or len(a_idx) < cfg.batch_size:
+            raise RunError(
+                f"--batch-size {cfg.batch_size} exceeds the {min(len(w_idx), len(a_idx))} images of a "
+                f"{cfg.mode} split of {cfg.dataset}"
+            )
+        with process_group(setup.ddp, setup.device, run_threads(cfg, setup)):
+            if table is not None and table.report and setup.ddp.is_main:
+                (cfg.log or print)(table.report)
+            return Search(cfg, alg, setup, w_idx, a_idx, table).run()
 
 
 class Search(EpochRun):
@@ -133,6 +149,11 @@ class Search(EpochRun):
         self.prepare_network()
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)
         self.net.generator = self.generator
+        # a sampler without learnt weights (RS-WS) is judged by the cells it samples, not by the argmax
+        # of its initial weights: evaluation samples too, until the selection sets the chosen cell
+        self.learns_arch = alg.arch_optimizer is not None
+        if alg.sampler is not None and not self.learns_arch:
+            self.net.eval_arch = "sample"
         self.arch_params = list(self.net.arch_parameters())
         self.weight_params = list(self.net.weight_parameters())
         # computing only the sampled ops leaves the others without a gradient
@@ -175,7 +196,7 @@ class Search(EpochRun):
             "arch_optimizer": self.a_opt.state_dict() if self.a_opt is not None else None,
             "arch_scaler": self.a_scaler.state_dict(),
             "sampler_rng": self.generator.get_state(),
-            "arch": self.net.export(),
+            "arch": self.exported(),
         }
 
     def restore_extra(self, ckpt: dict[str, Any]) -> None:
@@ -185,8 +206,15 @@ class Search(EpochRun):
         self.a_scaler.load_state_dict(ckpt["arch_scaler"])
         self.generator.set_state(ckpt["sampler_rng"])
 
+    def exported(self) -> str | None:
+        """The architecture found so far: the network's export, None for a sampler that learns no
+        weights (RS-WS), whose architecture is the one its selection picks at the end."""
+        return self.net.export() if self.learns_arch else None
+
     def save_extra(self) -> None:
-        atomic_write_text(os.path.join(self.cfg.out, "arch.txt"), self.net.export() + "\n")
+        arch = self.exported()
+        if arch is not None:
+            atomic_write_text(os.path.join(self.cfg.out, "arch.txt"), arch + "\n")
 
     # ------------------------------------------------------------------ steps
 
@@ -354,7 +382,8 @@ class Search(EpochRun):
             "entropy_per_cell": ent,
             "images_per_sec": train["images_per_sec"],
             "train_seconds": train["train_seconds"],
-            "arch": self.net.export(),
+            "test_acc_of": "the architecture's argmax" if self.learns_arch else "uniformly sampled cells",
+            "arch": self.exported(),
             "arch_weights": {k: v.detach().float().cpu().tolist() for k, v in weights.items()},
         }
 
@@ -389,40 +418,53 @@ class Search(EpochRun):
         with torch.no_grad():
             for p, w in zip(self.net.arch_parameters(), best):
                 p.copy_(w)
+        self.net.eval_arch = "argmax"  # the selected cell (one-hot weights) from now on
+        self.learns_arch = True
         return self.net.export(), best_acc
 
     def partial_result(self, epochs_done: int) -> dict[str, Any]:
-        return {"arch": self.net.export(), **super().partial_result(epochs_done)}
+        return {"arch": self.exported(), **super().partial_result(epochs_done)}
 
     def on_stop(self) -> None:
         labels = {cell: edge_labels(self.net) for cell in self.net.arch_weights()}
         plot_arch_weights(
-            self.history, os.path.join(self.cfg.out, "arch_weights.png"), op_names(self.cfg.space), labels
+            self.history,
+            os.path.join(self.cfg.out, "arch_weights.png"),
+            op_names(self.cfg.space),
+            labels,
+            chosen_ops(self.cfg.space, self.exported()),
         )
 
     def finish(self) -> dict[str, Any]:
         cfg = self.cfg
         t0 = time.perf_counter()
-        result: dict[str, Any] = {"arch": self.net.export(), "epochs_done": cfg.epochs, "finished": True}
-        if self.alg.sampler == "uniform" and cfg.rs_samples > 0:
-            arch, acc = self._random_search()
-            result.update(arch=arch, rs_ws_selection_acc=acc)
-            if self.is_main:
-                self.log(f"random search with shared weights: best of {cfg.rs_samples} scored {acc:.2f}%")
+        result: dict[str, Any] = {"arch": self.exported(), "epochs_done": cfg.epochs, "finished": True}
         if self.history:
             last = self.history[-1]
-            result.update({k: last[k] for k in ("train_acc", "test_acc", "entropy")})
+            result.update({k: last[k] for k in ("train_acc", "test_acc", "test_acc_of", "entropy")})
+        if self.alg.sampler == "uniform" and cfg.rs_samples > 0:
+            arch, acc = self._random_search()
+            _, test_acc = self._evaluate(self.net, self.data.x_test, self.data.y_test, limit=self.eval_limit())
+            result.update(arch=arch, rs_ws_selection_acc=acc, test_acc=test_acc, test_acc_of="the selected cell")
+            if self.is_main:
+                self.log(
+                    f"random search with shared weights: best of {cfg.rs_samples} scored {acc:.2f}%, "
+                    f"test accuracy {test_acc:.2f}%"
+                )
         result["search_seconds"] = self.elapsed_seconds + time.perf_counter() - t0  # every invocation
-        if self.table is not None:
+        if self.table is not None and result["arch"] is not None:
             bench = self.table(result["arch"])
             result["benchmark"] = bench
             if self.is_main:
                 found = ", ".join(f"{k} {v:.2f}" for k, v in bench.items()) if bench else None
                 self.log("benchmark: " + (found or "architecture not in the table"))
         if self.is_main:
-            self.log(f"architecture: {result['arch']}")
-            atomic_write_text(os.path.join(cfg.out, "arch.txt"), result["arch"] + "\n")
-            atomic_write_text(os.path.join(cfg.out, "result.json"), json.dumps(result, indent=1))
+            if result["arch"] is not None:
+                self.log(f"architecture: {result['arch']}")
+                atomic_write_text(os.path.join(cfg.out, "arch.txt"), result["arch"] + "\n")
+            else:
+                self.log("no architecture selected (--rs-samples 0): the run is its trained supernet")
+            atomic_write_json(os.path.join(cfg.out, "result.json"), result)
             self.on_stop()
         result["history"] = self.history
         return result

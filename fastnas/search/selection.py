@@ -43,6 +43,15 @@ def random_architectures(space: str, net: nn.Module, count: int, gen: torch.Gene
     return archs
 
 
+def space_size(space: str) -> int | None:
+    """How many architectures ``space`` holds, where they can be counted (NAS-Bench-201: 15,625)."""
+    if space == "nb201":
+        from fastnas.spaces.nb201 import PRIMITIVES
+
+        return len(PRIMITIVES) ** 6
+    return None  # DARTS: about 10^18 cells per cell type
+
+
 def random_nb201_archs(count: int, gen: torch.Generator) -> list[str]:
     """``count`` distinct uniformly random NAS-Bench-201 cells (one op per edge, ``none`` included),
     as architecture strings, drawn from ``gen``."""

@@ -756,10 +756,28 @@ def parse_genotype(text: str) -> Genotype:
             return range(*[ast.literal_eval(a) for a in node.args])
         return ast.literal_eval(node)
 
-    out = {name: value(node) for name, node in fields.items()}
+    try:
+        out = {name: value(node) for name, node in fields.items()}
+    except (ValueError, TypeError, SyntaxError) as exc:
+        raise ValueError(f"text holds a value that is not a literal: {exc}") from None
     for name in ("normal", "reduce"):
-        out[name] = [tuple(p) for p in out[name]]
-        for op, j in out[name]:
-            if op not in PRIMITIVES or not isinstance(j, int):
+        pairs = out[name]
+        if not isinstance(pairs, (list, tuple)) or not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in pairs):
+            raise ValueError(f"{name} must be a list of (op, input) pairs")
+        out[name] = [tuple(p) for p in pairs]
+        if not out[name] or len(out[name]) % 2:
+            raise ValueError(f"{name} holds {len(out[name])} (op, input) pairs; each node takes 2")
+        for k, (op, j) in enumerate(out[name]):
+            if op not in PRIMITIVES or isinstance(j, bool) or not isinstance(j, int):
                 raise ValueError(f"{name} holds an unknown (op, input) pair ({op!r}, {j!r})")
+            if not 0 <= j < k // 2 + 2:
+                raise ValueError(
+                    f"{name}: node {k // 2 + 2} takes input {j}, which is not an earlier state (0..{k // 2 + 1})"
+                )
+        concat = out[f"{name}_concat"]
+        states = len(out[name]) // 2 + 2
+        if not isinstance(concat, (list, tuple, range)) or not concat or len(set(concat)) != len(concat):
+            raise ValueError(f"{name}_concat must list distinct states")
+        if any(isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < states for c in concat):
+            raise ValueError(f"{name}_concat {concat!r} names a state outside 0..{states - 1}")
     return Genotype(**out)

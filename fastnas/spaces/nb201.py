@@ -629,6 +629,19 @@ def format_arch_string(nodes: Sequence[Sequence[tuple[str, int]]]) -> str:
     return "+".join("|" + "|".join(f"{op}~{j}" for op, j in node) + "|" for node in nodes)
 
 
+def benchmark_cell_error(nodes: Sequence[Sequence[tuple[str, int]]]) -> str | None:
+    """Why ``nodes`` (as :func:`parse_arch_string` returns them) is not one of NAS-Bench-201's 15,625
+    cells (3 nodes, node ``i`` taking one op from each of the nodes ``0 .. i-1`` in order), or None."""
+    if len(nodes) != 3:
+        return f"it has {len(nodes)} nodes, NAS-Bench-201's cells have 3"
+    for i, node in enumerate(nodes, start=1):
+        inputs = [j for _, j in node]
+        if inputs != list(range(i)):
+            expected = "|".join(f"op~{j}" for j in range(i))
+            return f"node {i} takes inputs {inputs}, NAS-Bench-201's takes one op from each earlier node: |{expected}|"
+    return None
+
+
 def parse_arch_string(text: str) -> tuple[tuple[tuple[str, int], ...], ...]:
     """The nodes of a NAS-Bench-201 string: ``((("op", 0),), (("op", 0), ("op", 1)), ...)``.
 

@@ -16,7 +16,6 @@ test accuracy is recorded as top-1 (``test_acc``) and top-5 (``test_top5``).
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -25,15 +24,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastnas.runs import data as data_mod
-from fastnas.runs.checkpoint import atomic_write_text, seed_everything
+from fastnas.runs.checkpoint import atomic_write_json, atomic_write_text, seed_everything
 from fastnas.runs.config import RunError
 from fastnas.runs.distributed import process_group
-from fastnas.runs.engine import EpochRun, Setup, default_threads, prepare
+from fastnas.runs.engine import EpochRun, Setup, prepare, run_threads
 from fastnas.runs.plots import plot_curves
 from fastnas.train.recipes import TrainConfig, epoch_lr, parse_arch, resolve
 
 CHECKPOINT_FORMAT = "fastnas-train-checkpoint/1"
-RUN_FILES = ("config.json", "checkpoint.pt", "history.json", "arch.txt", "result.json", "curves.png")
 
 
 def build_network(cfg: TrainConfig, num_classes: int, in_channels: int) -> nn.Module:
@@ -64,16 +62,17 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     Raises :class:`~fastnas.runs.RunError` (before writing anything) for bad input.
     """
     cfg = resolve(cfg)
-    setup = prepare(cfg, RUN_FILES, "training run", CHECKPOINT_FORMAT)
-    if cfg.batch_size > len(setup.data.y_train):
-        raise RunError(f"--batch-size {cfg.batch_size} exceeds the {len(setup.data.y_train)} training images")
-    size = tuple(setup.data.x_train.shape[-2:])
-    if cfg.auxiliary_weight > 0 and size != (32, 32) and cfg.dataset != "imagenet":
-        raise RunError(
-            f"--auxiliary-weight needs 32x32 images (DARTS's auxiliary head), {cfg.dataset}'s are {size[0]}x{size[1]}"
-        )
-    with process_group(setup.ddp, setup.device, default_threads(cfg)):
-        return Train(cfg, setup).run()
+    with prepare(cfg, CHECKPOINT_FORMAT) as setup:
+        if cfg.batch_size > len(setup.data.y_train):
+            raise RunError(f"--batch-size {cfg.batch_size} exceeds the {len(setup.data.y_train)} training images")
+        size = tuple(setup.data.x_train.shape[-2:])
+        if cfg.auxiliary_weight > 0 and size != (32, 32) and cfg.dataset != "imagenet":
+            raise RunError(
+                f"--auxiliary-weight needs 32x32 images (DARTS's auxiliary head), {cfg.dataset}'s are "
+                f"{size[0]}x{size[1]}"
+            )
+        with process_group(setup.ddp, setup.device, run_threads(cfg, setup)):
+            return Train(cfg, setup).run()
 
 
 class Train(EpochRun):
@@ -191,7 +190,7 @@ class Train(EpochRun):
                 f"(best {result['best_test_acc']:.2f}%), {result['params']:,} parameters, "
                 f"{result['macs']:,} multiply-adds"
             )
-            atomic_write_text(os.path.join(cfg.out, "result.json"), json.dumps(result, indent=1))
+            atomic_write_json(os.path.join(cfg.out, "result.json"), result)
             self.on_stop()
         result["history"] = self.history
         return result

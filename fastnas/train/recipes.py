@@ -20,7 +20,6 @@ regularisers meant for 32x32 images are off. Every value is a flag.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -31,9 +30,12 @@ from fastnas.runs.config import (
     RunError,
     RunSettings,
     flag,
+    read_config_json,
     require_at_least,
     require_choice,
     require_finite,
+    require_fraction,
+    require_lr_range,
 )
 from fastnas.runs.imagefolder import parse_color_jitter
 
@@ -107,6 +109,8 @@ class TrainConfig(RunSettings):
 
     _RESUME_FREE = (*RunSettings._RESUME_FREE, "workers")
 
+    COMMAND = "train"
+
     @property
     def space(self) -> str:
         """``darts`` or ``nb201``: the space of :attr:`arch`."""
@@ -121,28 +125,52 @@ def parse_arch(arch: str) -> Any:
     """The parsed architecture (a DARTS ``Genotype`` or NAS-Bench-201 nodes); RunError naming ``--arch``."""
     from fastnas.spaces import darts, nb201
 
+    space = space_of(arch)
     try:
-        return darts.parse_genotype(arch) if space_of(arch) == "darts" else nb201.parse_arch_string(arch)
+        if space == "darts":
+            return darts.parse_genotype(arch)
+        nodes = nb201.parse_arch_string(arch)
     except (TypeError, ValueError, SyntaxError) as e:
-        raise RunError(
-            f"--arch {arch!r} is neither a DARTS Genotype(...) nor a NAS-Bench-201 string ({e})".replace("\n", " ")
-        ) from None
+        what = (
+            "not a valid DARTS genotype"
+            if space == "darts"
+            else "neither a DARTS Genotype(...) nor a NAS-Bench-201 string"
+        )
+        raise RunError(f"--arch {arch!r} is {what} ({e})".replace("\n", " ")) from None
+    reason = nb201.benchmark_cell_error(nodes)
+    if reason is not None:
+        raise RunError(f"--arch {arch!r} is not a NAS-Bench-201 cell: {reason}")
+    return nodes
 
 
-def _from_search_run(folder: str) -> dict[str, Any]:
-    """``arch``, ``dataset`` and ``data_dir`` of the search run in ``folder``."""
+def _from_search_run(folder: str, warn: Any = None) -> dict[str, Any]:
+    """``arch``, ``dataset`` and ``data_dir`` of the search run in ``folder``; an unfinished one is
+    taken as it stands, with a warning naming its epoch (``warn``: where it goes, default stderr)."""
+    from fastnas.runs.folder import contents, unfinished_note
+
+    found_run = contents(folder)
+    if found_run.command not in (None, "search"):
+        raise RunError(f"--from {folder} holds {found_run.describe()}, not a search run")
     arch_path = os.path.join(folder, "arch.txt")
     if not os.path.isfile(arch_path):
-        raise RunError(f"--from {folder}: no arch.txt there (not a search run, or not begun)")
+        saved = found_run.config or {}
+        if saved.get("algorithm") == "rs-ws" and saved.get("rs_samples") == 0:
+            raise RunError(f"--from {folder}: its RS-WS search selects no architecture (--rs-samples 0)")
+        raise RunError(f"--from {folder}: no arch.txt there (not a search run, or not past its first epoch)")
+    note = unfinished_note(folder, found_run)
+    if note:
+        (warn or _stderr)(f"fastnas train: warning: --from {note}: training the architecture it has found so far")
     with open(arch_path) as f:
         found = {"arch": f.read().strip()}
-    try:
-        with open(os.path.join(folder, "config.json")) as f:
-            saved = json.load(f)
-        found.update({k: saved[k] for k in ("dataset", "data_dir") if k in saved})
-    except (OSError, ValueError):
-        pass  # the architecture alone is enough
+    saved = read_config_json(folder) or {}
+    found.update({k: saved[k] for k in ("dataset", "data_dir") if k in saved})
     return found
+
+
+def _stderr(line: str) -> None:
+    import sys
+
+    print(line, file=sys.stderr)
 
 
 def resolve(cfg: TrainConfig) -> TrainConfig:
@@ -182,20 +210,22 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     require_at_least(cfg, ("cutout", "warmup_epochs", "workers"), low=0)
     require_at_least(cfg, ("crop_size",), low=8)
     require_finite(cfg, ("lr", "lr_min", "momentum", "weight_decay", "grad_clip", "drop_path", "auxiliary_weight"))
-    require_finite(cfg, ("lr_decay", "label_smoothing"))
+    require_finite(cfg, ("lr_decay",))
     require_choice(cfg.lr_schedule, LR_SCHEDULES, "--lr-schedule")
     if cfg.lr_schedule == "exponential" and cfg.lr_decay is None:
         raise RunError("--lr-schedule exponential needs --lr-decay (the factor per epoch)")
     if cfg.lr_schedule != "exponential" and cfg.lr_decay is not None:
         raise RunError(f"--lr-decay applies to --lr-schedule exponential, not {cfg.lr_schedule}")
-    if cfg.label_smoothing >= 1:
-        raise RunError(f"--label-smoothing must lie in [0, 1), got {cfg.label_smoothing}")
     try:
         parse_color_jitter(cfg.color_jitter)
     except ValueError as e:
         raise RunError(str(e)) from None
     if image_folder and cfg.cutout:
         raise RunError("--cutout applies to the in-memory data sets, not --dataset imagenet")
+    require_fraction(cfg, ("momentum", "label_smoothing"))
+    require_lr_range(cfg)
+    if cfg.nesterov and cfg.momentum == 0:
+        raise RunError("--nesterov needs --momentum above 0 (Nesterov momentum without momentum is plain SGD)")
     if cfg.drop_path >= 1:
         raise RunError(f"--drop-path must lie in [0, 1), got {cfg.drop_path}")
     if cfg.space == "darts" and cfg.cells < 3:
