@@ -102,6 +102,7 @@ setup(
     ext_modules=extensions(),
     cmdclass={"build_ext": build_ext_class()},
     install_requires=["torch>=2.4", "numpy", "tqdm", "matplotlib", "scikit-learn"],
-    extras_require={"test": ["pytest", "pytest-benchmark", "ruff"]},
+    # torchvision: the image-folder pipeline (--dataset imagenet), imported for that data set only
+    extras_require={"imagenet": ["torchvision"], "test": ["pytest", "pytest-benchmark", "ruff", "torchvision"]},
     entry_points={"console_scripts": ["fastnas=fastnas.__main__:main"]},
 )

@@ -1,6 +1,6 @@
 """Straightforward eager evaluation networks: the oracle of the tests of :mod:`fastnas.networks`.
 
-Written the way DARTS's ``cnn/model.py`` (``NetworkCIFAR``) and xautodl's ``TinyNetwork`` with
+Written the way DARTS's ``cnn/model.py`` (``NetworkCIFAR``, ``NetworkImageNet``) and xautodl's ``TinyNetwork`` with
 ``InferCell`` compute: every op an ``nn.Module`` built on its own, ``none`` a real zero tensor that is
 summed, drop path drawn and applied in place as DARTS does, architectures parsed here from their
 strings. Module names are the reference code's, so these networks and :mod:`fastnas.networks` load
@@ -90,24 +90,26 @@ class EagerEvalCell(nn.Module):
 
 
 class EagerAuxiliaryHead(nn.Module):
-    """DARTS's AuxiliaryHeadCIFAR; maps other than 8-10 pixels are pooled adaptively to 2x2."""
+    """DARTS's AuxiliaryHeadCIFAR (``imagenet``: AuxiliaryHeadImageNet, pool stride 2 and no BatchNorm
+    after the 2x2 conv); maps other than 8-10 (7-8) pixels are pooled adaptively to 2x2."""
 
-    def __init__(self, C: int, num_classes: int):
+    def __init__(self, C: int, num_classes: int, imagenet: bool = False):
         super().__init__()
         self.features = nn.Sequential(
             nn.ReLU(),
-            nn.AvgPool2d(5, stride=3, padding=0, count_include_pad=False),
+            nn.AvgPool2d(5, stride=2 if imagenet else 3, padding=0, count_include_pad=False),
             nn.Conv2d(C, 128, 1, bias=False),
             nn.BatchNorm2d(128),
             nn.ReLU(),
             nn.Conv2d(128, 768, 2, bias=False),
-            nn.BatchNorm2d(768),
+            *([] if imagenet else [nn.BatchNorm2d(768)]),
             nn.ReLU(),
         )
         self.classifier = nn.Linear(768, num_classes)
+        self.sizes = (7, 8) if imagenet else (8, 9, 10)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.shape[2] in (8, 9, 10) and x.shape[3] in (8, 9, 10):
+        if x.shape[2] in self.sizes and x.shape[3] in self.sizes:
             x = self.features(x)
         else:
             x = nn.Sequential(self.features[0], nn.AdaptiveAvgPool2d(2), *self.features[2:])(x)
@@ -117,13 +119,16 @@ class EagerAuxiliaryHead(nn.Module):
 class EagerNetworkCIFAR(nn.Module):
     def __init__(self, C, num_classes, layers, auxiliary, genotype, in_channels=3):
         super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, 3 * C, 3, padding=1, bias=False), nn.BatchNorm2d(3 * C))
+        self._build(num_classes, layers, auxiliary, genotype, 3 * C, C, reduction_prev=False, imagenet=False)
+
+    def _build(self, num_classes, layers, auxiliary, genotype, C_stem, C_curr, reduction_prev, imagenet):
+        """The cells (after the stems), the auxiliary head, the pooling and the classifier."""
         self._layers = layers
         self._auxiliary = auxiliary
         self.drop_path_prob = 0.0
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, 3 * C, 3, padding=1, bias=False), nn.BatchNorm2d(3 * C))
-        C_prev_prev, C_prev, C_curr = 3 * C, 3 * C, C
+        C_prev_prev, C_prev = C_stem, C_stem
         self.cells = nn.ModuleList()
-        reduction_prev = False
         for i in range(layers):
             reduction = i in [layers // 3, 2 * layers // 3]
             if reduction:
@@ -135,19 +140,43 @@ class EagerNetworkCIFAR(nn.Module):
             if i == 2 * layers // 3:
                 C_aux = C_prev
         if auxiliary:
-            self.auxiliary_head = EagerAuxiliaryHead(C_aux, num_classes)
+            self.auxiliary_head = EagerAuxiliaryHead(C_aux, num_classes, imagenet=imagenet)
         self.global_pooling = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(C_prev, num_classes)
 
+    def _stems(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        s = self.stem(x)
+        return s, s
+
     def forward(self, x: Tensor):
         logits_aux = None
-        s0 = s1 = self.stem(x)
+        s0, s1 = self._stems(x)
         for i, cell in enumerate(self.cells):
             s0, s1 = s1, cell(s0, s1, self.drop_path_prob)
             if i == 2 * self._layers // 3 and self._auxiliary and self.training:
                 logits_aux = self.auxiliary_head(s1)
         out = self.global_pooling(s1)
         return self.classifier(out.view(out.size(0), -1)), logits_aux
+
+
+class EagerNetworkImageNet(EagerNetworkCIFAR):
+    """DARTS's NetworkImageNet: the two stems rectify in place as DARTS's do (``stem1`` the output of
+    ``stem0``, which the first cell reads); global average pooling at any size (DARTS: 7x7)."""
+
+    def __init__(self, C, num_classes, layers, auxiliary, genotype, in_channels=3):
+        nn.Module.__init__(self)
+        self.stem0 = nn.Sequential(
+            nn.Conv2d(in_channels, C // 2, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(C // 2),
+            nn.ReLU(inplace=True), nn.Conv2d(C // 2, C, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(C),
+        )  # fmt: skip
+        self.stem1 = nn.Sequential(
+            nn.ReLU(inplace=True), nn.Conv2d(C, C, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(C)
+        )
+        self._build(num_classes, layers, auxiliary, genotype, C, C, reduction_prev=True, imagenet=True)
+
+    def _stems(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        s0 = self.stem0(x)
+        return s0, self.stem1(s0)  # s0 rectified in place by stem1
 
 
 # --------------------------------------------------------------------------- NAS-Bench-201

@@ -222,20 +222,32 @@ class _EagerArch:
 
 
 class EagerDartsNetwork(_EagerArch, nn.Module):
-    """DARTS's search network (PC-DARTS's with ``partial_channels > 1``), parameters named like
-    :class:`fastnas.spaces.darts.Network`'s."""
+    """DARTS's search network (PC-DARTS's with ``partial_channels > 1``; with ``stem="imagenet"`` the
+    three-convolution stem of PC-DARTS's ``model_search_imagenet.py``, its ReLUs in place as there),
+    parameters named like :class:`fastnas.spaces.darts.Network`'s."""
 
     def __init__(self, C=16, num_classes=10, layers=8, steps=4, multiplier=4, stem_multiplier=3, *,
-                 in_channels=3, arch="logits", sampler=None, partial_channels=1):  # fmt: skip
+                 in_channels=3, arch="logits", sampler=None, partial_channels=1, stem="cifar"):  # fmt: skip
         super().__init__()
         self._setup(arch, sampler)
         self._steps = steps
         self.k = partial_channels
         C_curr = stem_multiplier * C
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, C_curr, 3, padding=1, bias=False), nn.BatchNorm2d(C_curr))
+        if stem == "imagenet":
+            self.stem0 = nn.Sequential(
+                nn.Conv2d(in_channels, C_curr // 2, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(C_curr // 2),
+                nn.ReLU(inplace=True), nn.Conv2d(C_curr // 2, C_curr, 3, stride=2, padding=1, bias=False),
+                nn.BatchNorm2d(C_curr),
+            )  # fmt: skip
+            self.stem1 = nn.Sequential(
+                nn.ReLU(inplace=True), nn.Conv2d(C_curr, C_curr, 3, stride=2, padding=1, bias=False),
+                nn.BatchNorm2d(C_curr),
+            )  # fmt: skip
+        else:
+            self.stem = nn.Sequential(nn.Conv2d(in_channels, C_curr, 3, padding=1, bias=False), nn.BatchNorm2d(C_curr))
         C_prev_prev, C_prev, C_curr = C_curr, C_curr, C
         self.cells = nn.ModuleList()
-        reduction_prev = False
+        reduction_prev = stem == "imagenet"
         for i in range(layers):
             reduction = i in (layers // 3, 2 * layers // 3)
             if reduction:
@@ -269,7 +281,11 @@ class EagerDartsNetwork(_EagerArch, nn.Module):
         bn = br = None
         if self.k > 1:
             bn, br = self._betas(self.betas_normal), self._betas(self.betas_reduce)
-        s0 = s1 = self.stem(x)
+        if hasattr(self, "stem0"):
+            s0 = self.stem0(x)
+            s1 = self.stem1(s0)  # rectifies s0 in place, as PC-DARTS's does
+        else:
+            s0 = s1 = self.stem(x)
         for cell in self.cells:
             if cell.reduction:
                 s0, s1 = s1, cell(s0, s1, wr, idx_r, br)

@@ -106,6 +106,32 @@ def test_network_matches_eager_supernet(mode):
     assert_close_dicts(fast.state_dict(), eager.state_dict(), **TOL)  # running statistics too
 
 
+@pytest.mark.parametrize("partial_channels", [1, 2])
+def test_imagenet_stem_matches_eager_supernet(partial_channels):
+    """PC-DARTS's ImageNet search network (three stride-2 convolutions, the first cell reading stem0
+    through a factorized reduction): keys, shapes, logits, gradients and statistics equal the eager
+    oracle's, whose stem rectifies in place as PC-DARTS's does."""
+    torch.manual_seed(3)
+    kwargs = dict(C=4, num_classes=5, layers=3, partial_channels=partial_channels, stem="imagenet")
+    fast = darts.Network(**kwargs).double()
+    eager = EagerDartsNetwork(**kwargs).double()
+    shapes = [(k, tuple(v.shape)) for k, v in fast.state_dict().items()]
+    assert shapes == [(k, tuple(v.shape)) for k, v in eager.state_dict().items()]
+    modules = [k for k, _ in shapes if not k.startswith(("alphas", "betas"))]
+    assert modules[:3] == ["stem0.0.weight", "stem0.1.weight", "stem0.1.bias"]
+    assert dict(shapes)["stem0.0.weight"] == (6, 3, 3, 3) and dict(shapes)["stem1.1.weight"] == (12, 12, 3, 3)
+    assert not hasattr(fast, "stem") and type(fast.cells[0].preprocess0).__name__ == "FactorizedReduce"
+    eager.load_state_dict(fast.state_dict())
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)  # 4x4 before the cells
+    lf, gf = run_step(fast, x)
+    le, ge = run_step(eager, x)
+    torch.testing.assert_close(lf, le, **TOL)
+    assert_close_dicts(gf, ge, **TOL)
+    assert_close_dicts(fast.state_dict(), eager.state_dict(), **TOL)
+    with pytest.raises(ValueError, match="stem must be"):
+        darts.Network(C=4, layers=3, stem="mnist")
+
+
 @pytest.mark.parametrize("partial_channels", [1, 4])
 def test_gdas_computes_only_the_sampled_ops(partial_channels, mixed_sum_calls):
     torch.manual_seed(8)

@@ -3,6 +3,8 @@
 * :class:`NetworkCIFAR` (:mod:`fastnas.networks.darts`) — DARTS's evaluation network for a genotype
   (stem, cells, reductions at 1/3 and 2/3 of the depth, auxiliary head, drop path); a drop-in for
   DARTS's ``NetworkCIFAR``;
+* :class:`NetworkImageNet` — the same for ImageNet's 224x224 images (three stride-2 stem
+  convolutions, DARTS's ImageNet auxiliary head); a drop-in for DARTS's ``NetworkImageNet``;
 * :class:`TinyNetwork` (:mod:`fastnas.networks.nb201`) — NAS-Bench-201's network for an architecture
   string; a drop-in for xautodl's ``TinyNetwork``;
 * :func:`count_parameters`, :func:`count_macs` — parameters and multiply-adds as the papers report them.
@@ -10,14 +12,16 @@
 
 from fastnas.networks import darts, nb201
 from fastnas.networks.common import count_macs, count_parameters
-from fastnas.networks.darts import GENOTYPES, AuxiliaryHeadCIFAR, NetworkCIFAR
+from fastnas.networks.darts import GENOTYPES, AuxiliaryHeadCIFAR, AuxiliaryHeadImageNet, NetworkCIFAR, NetworkImageNet
 from fastnas.networks.nb201 import InferCell, TinyNetwork
 
 __all__ = [
     "darts",
     "nb201",
     "NetworkCIFAR",
+    "NetworkImageNet",
     "AuxiliaryHeadCIFAR",
+    "AuxiliaryHeadImageNet",
     "GENOTYPES",
     "TinyNetwork",
     "InferCell",

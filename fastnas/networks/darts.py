@@ -1,9 +1,9 @@
-"""DARTS's evaluation network (Liu et al., ICLR 2019): a genotype's cells stacked and trained from scratch.
+"""DARTS's evaluation networks (Liu et al., ICLR 2019): a genotype's cells stacked and trained from scratch.
 
-A drop-in for ``NetworkCIFAR`` of DARTS's ``cnn/model.py`` (quark0/darts; PC-DARTS and GAEA train
-their genotypes with the same file): same constructor, same parameters in the same order, same
-state_dict keys, so checkpoints load both ways, and the same forward (``(logits, logits_aux)``, drop
-path on the non-identity ops in training mode). The candidate ops are those of
+Drop-ins for ``NetworkCIFAR`` and ``NetworkImageNet`` of DARTS's ``cnn/model.py`` (quark0/darts;
+PC-DARTS and GAEA train their genotypes with the same file): same constructors, same parameters in
+the same order, same state_dict keys, so checkpoints load both ways, and the same forward
+(``(logits, logits_aux)``, drop path on the non-identity ops in training mode). The candidate ops are those of
 :mod:`fastnas.spaces.darts` with ``affine=True``, plus DARTS's ``sep_conv_7x7`` and
 ``conv_7x1_1x7`` (used by the NASNet and AmoebaNet genotypes).
 
@@ -32,7 +32,9 @@ __all__ = [
     "GENOTYPES",
     "Cell",
     "AuxiliaryHeadCIFAR",
+    "AuxiliaryHeadImageNet",
     "NetworkCIFAR",
+    "NetworkImageNet",
     "drop_path",
     "as_genotype",
 ]
@@ -174,33 +176,35 @@ class Cell(nn.Module):
         return torch.cat([states[i] for i in self._concat], dim=1)
 
 
-class AuxiliaryHeadCIFAR(nn.Module):
-    """DARTS's auxiliary classifier: ReLU, 5x5 average pool at stride 3, 1x1 conv to 128 channels,
-    BatchNorm, ReLU, 2x2 conv to 768, BatchNorm, ReLU, linear (``features.{0..7}``, ``classifier``).
+class _AuxiliaryHead(nn.Module):
+    """DARTS's auxiliary classifiers: ReLU, 5x5 average pool at ``stride``, 1x1 conv to 128 channels,
+    BatchNorm, ReLU, 2x2 conv to 768, (BatchNorm,) ReLU, linear (``features.*``, ``classifier``).
 
-    DARTS's pool turns the 8x8 map of a 32x32 input into 2x2 (so does it for 8-10 pixel maps). At any
-    other size the map is average-pooled adaptively to 2x2 instead, so the parameters and the output
-    ``[B, num_classes]`` are the same for every input size.
+    DARTS's pool turns the map it was written for into 2x2. At a size it does not, the map is
+    average-pooled adaptively to 2x2 instead, so the parameters and the output ``[B, num_classes]``
+    are the same for every input size.
     """
 
-    def __init__(self, C: int, num_classes: int):
+    def __init__(self, C: int, num_classes: int, stride: int, batchnorm_768: bool):
         super().__init__()
-        self.features = nn.Sequential(
+        layers = [
             nn.ReLU(inplace=False),  # DARTS rectifies its input in place; not here (see NetworkCIFAR)
-            nn.AvgPool2d(5, stride=3, padding=0, count_include_pad=False),
+            nn.AvgPool2d(5, stride=stride, padding=0, count_include_pad=False),
             nn.Conv2d(C, 128, 1, bias=False),
             nn.BatchNorm2d(128),
             nn.ReLU(inplace=True),
             nn.Conv2d(128, 768, 2, bias=False),
-            nn.BatchNorm2d(768),
+            *([nn.BatchNorm2d(768)] if batchnorm_768 else []),
             nn.ReLU(inplace=True),
-        )
+        ]
+        self.features = nn.Sequential(*layers)
         self.classifier = nn.Linear(768, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.features[0](x)
         H, W = x.shape[-2:]
-        if (H - 5) // 3 + 1 == 2 and (W - 5) // 3 + 1 == 2:  # 8 to 10 pixels
+        stride = self.features[1].stride
+        if (H - 5) // stride + 1 == 2 and (W - 5) // stride + 1 == 2:
             x = self.features[1](x)
         else:
             x = F.adaptive_avg_pool2d(x, 2)
@@ -209,7 +213,67 @@ class AuxiliaryHeadCIFAR(nn.Module):
         return self.classifier(x.flatten(1))
 
 
-class NetworkCIFAR(nn.Module):
+class AuxiliaryHeadCIFAR(_AuxiliaryHead):
+    """DARTS's CIFAR auxiliary classifier, for the 8x8 map of a 32x32 input (pool stride 3; 8 to 10
+    pixel maps pool to 2x2 so, any other size adaptively): see :class:`_AuxiliaryHead`."""
+
+    def __init__(self, C: int, num_classes: int):
+        super().__init__(C, num_classes, stride=3, batchnorm_768=True)
+
+
+class AuxiliaryHeadImageNet(_AuxiliaryHead):
+    """DARTS's ImageNet auxiliary classifier, for the 7x7 map of a 224x224 input (pool stride 2; 7 and
+    8 pixel maps pool to 2x2 so, any other size adaptively), without the BatchNorm after the 2x2 conv
+    (DARTS leaves it out, as in the paper's runs): see :class:`_AuxiliaryHead`."""
+
+    def __init__(self, C: int, num_classes: int):
+        super().__init__(C, num_classes, stride=2, batchnorm_768=False)
+
+
+class _CellStack(nn.Module):
+    """What DARTS's two evaluation networks share: their cells and the way they run them."""
+
+    def _setup(self, layers: int, auxiliary: bool, genotype: Any, in_channels: int) -> Genotype:
+        """The settings every network keeps; the checked genotype."""
+        if layers < 1:
+            raise ValueError(f"layers must be at least 1, got {layers}")
+        self._layers = layers
+        self._auxiliary = auxiliary
+        self.in_channels = in_channels
+        self.drop_path_prob = 0.0  # set per epoch by the training loop
+        return as_genotype(genotype)
+
+    def _build_cells(
+        self, genotype: Genotype, layers: int, C_prev_prev: int, C_prev: int, C_curr: int, reduction_prev: bool
+    ) -> tuple[int, int]:
+        """``self.cells``: ``layers`` cells, reductions (twice the channels) at ``layers // 3`` and
+        ``2 * layers // 3``; returns the channels of the last cell and of cell ``2 * layers // 3``."""
+        self.cells = nn.ModuleList()
+        C_to_auxiliary = C_prev
+        for i in range(layers):
+            reduction = i in (layers // 3, 2 * layers // 3)
+            if reduction:
+                C_curr *= 2
+            cell = Cell(genotype, C_prev_prev, C_prev, C_curr, reduction, reduction_prev)
+            reduction_prev = reduction
+            self.cells.append(cell)
+            C_prev_prev, C_prev = C_prev, cell.multiplier * C_curr
+            if i == 2 * layers // 3:
+                C_to_auxiliary = C_prev
+        self._reductions = len({layers // 3, 2 * layers // 3})
+        return C_prev, C_to_auxiliary
+
+    def _run_cells(self, s0: Tensor, s1: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The last cell's output and the auxiliary logits (None in eval mode or without the head)."""
+        logits_aux = None
+        for i, cell in enumerate(self.cells):
+            s0, s1 = s1, cell(s0, s1, self.drop_path_prob)
+            if i == 2 * self._layers // 3 and self._auxiliary and self.training:
+                logits_aux = self.auxiliary_head(s1)
+        return s1, logits_aux
+
+
+class NetworkCIFAR(_CellStack):
     """DARTS's CIFAR evaluation network: drop-in for ``NetworkCIFAR`` of DARTS's ``model.py``.
 
     A 3x3 conv stem to ``3 * C`` channels, ``layers`` cells of ``genotype`` (reduction cells, which
@@ -240,32 +304,12 @@ class NetworkCIFAR(nn.Module):
 
     def __init__(self, C: int, num_classes: int, layers: int, auxiliary: bool, genotype: Any, *, in_channels: int = 3):
         super().__init__()
-        if layers < 1:
-            raise ValueError(f"layers must be at least 1, got {layers}")
-        genotype = as_genotype(genotype)
-        self._layers = layers
-        self._auxiliary = auxiliary
-        self.in_channels = in_channels
-        self.drop_path_prob = 0.0
+        genotype = self._setup(layers, auxiliary, genotype, in_channels)
 
         stem_multiplier = 3
         C_curr = stem_multiplier * C
         self.stem = nn.Sequential(nn.Conv2d(in_channels, C_curr, 3, padding=1, bias=False), nn.BatchNorm2d(C_curr))
-        C_prev_prev, C_prev, C_curr = C_curr, C_curr, C
-        self.cells = nn.ModuleList()
-        reduction_prev = False
-        C_to_auxiliary = C_prev
-        for i in range(layers):
-            reduction = i in (layers // 3, 2 * layers // 3)
-            if reduction:
-                C_curr *= 2
-            cell = Cell(genotype, C_prev_prev, C_prev, C_curr, reduction, reduction_prev)
-            reduction_prev = reduction
-            self.cells.append(cell)
-            C_prev_prev, C_prev = C_prev, cell.multiplier * C_curr
-            if i == 2 * layers // 3:
-                C_to_auxiliary = C_prev
-        self._reductions = len({layers // 3, 2 * layers // 3})
+        C_prev, C_to_auxiliary = self._build_cells(genotype, layers, C_curr, C_curr, C, reduction_prev=False)
         if auxiliary:
             self.auxiliary_head = AuxiliaryHeadCIFAR(C_to_auxiliary, num_classes)
         self.global_pooling = nn.AdaptiveAvgPool2d(1)
@@ -273,11 +317,52 @@ class NetworkCIFAR(nn.Module):
 
     def forward(self, input: Tensor) -> tuple[Tensor, Tensor | None]:
         check_input(input, self.in_channels, 2**self._reductions)
-        logits_aux = None
-        s0 = s1 = to_preferred_layout(self.stem(to_preferred_layout(input)))
-        for i, cell in enumerate(self.cells):
-            s0, s1 = s1, cell(s0, s1, self.drop_path_prob)
-            if i == 2 * self._layers // 3 and self._auxiliary and self.training:
-                logits_aux = self.auxiliary_head(s1)
-        out = self.global_pooling(s1)
-        return self.classifier(out.flatten(1)), logits_aux
+        s = to_preferred_layout(self.stem(to_preferred_layout(input)))
+        s, logits_aux = self._run_cells(s, s)
+        return self.classifier(self.global_pooling(s).flatten(1)), logits_aux
+
+
+class NetworkImageNet(_CellStack):
+    """DARTS's ImageNet evaluation network (the mobile setting): drop-in for ``NetworkImageNet`` of
+    DARTS's ``model.py``.
+
+    Two stems: ``stem0``, 3x3 convolutions at stride 2 to ``C // 2`` and then ``C`` channels (with
+    BatchNorm, a ReLU between), and ``stem1``, ReLU, a third stride-2 3x3 convolution and BatchNorm:
+    224x224 images reach the cells at 28x28, the first cell reading ``stem0``'s 56x56 output through
+    a factorized reduction. Then ``layers`` cells of ``genotype`` (reductions at ``layers // 3`` and
+    ``2 * layers // 3``), global average pooling (DARTS's 7x7 pool on the 7x7 map of a 224 input;
+    adaptive, the same there, at other sizes) and a linear classifier; with ``auxiliary`` an
+    :class:`AuxiliaryHeadImageNet` on the 7x7 output of cell ``2 * layers // 3``.
+
+    Args, ``drop_path_prob`` and ``forward`` as :class:`NetworkCIFAR`'s; ``H`` and ``W`` must be
+    divisible by ``8 * 2 ** len(reduction cells)`` (32: 224 is 7 times that). DARTS's stems rectify
+    their input in place, which changes nothing but DARTS's copy of ``stem0``'s output, rectified
+    again by the first cell; here nothing is done in place.
+    """
+
+    def __init__(self, C: int, num_classes: int, layers: int, auxiliary: bool, genotype: Any, *, in_channels: int = 3):
+        super().__init__()
+        genotype = self._setup(layers, auxiliary, genotype, in_channels)
+
+        self.stem0 = nn.Sequential(
+            nn.Conv2d(in_channels, C // 2, kernel_size=3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(C // 2),
+            nn.ReLU(inplace=False),
+            nn.Conv2d(C // 2, C, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(C),
+        )
+        self.stem1 = nn.Sequential(
+            nn.ReLU(inplace=False), nn.Conv2d(C, C, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(C)
+        )
+        C_prev, C_to_auxiliary = self._build_cells(genotype, layers, C, C, C, reduction_prev=True)
+        if auxiliary:
+            self.auxiliary_head = AuxiliaryHeadImageNet(C_to_auxiliary, num_classes)
+        self.global_pooling = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(C_prev, num_classes)
+
+    def forward(self, input: Tensor) -> tuple[Tensor, Tensor | None]:
+        check_input(input, self.in_channels, 8 * 2**self._reductions)
+        s0 = to_preferred_layout(self.stem0(to_preferred_layout(input)))
+        s1 = to_preferred_layout(self.stem1(s0))
+        s, logits_aux = self._run_cells(s0, s1)
+        return self.classifier(self.global_pooling(s).flatten(1)), logits_aux

@@ -53,7 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
         f"(default {d.bn_batches}; 0: keep the supernet's)",
     )
     g.add_argument("--nb201-table", help=f"ground truth from a NAS-Bench-201 table: {TABLE_HELP}")
-    g.add_argument("--table-column", help="the table's column to rank by (default: its first value column)")
+    g.add_argument(
+        "--table-column",
+        help="the table's column to rank by (default: the data set's, e.g. ImageNet16-120_test_acc, "
+        "when the table has it, else its first value column)",
+    )
     g.add_argument(
         "--train-epochs",
         type=int,

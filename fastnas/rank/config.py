@@ -35,7 +35,7 @@ class RankConfig(RunSettings):
     cells: int | None = None
     bn_batches: int = 10  # training batches that recompute BatchNorm statistics per architecture (0: keep)
     nb201_table: str | None = None
-    table_column: str | None = None  # default: the table's first column
+    table_column: str | None = None  # default: the data set's column if the table has one, else its first
     train_epochs: int | None = None  # of each standalone training (train's default)
 
     COMMAND = "rank"
@@ -66,6 +66,8 @@ def resolve(cfg: RankConfig) -> RankConfig:
     require_choice(cfg.algorithm, tuple(ALGORITHMS), "algorithm")
     require_choice(cfg.mode, MODES, "mode")
     require_choice(cfg.dataset, data_mod.DATASETS, "data set")
+    if cfg.dataset == "imagenet":
+        raise RunError("fastnas rank needs a data set held in memory; an image folder (imagenet) is streamed")
     require_choice(cfg.amp, AMP_MODES, "--amp")
     require_at_least(cfg, ("count",), low=2)
     require_at_least(cfg, ("epochs", "batch_size", "channels", "cells", "train_epochs", "accum_steps"))

@@ -205,7 +205,7 @@ class _Rank:
                 return self._stopped()
         rows = self._shared()
         if self.table is not None:
-            column = cfg.table_column or self.table.columns[0]
+            column = cfg.table_column or self.table.column_for(cfg.dataset)
             for row in rows:
                 found = self.table.lookup(row["arch"])
                 row["truth"] = None if found is None else found.get(column)

@@ -5,16 +5,21 @@ only transfer of host data), gathers the images its steps use and augments them 
 (random numbers from the epoch's CPU generator, in the order a step-by-step draw takes them). A
 step then slices its batch, normalises it and splits it into this rank's micro-batches, all on the
 device: no host data and no host read per step, which a CUDA graph needs and a GPU run gains from.
+
+An image folder (ImageNet) does not fit in memory: its batches are streamed instead, decoded by
+loader workers ahead of the steps (:class:`~fastnas.runs.imagefolder.StreamedBatches`), and handed
+out in the same form. :func:`epoch_batches` and :func:`eval_batches` pick the path by the data set.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
 
 from fastnas.runs.data import ImageData
+from fastnas.runs.imagefolder import FolderImages, StreamedBatches
 
 Batch = list[tuple[Tensor, Tensor]]  # this rank's micro-batches: (normalised images, labels)
 
@@ -80,10 +85,15 @@ def epoch_batches(
     rank: int = 0,
     world: int = 1,
     accum_steps: int = 1,
-) -> EpochBatches:
+) -> EpochBatches | StreamedBatches:
     """The first ``steps`` global batches of training indices ``order`` (CPU) of ``data`` (on its
     device). With ``gen``, each global batch is augmented by ``augment(images, gen)`` (uint8) and
-    gets the mask ``cutout_mask(images, gen)``, batch after batch, so every rank draws the same numbers."""
+    gets the mask ``cutout_mask(images, gen)``, batch after batch, so every rank draws the same numbers.
+    An image folder's batches are streamed, augmented by its own transforms (``gen`` seeds them)."""
+    if isinstance(data.x_train, FolderImages):
+        return StreamedBatches(
+            data.x_train, data.y_train, order, steps, batch_size, normalize, gen, rank, world, accum_steps
+        )
     device = data.x_train.device
     idx = order[: steps * batch_size].to(device)
     images, labels = data.x_train[idx], data.y_train[idx]
@@ -100,3 +110,15 @@ def epoch_batches(
         images = torch.cat(parts)
     mask = torch.cat(masks) if masks else None
     return EpochBatches(images, labels, normalize, batch_size, rank, world, accum_steps, mask)
+
+
+def eval_batches(
+    images: Tensor | FolderImages, labels: Tensor, idx: Tensor, normalize: Normalizer, chunk: int = 256
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Normalised images ``idx`` (on the labels' device) of ``images`` (uint8 on the device, or an
+    image folder's, streamed with its evaluation transform) with their ``labels``, ``chunk`` at a time."""
+    if isinstance(images, FolderImages):
+        yield from images.eval_batches(idx, labels, normalize, chunk)
+        return
+    for part in idx.split(chunk):
+        yield normalize(images[part]), labels[part]

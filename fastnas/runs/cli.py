@@ -88,7 +88,9 @@ def to_config(config_cls: type, settings: dict[str, Any]) -> Any:
 def add_data_and_output_flags(g: argparse._ArgumentGroup, dataset_help: str, default_out: str) -> None:
     """--dataset, --data-dir, --out, --resume, --no-progress."""
     g.add_argument("--dataset", help=dataset_help)
-    g.add_argument("--data-dir", help="folder holding the CIFAR python-pickle release")
+    g.add_argument(
+        "--data-dir", help="folder holding the data set: CIFAR's or ImageNet16's pickles, or imagenet's train/ and val/"
+    )
     g.add_argument("--out", help=f"output directory (default {default_out})")
     g.add_argument(
         "--resume",
@@ -96,6 +98,14 @@ def add_data_and_output_flags(g: argparse._ArgumentGroup, dataset_help: str, def
         help="continue the run in --out from its last checkpoint, with the settings of its config.json",
     )
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_image_folder_flags(g: argparse._ArgumentGroup) -> None:
+    """--crop-size, --workers: how an image folder (--dataset imagenet) is read."""
+    g.add_argument("--crop-size", type=int, help="imagenet: training crop and evaluation centre crop (default 224)")
+    g.add_argument(
+        "--workers", type=int, help="imagenet: loader processes decoding images (default: the CPUs less one, at most 8)"
+    )
 
 
 def add_running_flags(g: argparse._ArgumentGroup, d: Any) -> None:

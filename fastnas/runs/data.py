@@ -8,6 +8,14 @@
   (``cifar-10-batches-py/`` with ``data_batch_1..5`` and ``test_batch``; ``cifar-100-python/`` with
   ``train`` and ``test``), given either as that folder or as its parent. Training batches get the
   usual augmentation: 4-pixel zero-padded random crop and horizontal flip.
+* ``imagenet16-120`` / ``imagenet16-150`` / ``imagenet16-200``: NAS-Bench-201's downsampled ImageNet
+  (16x16), read from the pickles as xautodl's ``ImageNet16`` reads them: ``train_data_batch_1..10``
+  and ``val_data`` (each a dict pickled with ``data``, uint8 ``[N, 768]`` in planar channels, and
+  ``labels`` 1..1000), the images of labels 1..K kept in file order, labels shifted to 0..K-1;
+  2-pixel padded random crop and flip. A bilevel search steps the weights on the training set and
+  the architecture on half the validation images (NAS-Bench-201's ``x-valid``), testing on the
+  other half (:func:`search_split`).
+* ``imagenet``: an image folder, streamed rather than held in memory (:mod:`fastnas.runs.imagefolder`).
 
 Every batch is drawn from generators seeded by ``(seed, epoch)``, so that an epoch's order and
 augmentation do not depend on what ran before it: a resumed run sees the very same batches, and
@@ -16,17 +24,21 @@ the ranks of a distributed run agree on the global batch and each take their sli
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import os
 import pickle
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-DATASETS = ("distorted-digits", "digits", "cifar10", "cifar100")
+IMAGENET16 = ("imagenet16-120", "imagenet16-150", "imagenet16-200")
+DATASETS = ("distorted-digits", "digits", "cifar10", "cifar100", *IMAGENET16, "imagenet")
 EMBEDDED = ("distorted-digits", "digits")  # shipped inside an installed package: no --data-dir, no download
 
 
@@ -37,7 +49,10 @@ class DataError(ValueError):
 @dataclass
 class ImageData:
     """Images as uint8 ``[N, C, H, W]`` (CPU) with int64 labels ``[N]``; ``scale`` maps the stored
-    integers to [0, 1] before the per-channel ``mean``/``std`` normalisation."""
+    integers to [0, 1] before the per-channel ``mean``/``std`` normalisation. With ``augment``,
+    training batches get random crops of the images zero-padded by ``crop_padding`` pixels, and
+    flips. ``valid_split``: the indices of the test images a bilevel search steps its architecture
+    on (the others are its test images), or None (the architecture data come from the training set)."""
 
     name: str
     x_train: Tensor
@@ -49,6 +64,8 @@ class ImageData:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     augment: bool
+    crop_padding: int = 4
+    valid_split: Tensor | None = None
 
     @property
     def in_channels(self) -> int:
@@ -56,18 +73,8 @@ class ImageData:
 
     def to(self, device: torch.device) -> ImageData:
         """The same data set with its tensors on ``device`` (uint8 images stay compact there)."""
-        return ImageData(
-            self.name,
-            self.x_train.to(device),
-            self.y_train.to(device),
-            self.x_test.to(device),
-            self.y_test.to(device),
-            self.num_classes,
-            self.scale,
-            self.mean,
-            self.std,
-            self.augment,
-        )
+        moved = {k: getattr(self, k).to(device) for k in ("x_train", "y_train", "x_test", "y_test")}
+        return dataclasses.replace(self, **moved)
 
     def normalize(self, x: Tensor) -> Tensor:
         """uint8 images ``[B, C, H, W]`` to normalised float32."""
@@ -81,17 +88,28 @@ def is_embedded(name: str) -> bool:
     return name in EMBEDDED
 
 
-def load_dataset(name: str, data_dir: str | None = None) -> ImageData:
-    """Load ``name`` (one of :data:`DATASETS`); CIFAR needs ``data_dir``. Raises :class:`DataError`."""
+def load_dataset(name: str, data_dir: str | None = None, options: Any = None) -> ImageData:
+    """Load ``name`` (one of :data:`DATASETS`); all but the embedded ones need ``data_dir``. ``options``:
+    the run's settings, read by the image-folder loader only
+    (:class:`~fastnas.runs.imagefolder.LoaderOptions`). Raises :class:`DataError`."""
     if name in EMBEDDED:
         if data_dir is not None:
             raise DataError(f"the {name} data set is built from scikit-learn's digits: it takes no --data-dir")
         return _load_digits() if name == "digits" else _load_distorted_digits()
-    if name in ("cifar10", "cifar100"):
-        if data_dir is None:
-            raise DataError(f"{name} needs --data-dir (a folder holding the python-pickle release)")
-        return _load_cifar(name, data_dir)
-    raise DataError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
+    if name not in DATASETS:
+        raise DataError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
+    if data_dir is None:
+        what = {"imagenet": "train/ and val/ image folders"}.get(name, "the python-pickle release")
+        raise DataError(f"{name} needs --data-dir (a folder holding {what})")
+    if not os.path.isdir(data_dir):
+        raise DataError(f"--data-dir {data_dir} is not a directory")
+    if name in IMAGENET16:
+        return _load_imagenet16(name, data_dir)
+    if name == "imagenet":
+        from fastnas.runs import imagefolder  # imports torchvision, an optional dependency
+
+        return imagefolder.load_image_folder(data_dir, imagefolder.LoaderOptions.of(options))
+    return _load_cifar(name, data_dir)
 
 
 def _digits() -> tuple[Tensor, Tensor]:
@@ -182,13 +200,17 @@ _CIFAR = {
 }
 
 
-def _read_batch(path: str, label_key: str, classes: int) -> tuple[Tensor, Tensor]:
+def _read_batch(
+    path: str, label_key: str, labels: range, size: int, encoding: str = "bytes"
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``data`` (uint8 ``[N, 3 * size * size]``) and labels (int64, each in ``labels``) of one
+    pickled batch; DataError naming ``path`` when it is missing, truncated or malformed."""
     if not os.path.isfile(path):
         raise DataError(f"missing data file {path}")
     try:
         with open(path, "rb") as f:
-            d = pickle.load(f, encoding="bytes")
-    except Exception as e:  # any unpickling failure means a corrupt file
+            d = pickle.load(f, encoding=encoding)
+    except Exception as e:  # any unpickling failure (EOFError for a truncated file) means a corrupt file
         raise DataError(f"corrupt data file {path}: {type(e).__name__}: {e}".splitlines()[0]) from None
     if not isinstance(d, dict):
         raise DataError(f"corrupt data file {path}: expected a pickled dict, got {type(d).__name__}")
@@ -196,35 +218,40 @@ def _read_batch(path: str, label_key: str, classes: int) -> tuple[Tensor, Tensor
     if "data" not in d or label_key not in d:
         raise DataError(f"corrupt data file {path}: it lacks the 'data' and '{label_key}' entries")
     data = np.asarray(d["data"])
-    labels = np.asarray(d[label_key])
-    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
-        raise DataError(f"corrupt data file {path}: 'data' must be uint8 [N, 3072], got {data.dtype} {data.shape}")
-    if labels.ndim != 1 or len(labels) != len(data):
-        raise DataError(f"corrupt data file {path}: {len(labels)} labels for {len(data)} images")
-    if len(labels) and (labels.min() < 0 or labels.max() >= classes):
+    y = np.asarray(d[label_key])
+    pixels = 3 * size * size
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != pixels:
+        raise DataError(f"corrupt data file {path}: 'data' must be uint8 [N, {pixels}], got {data.dtype} {data.shape}")
+    if y.ndim != 1 or len(y) != len(data):
+        raise DataError(f"corrupt data file {path}: {len(y)} labels for {len(data)} images")
+    if len(y) and (y.min() < labels.start or y.max() >= labels.stop):
         raise DataError(
-            f"corrupt data file {path}: labels must lie in [0, {classes}), got {labels.min()}..{labels.max()}"
+            f"corrupt data file {path}: labels must lie in [{labels.start}, {labels.stop}), got {y.min()}..{y.max()}"
         )
-    x = torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())
-    return x, torch.from_numpy(labels.astype(np.int64))
+    return data, y.astype(np.int64)
+
+
+def _read_batches(root: str, files: list[str], label_key: str, labels: range, size: int, **kw) -> tuple[Tensor, Tensor]:
+    """The batches ``files`` of ``root``, concatenated in order: uint8 ``[N, 3, size, size]``, int64 ``[N]``."""
+    parts = [_read_batch(os.path.join(root, f), label_key, labels, size, **kw) for f in files]
+    x = np.concatenate([p[0] for p in parts]).reshape(-1, 3, size, size)
+    return torch.from_numpy(x), torch.from_numpy(np.concatenate([p[1] for p in parts]))
+
+
+def _data_folder(data_dir: str, folder: str, first_file: str, name: str, release: str) -> str:
+    """``data_dir`` or its subfolder ``folder``, whichever holds ``first_file``."""
+    root = os.path.join(data_dir, folder)
+    if not os.path.isdir(root):
+        root = data_dir
+    if not os.path.isfile(os.path.join(root, first_file)):
+        raise DataError(f"no {name} data in {data_dir}: expected {folder}/{first_file} ({release})")
+    return root
 
 
 def _load_cifar(name: str, data_dir: str) -> ImageData:
     spec = _CIFAR[name]
-    if not os.path.isdir(data_dir):
-        raise DataError(f"--data-dir {data_dir} is not a directory")
-    root = os.path.join(data_dir, spec["folder"])
-    if not os.path.isdir(root):
-        root = data_dir
-    if not os.path.isfile(os.path.join(root, spec["train"][0])):
-        raise DataError(
-            f"no {name} data in {data_dir}: expected {spec['folder']}/{spec['train'][0]} (the python-pickle release)"
-        )
-
-    def read(files: list[str]) -> tuple[Tensor, Tensor]:
-        parts = [_read_batch(os.path.join(root, f), spec["label_key"], spec["classes"]) for f in files]
-        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-
+    root = _data_folder(data_dir, spec["folder"], spec["train"][0], name, "the python-pickle release")
+    read = lambda files: _read_batches(root, files, spec["label_key"], range(spec["classes"]), 32)
     x_train, y_train = read(spec["train"])
     x_test, y_test = read(spec["test"])
     if len(y_train) == 0:
@@ -234,22 +261,120 @@ def _load_cifar(name: str, data_dir: str) -> ImageData:
     )
 
 
+# NAS-Bench-201's downsampled ImageNet: the files and normalisation of xautodl's ImageNet16
+_IMAGENET16 = dict(
+    folder="ImageNet16",
+    train=[f"train_data_batch_{i}" for i in range(1, 11)],
+    test=["val_data"],
+    mean=tuple(v / 255 for v in (122.68, 116.66, 104.01)),
+    std=tuple(v / 255 for v in (63.22, 61.26, 65.09)),
+    split_file="imagenet-16-120-test-split.txt",  # NAS-Bench-201's x-valid / x-test halves of the 120 classes
+)
+
+
+def _load_imagenet16(name: str, data_dir: str) -> ImageData:
+    spec = _IMAGENET16
+    classes = int(name.rsplit("-", 1)[1])
+    root = _data_folder(data_dir, spec["folder"], spec["train"][0], name, "the downsampled-ImageNet 16x16 pickles")
+
+    def read(files: list[str]) -> tuple[Tensor, Tensor]:
+        x, y = [], []
+        for f in files:  # one file at a time: the 1000-class files hold 8 times what is kept
+            xf, yf = _read_batches(root, [f], "labels", range(1, 1001), 16, encoding="latin1")
+            keep = yf <= classes
+            x.append(xf[keep])
+            y.append(yf[keep] - 1)
+        return torch.cat(x), torch.cat(y)
+
+    x_train, y_train = read(spec["train"])
+    x_test, y_test = read(spec["test"])
+    if len(y_train) == 0:
+        raise DataError(f"no training images of labels 1..{classes} in {root}")
+    split = _imagenet16_split(root, len(y_test)) if classes == 120 else None
+    if split is None:  # no published split: a fixed random half, the same for every run
+        split = torch.randperm(len(y_test), generator=torch.Generator().manual_seed(0))[: len(y_test) // 2].sort()[0]
+    return ImageData(
+        name, x_train, y_train, x_test, y_test, classes, 255.0, spec["mean"], spec["std"], augment=True,
+        crop_padding=2, valid_split=split,
+    )  # fmt: skip
+
+
+def _imagenet16_split(root: str, n_test: int) -> Tensor | None:
+    """The ``xvalid`` indices of NAS-Bench-201's split file in ``root`` (or its parent), None without one."""
+    for folder in (root, os.path.dirname(os.path.abspath(root))):
+        path = os.path.join(folder, _IMAGENET16["split_file"])
+        if os.path.isfile(path):
+            break
+    else:
+        return None
+    try:
+        with open(path) as f:
+            kind, values = json.load(f)["xvalid"]
+        idx = torch.tensor([int(v) for v in values], dtype=torch.int64)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"corrupt split file {path}: {type(e).__name__}: {e}".splitlines()[0]) from None
+    if kind != "int" or len(idx) == 0 or idx.min() < 0 or idx.max() >= n_test or len(idx.unique()) != len(idx):
+        raise DataError(f"corrupt split file {path}: 'xvalid' must list distinct indices of the {n_test} test images")
+    return idx.sort()[0]
+
+
 # --------------------------------------------------------------------------- splits and batches
 
 
-def search_split(n_train: int, mode: str, train_portion: float = 0.5) -> tuple[Tensor, Tensor]:
-    """Indices of the weight data and the architecture data of a search.
+def search_split(
+    data: ImageData, mode: str, train_portion: float = 0.5, subset: tuple[float, float] | None = None, seed: int = 0
+) -> tuple[ImageData, Tensor, Tensor]:
+    """The data of a search with the indices of its weight data and its architecture data in them.
 
-    ``erm``: both are the whole training set. ``bilevel``: the first ``train_portion`` of the
-    training set trains the weights and the rest (held out) the architecture, as in DARTS.
+    ``erm``: both are the whole training set. ``bilevel``: with ``subset = (w, a)``, class-balanced
+    disjoint parts of the training set: a fraction ``w`` of every class for the weights and ``a``
+    for the architecture, drawn for ``seed`` (PC-DARTS's ImageNet search: 0.1 and 0.025); else, when
+    the data set has a ``valid_split`` (ImageNet16, as NAS-Bench-201 searches it), the whole
+    training set for the weights and those test images for the architecture, the other test images
+    testing (the returned data set holds them so); else the first ``train_portion`` of the training
+    set for the weights and the rest for the architecture, as in DARTS.
     """
-    idx = torch.arange(n_train)
-    if mode == "erm":
-        return idx, idx
-    if mode != "bilevel":
+    if mode not in ("erm", "bilevel"):
         raise ValueError(f"mode must be 'erm' or 'bilevel', got {mode!r}")
-    split = int(round(n_train * train_portion))
-    return idx[:split], idx[split:]
+    n = len(data.y_train)
+    idx = torch.arange(n)
+    if mode == "erm":
+        return data, idx, idx
+    if subset is not None:
+        return data, *class_balanced_subsets(data.y_train, subset, seed)
+    if data.valid_split is not None:
+        arch = torch.zeros(len(data.y_test), dtype=torch.bool)
+        arch[data.valid_split] = True
+        merged = dataclasses.replace(
+            data,
+            x_train=torch.cat([data.x_train, data.x_test[arch]]),
+            y_train=torch.cat([data.y_train, data.y_test[arch]]),
+            x_test=data.x_test[~arch],
+            y_test=data.y_test[~arch],
+            valid_split=None,
+        )
+        return merged, idx, torch.arange(n, len(merged.y_train))
+    split = int(round(n * train_portion))
+    return data, idx[:split], idx[split:]
+
+
+def class_balanced_subsets(labels: Tensor, fractions: tuple[float, float], seed: int) -> tuple[Tensor, Tensor]:
+    """Two disjoint index sets of ``labels`` (CPU int64): of every class's ``n`` images, a random
+    ``round(fractions[0] * n)`` in the first and the next ``round(fractions[1] * n)`` in the second,
+    drawn from a generator of ``seed`` alone; each set sorted."""
+    labels = labels.cpu()
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + 17)
+    by_class = torch.argsort(labels, stable=True)
+    counts = torch.bincount(labels).tolist()
+    first, second = [], []
+    start = 0
+    for n in counts:
+        members = by_class[start : start + n][torch.randperm(n, generator=gen)]
+        k0, k1 = (int(math.floor(f * n + 0.5)) for f in fractions)
+        first.append(members[:k0])
+        second.append(members[k0 : k0 + k1])
+        start += n
+    return torch.cat(first).sort()[0], torch.cat(second).sort()[0]
 
 
 def epoch_generator(seed: int, epoch: int, stream: int) -> torch.Generator:

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastnas.runs import data as data_mod
-from fastnas.runs.batches import EpochBatches, Normalizer, epoch_batches
+from fastnas.runs.batches import EpochBatches, Normalizer, epoch_batches, eval_batches
 from fastnas.runs.checkpoint import (
     atomic_torch_save,
     atomic_write_json,
@@ -91,7 +91,7 @@ def device_and_data(cfg: Any, ddp: Dist) -> tuple[torch.device, data_mod.ImageDa
     if cfg.amp == "fp16" and device.type == "cpu":
         raise RunError("--amp fp16 needs a CUDA device (use bf16 on CPU)")
     try:
-        return device, data_mod.load_dataset(cfg.dataset, cfg.data_dir)
+        return device, data_mod.load_dataset(cfg.dataset, cfg.data_dir, options=cfg)
     except data_mod.DataError as e:
         raise RunError(str(e)) from None
 
@@ -195,11 +195,15 @@ class EpochRun:
             self.weight_params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=nesterov
         )
 
-    def set_epoch_lr(self, epoch: int) -> float:
-        """Set and return the learning rate of 0-based ``epoch``: cosine decay from ``lr`` to ``lr_min``
-        over ``epochs``, in closed form, so a run extended to more epochs follows the longer schedule."""
+    def epoch_lr(self, epoch: int) -> float:
+        """The learning rate of 0-based ``epoch``: cosine decay from ``lr`` to ``lr_min`` over ``epochs``,
+        in closed form, so a run extended to more epochs follows the longer schedule."""
         cfg = self.cfg
-        lr = cfg.lr_min + (cfg.lr - cfg.lr_min) * (1 + math.cos(math.pi * epoch / cfg.epochs)) / 2
+        return cfg.lr_min + (cfg.lr - cfg.lr_min) * (1 + math.cos(math.pi * epoch / cfg.epochs)) / 2
+
+    def set_epoch_lr(self, epoch: int) -> float:
+        """Set and return the learning rate of 0-based ``epoch`` (:meth:`epoch_lr`)."""
+        lr = self.epoch_lr(epoch)
         for group in self.w_opt.param_groups:
             group["lr"] = lr
         return lr
@@ -262,7 +266,7 @@ class EpochRun:
 
     def augment(self, x: Tensor, gen: torch.Generator) -> Tensor:
         """The data set's augmentation of uint8 images ``x`` (random numbers from ``gen``)."""
-        return data_mod.augment_batch(x, gen)
+        return data_mod.augment_batch(x, gen, pad=self.data.crop_padding)
 
     def cutout_mask(self, x: Tensor, gen: torch.Generator) -> Tensor | None:
         """What a command multiplies a batch's normalised images with (bool ``[B, 1, H, W]``; None:
@@ -371,27 +375,32 @@ class EpochRun:
         y_all: Tensor,
         limit: int | None = None,
         forward: Callable[[Tensor], Tensor] | None = None,
-    ) -> tuple[float, float]:
-        """Loss and accuracy of ``net`` in eval mode on a shard per rank of the given uint8 images (on
-        the device); ``forward`` (default ``net``) maps normalised images to logits. Compiled code runs
-        eagerly here (evaluation batches would compile graphs of their own); the sums are read once."""
+        top5: bool = False,
+    ) -> tuple[float, ...]:
+        """Loss and accuracy (and with ``top5`` the top-5 accuracy) of ``net`` in eval mode on a shard
+        per rank of the given uint8 images on the device, or an image folder's (streamed,
+        :func:`~fastnas.runs.batches.eval_batches`); ``forward`` (default ``net``) maps normalised
+        images to logits. Compiled code runs eagerly here (evaluation batches would compile graphs of
+        their own); the sums are read once."""
         forward = net if forward is None else forward
         net.eval()
         n = len(y_all) if limit is None else min(limit, len(y_all))
         idx = torch.arange(self.ddp.rank, n, self.ddp.world, device=self.device)
-        sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)
         try:
             with eager(self.cfg.compile):
-                for chunk in idx.split(256):
-                    y = y_all[chunk]
+                for x, y in eval_batches(x_all, y_all, idx, self.normalize):
                     with self.autocast():
-                        logits = forward(self.normalize(x_all[chunk]))
+                        logits = forward(x)
                     loss = F.cross_entropy(logits.float(), y, reduction="sum")
-                    sums += torch.stack([loss.double(), (logits.argmax(-1) == y).sum().double()])
+                    correct = (logits.argmax(-1) == y).sum().double()
+                    in_top5 = (logits.topk(min(5, logits.shape[-1]), -1).indices == y[:, None]).any(-1)
+                    sums += torch.stack([loss.double(), correct, in_top5.sum().double()])
         finally:
             net.train()
-        loss_sum, correct = self.ddp.all_reduce_sum(sums.tolist(), self.device)
-        return loss_sum / max(n, 1), 100.0 * correct / max(n, 1)
+        loss_sum, correct, correct5 = self.ddp.all_reduce_sum(sums.tolist(), self.device)
+        result = (loss_sum / max(n, 1), 100.0 * correct / max(n, 1))
+        return (*result, 100.0 * correct5 / max(n, 1)) if top5 else result
 
     # ------------------------------------------------------------------ the loop
 

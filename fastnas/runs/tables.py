@@ -33,6 +33,7 @@ TABLE_HELP = (
 )
 API_DATASETS = ("cifar10", "cifar100", "ImageNet16-120")
 API_COLUMNS = tuple(f"{name}_test_acc" for name in API_DATASETS)
+DATASET_COLUMNS = dict(zip(("cifar10", "cifar100", "imagenet16-120"), API_COLUMNS))  # fastnas's data set names
 
 
 @dataclass
@@ -54,6 +55,12 @@ class AccuracyTable:
 
     def __call__(self, arch: str) -> dict[str, float] | None:
         return self.lookup(arch)
+
+    def column_for(self, dataset: str) -> str:
+        """The column of data set ``dataset`` (``cifar10_test_acc``, ``cifar100_test_acc``,
+        ``ImageNet16-120_test_acc``) when the table has it, else its first column."""
+        column = DATASET_COLUMNS.get(dataset)
+        return column if column in self.columns else self.columns[0]
 
 
 def canonical_arch(text: str) -> str | None:

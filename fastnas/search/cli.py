@@ -40,20 +40,26 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--epochs",
         type=int,
-        help="epochs (default: 40 (nb201) or 10 (darts) on distorted-digits, 20 / 10 on digits, 50 on CIFAR)",
+        help="epochs (default: 40 (nb201) or 10 (darts) on distorted-digits, 20 / 10 on digits, 50 elsewhere)",
     )
     g.add_argument("--batch-size", type=int, help="global batch size (default: 32 on distorted-digits, else 64)")
-    g.add_argument("--channels", type=int, help="initial channels C (default: 8 on the digits, 16 on CIFAR)")
+    g.add_argument("--channels", type=int, help="initial channels C (default: 8 on the digits, 16 elsewhere)")
     g.add_argument(
         "--cells",
         type=int,
-        help="NAS-Bench-201: cells per stage N (1 on the digits, 5 on CIFAR); DARTS: layers (5 / 8)",
+        help="NAS-Bench-201: cells per stage N (1 on the digits, 5 elsewhere); DARTS: layers (5 / 8)",
     )
     g = p.add_argument_group("data and output")
     cli.add_data_and_output_flags(
         g, f"{', '.join(DATASETS)} (default {d.dataset}: built from scikit-learn's digits, no download)", d.out
     )
     g.add_argument("--nb201-table", help=f"look the result up in a NAS-Bench-201 table: {TABLE_HELP}")
+    g.add_argument(
+        "--subset",
+        help="bilevel: class-balanced fractions W,A of the training set for the weights and the architecture, "
+        "drawn for --seed (PC-DARTS's ImageNet search: 0.1,0.025)",
+    )
+    cli.add_image_folder_flags(g)
     g = p.add_argument_group("how to run")
     cli.add_running_flags(g, d)
     g = p.add_argument_group("optimisation (defaults follow the papers)")

@@ -39,7 +39,20 @@ DATASET_DEFAULTS: dict[str, dict[str, dict[str, float]]] = {
         "darts": dict(channels=16, cells=8, epochs=50, batch_size=64),
     },
 }
-DATASET_DEFAULTS["cifar100"] = DATASET_DEFAULTS["cifar10"]
+for _name in ("cifar100", *data_mod.IMAGENET16):
+    DATASET_DEFAULTS[_name] = DATASET_DEFAULTS["cifar10"]
+DATASET_DEFAULTS["imagenet"] = {"darts": DATASET_DEFAULTS["cifar10"]["darts"]}  # PC-DARTS's C=16, 8 layers
+
+
+def parse_subset(text: str) -> tuple[float, float]:
+    """``--subset W,A``: the fractions of every class for the weights and for the architecture."""
+    try:
+        w, a = (float(v) for v in text.split(","))
+    except ValueError:
+        w = a = -1.0
+    if not (0 < w <= 1 and 0 < a <= 1 and w + a <= 1):
+        raise RunError(f"--subset must be two fractions W,A in (0, 1] with W + A <= 1 (e.g. 0.1,0.025), got {text!r}")
+    return w, a
 
 
 @dataclass
@@ -69,10 +82,15 @@ class SearchConfig(RunSettings):
     arch_warmup: int = 0
     train_portion: float = 0.5
     rs_samples: int = 20  # rs-ws: random architectures scored at the end (0: none, the supernet alone)
+    # bilevel: class-balanced fractions "W,A" of the training set for the weights and the architecture
+    subset: str | None = None
+    # image folders (--dataset imagenet): crop size and loader processes (default: loader's)
+    crop_size: int | None = None
+    workers: int | None = None
     # a NAS-Bench-201 accuracy table to look the found cell up in
     nb201_table: str | None = None
 
-    _RESUME_FREE = (*RunSettings._RESUME_FREE, "nb201_table")
+    _RESUME_FREE = (*RunSettings._RESUME_FREE, "nb201_table", "workers")
     COMMAND = "search"
 
 
@@ -89,6 +107,9 @@ def resolve(cfg: SearchConfig) -> tuple[SearchConfig, Algorithm]:
     if alg.second_order and cfg.mode != "bilevel":
         raise RunError(f"algorithm {alg.name} (second order) needs --mode bilevel")
     require_choice(cfg.dataset, data_mod.DATASETS, "data set")
+    if cfg.dataset == "imagenet" and cfg.space != "darts":
+        others = ", ".join(data_mod.IMAGENET16)
+        raise RunError(f"--dataset imagenet needs --space darts (NAS-Bench-201's ImageNet is {others})")
     require_choice(cfg.amp, AMP_MODES, "--amp")
     if alg.second_order and cfg.amp == "fp16":
         raise RunError(
@@ -105,7 +126,14 @@ def resolve(cfg: SearchConfig) -> tuple[SearchConfig, Algorithm]:
     cfg = dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
     require_at_least(cfg, ("epochs", "batch_size", "channels", "cells", "accum_steps"))
     require_at_least(cfg, ("limit_batches", "stop_after", "threads"))
-    require_at_least(cfg, ("arch_warmup", "rs_samples"), low=0)
+    require_at_least(cfg, ("arch_warmup", "rs_samples", "workers"), low=0)
+    require_at_least(cfg, ("crop_size",), low=8)
+    if cfg.crop_size is not None and cfg.dataset != "imagenet":
+        raise RunError("--crop-size applies to --dataset imagenet (the other data sets are held at their size)")
+    if cfg.subset is not None:
+        parse_subset(cfg.subset)
+        if cfg.mode != "bilevel":
+            raise RunError("--subset draws the weight and the architecture data of --mode bilevel")
     if not 0.0 < cfg.train_portion < 1.0:
         raise RunError(f"--train-portion must lie in (0, 1), got {cfg.train_portion}")
     require_finite(cfg, ("lr", "lr_min", "momentum", "weight_decay", "grad_clip"))

@@ -17,6 +17,7 @@ error if they differ.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from typing import Any
@@ -34,7 +35,7 @@ from fastnas.runs.engine import Batches, EpochRun, Setup, prepare, run_threads
 from fastnas.runs.plots import plot_arch_weights
 from fastnas.runs.tables import load_nb201_table
 from fastnas.search.algorithms import Algorithm, gumbel_tau, make_arch_optimizer
-from fastnas.search.config import SearchConfig, resolve
+from fastnas.search.config import SearchConfig, parse_subset, resolve
 
 CHECKPOINT_FORMAT = "fastnas-search-checkpoint/1"
 
@@ -65,6 +66,7 @@ def build_network(
         arch=alg.arch,
         sampler=sampler,
         partial_channels=alg.partial_channels,
+        stem="imagenet" if cfg.dataset == "imagenet" else "cifar",
     )
 
 
@@ -120,7 +122,9 @@ def run_search(cfg: SearchConfig) -> dict[str, Any]:
     cfg, alg = resolve(cfg)
     table = load_nb201_table(cfg.nb201_table) if cfg.nb201_table else None
     with prepare(cfg, CHECKPOINT_FORMAT) as setup:
-        w_idx, a_idx = data_mod.search_split(len(setup.data.y_train), cfg.mode, cfg.train_portion)
+        subset = parse_subset(cfg.subset) if cfg.subset else None
+        data, w_idx, a_idx = data_mod.search_split(setup.data, cfg.mode, cfg.train_portion, subset, cfg.seed)
+        setup = dataclasses.replace(setup, data=data)
         if len(w_idx) < cfg.batch_size or len(a_idx) < cfg.batch_size:
             raise RunError(
                 f"--batch-size {cfg.batch_size} exceeds the {min(len(w_idx), len(a_idx))} images of a "

@@ -575,6 +575,11 @@ class Network(_arch.ArchMixin, nn.Module):
             edge, no architecture gradient).
         partial_channels: 1, or PC-DARTS's ``k`` (4): ``1/k`` of the channels go through the ops and
             per-edge weights ``betas`` normalised per node weigh the edges.
+        stem: ``"cifar"`` (DARTS's: one 3x3 convolution, ``stem``) or ``"imagenet"`` (PC-DARTS's
+            ``model_search_imagenet.py``: ``stem0``, two stride-2 3x3 convolutions to
+            ``stem_multiplier * C / 2`` and ``stem_multiplier * C`` channels, then ``stem1``, a third;
+            the first cell reads both, ``stem0``'s through a factorized reduction), an 8 times smaller
+            resolution before the cells.
 
     ``forward(x)`` maps ``[B, in_channels, H, W]`` to logits ``[B, num_classes]``.
     """
@@ -592,6 +597,7 @@ class Network(_arch.ArchMixin, nn.Module):
         arch: str = "logits",
         sampler: str | None = None,
         partial_channels: int = 1,
+        stem: str = "cifar",
     ):
         super().__init__()
         self._C = C
@@ -603,10 +609,10 @@ class Network(_arch.ArchMixin, nn.Module):
         self._init_arch_modes(arch, sampler)
 
         C_curr = stem_multiplier * C
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, C_curr, 3, padding=1, bias=False), nn.BatchNorm2d(C_curr))
+        self._build_stem(stem, in_channels, C_curr)
         C_prev_prev, C_prev, C_curr = C_curr, C_curr, C
         self.cells = nn.ModuleList()
-        reduction_prev = False
+        reduction_prev = stem == "imagenet"  # stem0's output has twice stem1's resolution
         for i in range(layers):
             reduction = i in (layers // 3, 2 * layers // 3)
             if reduction:
@@ -627,6 +633,33 @@ class Network(_arch.ArchMixin, nn.Module):
             self.betas_normal = nn.Parameter(self._init_segments(self._node_segments()))
             self.betas_reduce = nn.Parameter(self._init_segments(self._node_segments()))
             self._arch_names += ["betas_normal", "betas_reduce"]
+
+    def _build_stem(self, stem: str, in_channels: int, C: int) -> None:
+        if stem == "cifar":
+            self.stem = nn.Sequential(nn.Conv2d(in_channels, C, 3, padding=1, bias=False), nn.BatchNorm2d(C))
+        elif stem == "imagenet":
+            self.stem0 = nn.Sequential(
+                nn.Conv2d(in_channels, C // 2, 3, stride=2, padding=1, bias=False),
+                nn.BatchNorm2d(C // 2),
+                nn.ReLU(),
+                nn.Conv2d(C // 2, C, 3, stride=2, padding=1, bias=False),
+                nn.BatchNorm2d(C),
+            )
+            self.stem1 = nn.Sequential(
+                nn.ReLU(), nn.Conv2d(C, C, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(C)
+            )
+        else:
+            raise ValueError(f"stem must be 'cifar' or 'imagenet', got {stem!r}")
+        self._stem_kind = stem
+
+    def _stem(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The two inputs of the first cell (``s0``, ``s1``)."""
+        x = to_preferred_layout(x)
+        if self._stem_kind == "cifar":
+            s = to_preferred_layout(self.stem(x))
+            return s, s
+        s0 = to_preferred_layout(self.stem0(x))  # PC-DARTS's stem1 rectifies s0 in place; the cell's ReLU does here
+        return s0, to_preferred_layout(self.stem1(s0))
 
     def _search_cells(self) -> list[Cell]:
         return list(self.cells)
@@ -654,7 +687,7 @@ class Network(_arch.ArchMixin, nn.Module):
             b_normal, b_reduce = self._edge_weights(self.betas_normal), self._edge_weights(self.betas_reduce)
         normal = self._edge_weights_of("alphas_normal", sample, b_normal)  # edge weights multiplied in
         reduce = self._edge_weights_of("alphas_reduce", sample, b_reduce)
-        s0 = s1 = to_preferred_layout(self.stem(to_preferred_layout(x)))
+        s0, s1 = self._stem(x)
         with sharing_picks():
             for cell in self.cells:
                 w, b = (reduce, b_reduce) if cell.reduction else (normal, b_normal)

@@ -8,9 +8,10 @@
 * ``curves.png``: losses and accuracies over the epochs;
 * ``config.json`` and ``result.json`` (test accuracy, parameters and multiply-adds of the network).
 
-Networks come from :mod:`fastnas.networks`: DARTS's ``NetworkCIFAR`` (auxiliary head when
-``auxiliary_weight > 0``, drop path rising linearly to ``drop_path`` over the epochs, as DARTS's
-``train.py``) and NAS-Bench-201's ``TinyNetwork``.
+Networks come from :mod:`fastnas.networks`: DARTS's ``NetworkCIFAR`` (``NetworkImageNet`` on
+``imagenet``; auxiliary head when ``auxiliary_weight > 0``, drop path rising linearly to
+``drop_path`` over the epochs, as DARTS's ``train.py``) and NAS-Bench-201's ``TinyNetwork``. The
+test accuracy is recorded as top-1 (``test_acc``) and top-5 (``test_top5``).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from fastnas.runs.config import RunError
 from fastnas.runs.distributed import process_group
 from fastnas.runs.engine import EpochRun, Setup, prepare, run_threads
 from fastnas.runs.plots import plot_curves
-from fastnas.train.recipes import TrainConfig, parse_arch, resolve
+from fastnas.train.recipes import TrainConfig, epoch_lr, parse_arch, resolve
 
 CHECKPOINT_FORMAT = "fastnas-train-checkpoint/1"
 
@@ -40,7 +41,7 @@ def build_network(cfg: TrainConfig, num_classes: int, in_channels: int) -> nn.Mo
 
     genotype = parse_arch(cfg.arch)
     if cfg.space == "darts":
-        cls = networks.darts.NetworkCIFAR
+        cls = networks.darts.NetworkImageNet if cfg.dataset == "imagenet" else networks.darts.NetworkCIFAR
         args = (cfg.channels, num_classes, cfg.cells, cfg.auxiliary_weight > 0, genotype)
     else:
         cls = networks.nb201.TinyNetwork
@@ -65,7 +66,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         if cfg.batch_size > len(setup.data.y_train):
             raise RunError(f"--batch-size {cfg.batch_size} exceeds the {len(setup.data.y_train)} training images")
         size = tuple(setup.data.x_train.shape[-2:])
-        if cfg.auxiliary_weight > 0 and size != (32, 32):
+        if cfg.auxiliary_weight > 0 and size != (32, 32) and cfg.dataset != "imagenet":
             raise RunError(
                 f"--auxiliary-weight needs 32x32 images (DARTS's auxiliary head), {cfg.dataset}'s are "
                 f"{size[0]}x{size[1]}"
@@ -100,10 +101,15 @@ class Train(EpochRun):
 
     def _loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         logits, aux = self._outputs(self.model(x))
-        loss = F.cross_entropy(logits, y)
+        smoothing = self.cfg.label_smoothing  # DARTS's CrossEntropyLabelSmooth: (1 - e) one-hot + e / K
+        loss = F.cross_entropy(logits, y, label_smoothing=smoothing)
         if aux is not None and self.cfg.auxiliary_weight > 0:
-            loss = loss + self.cfg.auxiliary_weight * F.cross_entropy(aux, y)
+            loss = loss + self.cfg.auxiliary_weight * F.cross_entropy(aux, y, label_smoothing=smoothing)
         return loss, logits
+
+    def epoch_lr(self, epoch: int) -> float:
+        """The recipe's schedule (:func:`~fastnas.train.recipes.epoch_lr`; cosine: the engine's)."""
+        return epoch_lr(self.cfg, epoch, cosine=super().epoch_lr(epoch))
 
     def cutout_mask(self, x: Tensor, gen: torch.Generator) -> Tensor | None:
         """Cutout (DARTS): one ``cutout`` x ``cutout`` square per image set to 0 (the mean), clipped at the border."""
@@ -142,14 +148,18 @@ class Train(EpochRun):
         self.net.train()
         train = self.train_steps(epoch, steps, step)
         forward = lambda x: self._outputs(self.model(x))[0]
-        test_loss, test_acc = self.evaluate(self.net, self.data.x_test, self.data.y_test, self.eval_limit(), forward)
-        return {"epoch": epoch + 1, "lr": lr, **train, "test_loss": test_loss, "test_acc": test_acc}
+        test_loss, test_acc, test_top5 = self.evaluate(
+            self.net, self.data.x_test, self.data.y_test, self.eval_limit(), forward, top5=True
+        )
+        test = {"test_loss": test_loss, "test_acc": test_acc, "test_top5": test_top5}
+        return {"epoch": epoch + 1, "lr": lr, **train, **test}
 
     def epoch_line(self, record: dict[str, Any]) -> str:
         return (
             f"epoch {record['epoch']}/{self.cfg.epochs}  lr {record['lr']:.4g}  "
             f"train loss {record['train_loss']:.4f} acc {record['train_acc']:.2f}%  "
-            f"test loss {record['test_loss']:.4f} acc {record['test_acc']:.2f}%  {record['images_per_sec']:.0f} img/s"
+            f"test loss {record['test_loss']:.4f} acc {record['test_acc']:.2f}% top-5 {record['test_top5']:.2f}%  "
+            f"{record['images_per_sec']:.0f} img/s"
         )
 
     def save_extra(self) -> None:
@@ -168,6 +178,7 @@ class Train(EpochRun):
             "epochs_done": cfg.epochs,
             "finished": True,
             "test_acc": last["test_acc"],
+            "test_top5": last.get("test_top5"),  # None for a run begun before top-5 was recorded
             "best_test_acc": max(h["test_acc"] for h in self.history),
             "train_acc": last["train_acc"],
             **self.size,
