@@ -102,6 +102,6 @@ setup(
     ext_modules=extensions(),
     cmdclass={"build_ext": build_ext_class()},
     install_requires=["torch>=2.4", "numpy", "tqdm", "matplotlib", "scikit-learn"],
-    extras_require={"test": ["pytest", "pytest-benchmark", "ruff"]},
+    extras_require={"test": ["pytest", "pytest-benchmark", "ruff"], "ray": ["ray>=2.9"]},
     entry_points={"console_scripts": ["fastnas=fastnas.__main__:main"]},
 )

@@ -69,6 +69,7 @@ class Pool:
             raise RunError("--stop-after counts the epochs of one process: not with --workers or --ray-address")
         if cfg.device.startswith("cuda:"):
             raise RunError(f"--device {cfg.device}: Ray gives each run its GPU; use --device cuda")
+        _import_ray(self)
 
 
 def pool_from_args(args: Any) -> Pool:

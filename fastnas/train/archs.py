@@ -23,6 +23,7 @@ from fastnas.train.loop import run_train
 from fastnas.train.recipes import TrainConfig, resolve
 
 ARCHS_FILE = "archs.txt"
+SOURCES = "a search run, a sweep over seeds or a finished ranking run"  # the run folders --arch-file reads
 
 
 @dataclass
@@ -63,6 +64,8 @@ def _folder_archs(path: str) -> list[str]:
         file = os.path.join(folder, "arch.txt")
         return open(file, encoding="utf-8").read().strip() if os.path.isfile(file) else None
 
+    if found.command is None:
+        raise RunError(f"--arch-file {path} is a folder holding no run; give a file of architectures, {SOURCES}")
     if found.command == "search" and found.sweep == "seeds":
         archs = [arch_of(os.path.join(path, f"seed-{s}")) for s in (found.config or {}).get("seeds", [])]
         return [a for a in archs if a]
@@ -73,10 +76,7 @@ def _folder_archs(path: str) -> list[str]:
         return [arch]
     if found.command == "rank" and found.finished:
         return list(read_json(os.path.join(path, "result.json"))["top5"]["archs"])
-    raise RunError(
-        f"--arch-file {path} holds {found.describe()}; give a file of architectures, a search run, "
-        "a sweep over seeds or a finished ranking run"
-    )
+    raise RunError(f"--arch-file {path} holds {found.describe()}; give a file of architectures, {SOURCES}")
 
 
 def arch_configs(cfg: ArchsConfig) -> tuple[ArchsConfig, list[TrainConfig]]:
