@@ -342,15 +342,17 @@ def run_sweep(
     pool: Pool,
     summarize: Callable[[list[Outcome]], dict[str, Any]],
     describe: Callable[[dict[str, Any]], str],
-    report: Callable[[dict[str, Any]], Any],
+    summary_lines: Callable[[dict[str, Any]], list[str]],
     files: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Run the sweep ``cfg`` (a ``cfg.SWEEP`` of ``cfg.COMMAND``) in its folder ``cfg.out``, claimed for
     the whole sweep: write its ``config.json`` (and ``files``, name to text), run ``jobs`` (each in a
     folder inside; ``describe(result)`` says in the progress line how one ended), write
-    ``summarize(outcomes)`` to ``summary.json``, ``report`` it (print its table) and return it. A run
+    ``summarize(outcomes)`` to ``summary.json``, log ``summary_lines(summary)`` (its table) and return it. A run
     that failed is named in one RunError after the others have finished (the summary then says
     ``finished`` false, and ``--resume`` runs the failed ones again)."""
+    if Dist().world > 1:
+        raise RunError(f"a {SWEEPS[cfg.SWEEP]} runs its runs itself: not under torchrun")
     pool.check(cfg)
     log = cfg.log or (lambda s: print(s, flush=True))
     with claim(cfg.out, cfg.COMMAND, cfg.resume, sweep=cfg.SWEEP) as folder:
@@ -368,7 +370,8 @@ def run_sweep(
         failed = [o for o in outcomes if o.error is not None]
         summary = {**summarize(outcomes), "finished": not failed}
         atomic_write_json(path, summary)
-        report(summary)
+        for line in summary_lines(summary):
+            log(line)
         if failed:
             names = "; ".join(f"{o.job.name}: {o.error}" for o in failed)
             raise RunError(f"{len(failed)} of {len(outcomes)} runs failed (the others finished): {names}")

@@ -70,9 +70,7 @@ def run_seeds(cfg: SeedsConfig, pool: Pool | None = None) -> dict[str, Any]:
     failed."""
     searches = seed_configs(cfg)
     jobs = [Job(os.path.basename(c.out), run_search, c) for c in searches]
-    log = cfg.log or (lambda s: print(s, flush=True))
-    report = lambda summary: [log(line) for line in summary_table(summary)]
-    return run_sweep(cfg, jobs, pool or Pool(), summarize, describe, report=report)
+    return run_sweep(cfg, jobs, pool or Pool(), summarize, describe, summary_table)
 
 
 def describe(result: dict[str, Any]) -> str:

@@ -111,10 +111,8 @@ def run_archs(cfg: ArchsConfig, pool: Pool | None = None) -> dict[str, Any]:
     for bad input before any training, and, after the others have finished, naming those that failed."""
     cfg, trainings = arch_configs(cfg)
     jobs = [Job(os.path.basename(c.out), run_train, c) for c in trainings]
-    log = cfg.log or (lambda s: print(s, flush=True))
-    report = lambda summary: [log(line) for line in summary_table(summary)]
     files = {ARCHS_FILE: "".join(c.arch + "\n" for c in trainings)}
-    return run_sweep(cfg, jobs, pool or Pool(), summarize, describe, report=report, files=files)
+    return run_sweep(cfg, jobs, pool or Pool(), summarize, describe, summary_table, files=files)
 
 
 def describe(result: dict[str, Any]) -> str:
