@@ -103,6 +103,10 @@ setup(
     cmdclass={"build_ext": build_ext_class()},
     install_requires=["torch>=2.4", "numpy", "tqdm", "matplotlib", "scikit-learn"],
     # torchvision: the image-folder pipeline (--dataset imagenet), imported for that data set only
-    extras_require={"imagenet": ["torchvision"], "test": ["pytest", "pytest-benchmark", "ruff", "torchvision"]},
+    extras_require={
+        "imagenet": ["torchvision"],
+        "ray": ["ray>=2.9"],
+        "test": ["pytest", "pytest-benchmark", "ruff", "torchvision"],
+    },
     entry_points={"console_scripts": ["fastnas=fastnas.__main__:main"]},
 )

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import pickle
+import re
 
 import numpy as np
 import torch
@@ -38,6 +40,27 @@ def write_tiny_cifar10(root: str, per_batch: int = 12, test: int = 16, seed: int
         dump(f"data_batch_{i}", per_batch)
     dump("test_batch", test)
     return root
+
+
+def benchmark_accuracy(arch: str) -> tuple[float, float]:
+    """A made-up benchmark: two accuracies of a NAS-Bench-201 cell, from its ops."""
+    from fastnas.spaces.nb201 import PRIMITIVES
+
+    score = sum(PRIMITIVES.index(op) * (i + 1) for i, op in enumerate(re.findall(r"\|(\w+)~", arch)))
+    return 50.0 + score / 4, 20.0 + score / 8
+
+
+def write_nb201_table(path: str) -> str:
+    """A CSV of every NAS-Bench-201 cell with :func:`benchmark_accuracy`'s columns ``c10`` and ``c100``."""
+    from fastnas.spaces.nb201 import PRIMITIVES
+
+    lines = ["arch,c10,c100"]
+    for a, b, c, d, e, f in itertools.product(PRIMITIVES, repeat=6):
+        arch = f"|{a}~0|+|{b}~0|{c}~1|+|{d}~0|{e}~1|{f}~2|"
+        lines.append("{},{},{}".format(arch, *benchmark_accuracy(arch)))
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
 
 
 def snapshot(path: str) -> dict[str, bytes]:

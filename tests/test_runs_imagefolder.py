@@ -109,7 +109,7 @@ def test_evaluation_batches(folder):
 
 def test_loader_options_and_colour_jitter():
     class Cfg:
-        crop_size, color_jitter, workers = 64, "0.4,0.4,0.4,0.2", 3
+        crop_size, color_jitter, loader_workers = 64, "0.4,0.4,0.4,0.2", 3
 
     assert LoaderOptions.of(Cfg()) == LoaderOptions(64, (0.4, 0.4, 0.4, 0.2), 3)
     assert LoaderOptions.of(object()) == LoaderOptions() and LoaderOptions().eval_resize == 256
@@ -169,7 +169,7 @@ def test_train_two_batches_and_resume(folder, tmp_path, capsys):
         "--no-progress",
     ]
     full, part = tmp_path / "full", tmp_path / "part"
-    assert fastnas_main(["train", *args, "--workers", "2", "--out", str(full)]) == 0
+    assert fastnas_main(["train", *args, "--loader-workers", "2", "--out", str(full)]) == 0
     stdout = capsys.readouterr().out
     assert "recipe darts-imagenet, imagenet" in stdout and "top-5 100.00%" in stdout  # 3 classes: top-5 holds all
     history = json.loads((full / "history.json").read_text())
@@ -178,8 +178,8 @@ def test_train_two_batches_and_resume(folder, tmp_path, capsys):
     assert result["test_top5"] == 100.0 >= result["test_acc"] and result["dataset"] == "imagenet"
     config = json.loads((full / "config.json").read_text())
     assert (config["label_smoothing"], config["color_jitter"], config["crop_size"]) == (0.1, "0.4,0.4,0.4,0.2", 32)
-    assert fastnas_main(["train", *args, "--workers", "0", "--out", str(part), "--stop-after", "1"]) == 0
-    assert fastnas_main(["train", "--out", str(part), "--resume", "--workers", "1", "--no-progress"]) == 0
+    assert fastnas_main(["train", *args, "--loader-workers", "0", "--out", str(part), "--stop-after", "1"]) == 0
+    assert fastnas_main(["train", "--out", str(part), "--resume", "--loader-workers", "1", "--no-progress"]) == 0
     assert "resuming after epoch 1" in capsys.readouterr().out
     assert_same_state(load_checkpoint(str(full)), load_checkpoint(str(part)))
 
@@ -206,7 +206,9 @@ def test_one_line_errors(folder, tmp_path, capsys):
     shutil.copytree(folder, broken)
     for f in (broken / "train").rglob("*.JPEG"):
         f.write_bytes(b"\xff\xd8 truncated")
-    expect_one_line_error("train", [*train, "--data-dir", str(broken), "--workers", "1"], capsys, "unreadable image")
+    expect_one_line_error(
+        "train", [*train, "--data-dir", str(broken), "--loader-workers", "1"], capsys, "unreadable image"
+    )
     shutil.rmtree(out, ignore_errors=True)  # a run that fails before its first checkpoint may leave nothing
     with_data = [*train, "--data-dir", folder]
     expect_one_line_error("train", [*with_data, "--cutout", "16"], capsys, "--cutout applies to the in-memory")

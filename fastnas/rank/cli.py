@@ -8,6 +8,7 @@ from fastnas.rank.config import DEFAULT_DATASET, RankConfig
 from fastnas.rank.run import run_rank
 from fastnas.runs import cli
 from fastnas.runs.data import DATASETS
+from fastnas.runs.sweep import pool_from_args
 from fastnas.runs.tables import TABLE_HELP
 from fastnas.search.algorithms import ALGORITHMS, MODES
 from fastnas.search.config import SPACES
@@ -20,6 +21,7 @@ EPILOG = """examples:
   fastnas rank --dataset cifar10 --data-dir ~/data --device cuda --count 100 \\
       --nb201-table NAS-Bench-201-v1_1-096897.pth --out runs/rank-c10
   fastnas rank --out runs/rank --resume             # continue after a stop, crash or kill
+  fastnas rank --count 100 --workers 8 --device cuda --out runs/rank   # trainings as Ray tasks, 8 at once
 """
 
 
@@ -69,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g = p.add_argument_group("how to run")
     cli.add_running_flags(g, d)
+    cli.add_pool_flags(g)
     return p
 
 
@@ -78,4 +81,4 @@ def config_from_args(args: argparse.Namespace) -> RankConfig:
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``fastnas rank`` with ``argv``; return the exit status (2 with one error line on bad input)."""
-    return cli.main(PROG, build_parser(), argv, lambda args: run_rank(config_from_args(args)))
+    return cli.main(PROG, build_parser(), argv, lambda args: run_rank(config_from_args(args), pool_from_args(args)))

@@ -12,15 +12,22 @@
 
 Each part is written when it is done, so ``--resume`` continues where a run stopped (a killed
 supernet or standalone training continues from its last checkpoint).
+
+With a pool of Ray workers (:mod:`fastnas.runs.sweep`), the supernet is trained and the architectures
+drawn here; the standalone trainings are Ray tasks, and so are the shared-weight evaluations when
+there are at least ``2 * SHARED_PER_TASK`` (in chunks of at least ``SHARED_PER_TASK``, each task
+loading the supernet). The results are those of the run in one process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -35,6 +42,7 @@ from fastnas.runs.engine import default_threads, device_and_data
 from fastnas.runs.folder import claim, contents, read_json, unfinished_note
 from fastnas.runs.plots import plot_rank_scatter
 from fastnas.runs.steps import check_cuda_graphs
+from fastnas.runs.sweep import Job, Pool, executor, for_workers
 from fastnas.runs.tables import AccuracyTable, load_nb201_table
 from fastnas.search.algorithms import get_algorithm
 from fastnas.search.config import SearchConfig
@@ -42,11 +50,13 @@ from fastnas.search.config import resolve as resolve_search
 from fastnas.search.loop import CHECKPOINT_FORMAT as SEARCH_FORMAT
 from fastnas.search.loop import run_search
 from fastnas.search.selection import space_size
+from fastnas.train.archs import describe as describe_training
 from fastnas.train.loop import run_train
 from fastnas.train.recipes import TrainConfig
 from fastnas.train.recipes import resolve as resolve_train
 
 TOP_K = 5
+SHARED_PER_TASK = 10  # shared-weight evaluations of one Ray task, at least: each loads the supernet and data
 _SOME_ARCH = {  # an architecture of each space, to check settings with
     "nb201": "|none~0|+|none~0|none~1|+|none~0|none~1|none~2|",
     "darts": "Genotype(normal=[('skip_connect', 0)], normal_concat=range(2, 3), "
@@ -54,14 +64,18 @@ _SOME_ARCH = {  # an architecture of each space, to check settings with
 }
 
 
-def run_rank(cfg: RankConfig) -> dict[str, Any]:
+def run_rank(cfg: RankConfig, pool: Pool | None = None) -> dict[str, Any]:
     """Rank ``cfg.count`` architectures with a supernet's shared weights and compare with the ground
     truth; return the summary also written to ``result.json`` (``finished`` False when ``stop_after``
-    ended it early). Raises :class:`~fastnas.runs.RunError` (before writing anything) for bad input:
-    every setting, the table, the count and the ``--from`` supernet are checked before any training."""
+    ended it early). ``pool``: where the standalone trainings (and many shared-weight evaluations)
+    run, default this process. Raises :class:`~fastnas.runs.RunError` (before writing anything) for
+    bad input: every setting, the table, the count and the ``--from`` supernet are checked before
+    any training."""
     cfg = resolve(cfg)
+    pool = pool or Pool()
     if Dist().world > 1:
         raise RunError("fastnas rank runs in one process (its search and trainings each can run under torchrun)")
+    pool.check(cfg)
     search_cfg = _search_config(cfg)
     table = _table(cfg)
     _check_count(cfg, table)
@@ -79,7 +93,7 @@ def run_rank(cfg: RankConfig) -> dict[str, Any]:
         if cfg.from_run is not None:
             _check_from(cfg, search_cfg, data)
         atomic_write_text(os.path.join(cfg.out, "config.json"), config_json(cfg))
-        return _Rank(cfg, search_cfg, supernet_dir, table, data, device, log).run()
+        return _Rank(cfg, search_cfg, supernet_dir, table, data, device, log, pool).run()
 
 
 def _check_count(cfg: RankConfig, table: AccuracyTable | None) -> None:
@@ -170,11 +184,48 @@ def top_k(shared_acc: list[float], truth: list[float], k: int) -> dict[str, Any]
     }
 
 
+@dataclass
+class SharedWeights:
+    """What evaluating architectures with a supernet's shared weights needs, here or in a Ray task."""
+
+    cfg: RankConfig
+    search_cfg: SearchConfig
+    supernet_dir: str
+
+    def evaluator(self, data: data_mod.ImageData, device: Any) -> tuple[Any, Callable[[list[Any]], float]]:
+        """The restricted supernet on ``device`` and the shared-weight accuracy of an architecture's
+        weights on ``data`` (there too), BatchNorm statistics recomputed on the same batches for each."""
+        cfg = self.cfg
+        ckpt = load_checkpoint(
+            os.path.join(self.supernet_dir, "checkpoint.pt"), SEARCH_FORMAT, "fastnas search checkpoint"
+        )
+        alg = get_algorithm(self.search_cfg.algorithm)
+        try:
+            net = shared.restrictable_supernet(self.search_cfg, alg, data.num_classes, data.in_channels, ckpt["model"])
+        except (KeyError, RuntimeError) as e:
+            raise RunError(f"the supernet in {self.supernet_dir} does not fit: {str(e).splitlines()[0]}") from None
+        net.to(device)
+        batches = shared.bn_batches(data, cfg.bn_batches, cfg.batch_size, cfg.seed)
+        limit = None if cfg.limit_batches is None else cfg.limit_batches * cfg.batch_size
+        return net, lambda weights: shared.shared_accuracy(net, weights, data, batches, limit)
+
+
+def shared_accuracies(spec: SharedWeights, weights: list[list[Any]], threads: int | None) -> list[float]:
+    """The shared-weight accuracy of each architecture's ``weights`` (a Ray task: loads the data and the supernet)."""
+    device, data = device_and_data(spec.cfg, Dist())
+    data = data.to(device)
+    with process_group(Dist(), device, threads):
+        _, accuracy = spec.evaluator(data, device)
+        return [accuracy(w) for w in weights]
+
+
 class _Rank:
-    def __init__(self, cfg, search_cfg, supernet_dir, table, data, device, log: Callable[[str], None]) -> None:
+    def __init__(self, cfg, search_cfg, supernet_dir, table, data, device, log: Callable[[str], None], pool) -> None:
         self.cfg, self.search_cfg, self.supernet_dir = cfg, search_cfg, supernet_dir
-        self.table, self.data, self.device, self.log = table, data, device, log
+        self.table, self.data, self.device, self.log, self.pool = table, data, device, log, pool
         self.budget = cfg.stop_after  # epochs this invocation may still run (None: no limit)
+        self._ex: Any = None  # the pool's executor, once started
+        self._stack: contextlib.ExitStack
         self.seconds: dict[str, float] = {}
 
     def _part(self, run: Callable[[Any], dict[str, Any]], part_cfg: Any, what: str) -> bool:
@@ -203,61 +254,105 @@ class _Rank:
         if cfg.from_run is None and not os.path.isfile(os.path.join(self.supernet_dir, "result.json")):
             if not self._part(run_search, self.search_cfg, "supernet"):
                 return self._stopped()
-        rows = self._shared()
-        if self.table is not None:
-            column = cfg.table_column or self.table.column_for(cfg.dataset)
-            for row in rows:
-                found = self.table.lookup(row["arch"])
-                row["truth"] = None if found is None else found.get(column)
-            truth_name = f"{column} of {cfg.nb201_table}"
-        else:
-            for k, row in enumerate(rows):
-                result = self._standalone(k, row["arch"])
-                if result is None:
+        with contextlib.ExitStack() as self._stack:  # the pool starts when a task is first sent
+            rows = self._shared()
+            if self.table is not None:
+                column = cfg.table_column or self.table.column_for(cfg.dataset)
+                for row in rows:
+                    found = self.table.lookup(row["arch"])
+                    row["truth"] = None if found is None else found.get(column)
+                truth_name = f"{column} of {cfg.nb201_table}"
+            else:
+                results = self._standalone_tasks(rows) if self.pool.uses_ray else self._standalone_here(rows)
+                if results is None:
                     return self._stopped()
-                row.update(truth=result["test_acc"], params=result["params"], macs=result["macs"])
-            truth_name = f"standalone test accuracy after {result['epochs_done']} epochs"
+                for row, result in zip(rows, results):
+                    row.update(truth=result["test_acc"], params=result["params"], macs=result["macs"])
+                truth_name = f"standalone test accuracy after {results[-1]['epochs_done']} epochs"
         return self._report(rows, truth_name)
 
+    def _executor(self) -> Any:
+        if self._ex is None:
+            self._ex = self._stack.enter_context(executor(self.pool, self.cfg.device))
+        return self._ex
+
     def _shared(self) -> list[dict[str, Any]]:
-        """The architectures and their shared-weight accuracies (computed once, kept in ``shared.json``)."""
+        """The architectures and their shared-weight accuracies (computed once, kept in ``shared.json``):
+        drawn here, evaluated here or, when many, in Ray tasks."""
         path = os.path.join(self.cfg.out, "shared.json")
         if os.path.isfile(path):
             return read_json(path)
         cfg, data = self.cfg, self.data.to(self.device)
         t0 = time.perf_counter()
-        ckpt = load_checkpoint(
-            os.path.join(self.supernet_dir, "checkpoint.pt"), SEARCH_FORMAT, "fastnas search checkpoint"
-        )
-        alg = get_algorithm(self.search_cfg.algorithm)
+        spec = SharedWeights(cfg, self.search_cfg, self.supernet_dir)
         with process_group(Dist(), self.device, default_threads(cfg)):
-            try:
-                net = shared.restrictable_supernet(
-                    self.search_cfg, alg, data.num_classes, data.in_channels, ckpt["model"]
-                )
-            except (KeyError, RuntimeError) as e:
-                raise RunError(f"the supernet in {self.supernet_dir} does not fit: {str(e).splitlines()[0]}") from None
-            net.to(self.device)
+            net, accuracy = spec.evaluator(data, self.device)
             pool = None
             if self.table is not None and self.table.archs is not None:
                 pool = self.table.archs
                 if len(pool) < cfg.count:
                     raise RunError(f"--count {cfg.count} exceeds the {len(pool)} architectures of the table")
             gen = data_mod.epoch_generator(cfg.seed, 0, stream=5)
-            batches = shared.bn_batches(data, cfg.bn_batches, cfg.batch_size, cfg.seed)
-            limit = None if cfg.limit_batches is None else cfg.limit_batches * cfg.batch_size
-            rows = []
-            for arch, weights in shared.candidates(cfg.space, net, cfg.count, gen, pool):
-                acc = shared.shared_accuracy(net, weights, data, batches, limit)
-                rows.append({"arch": arch, "shared_acc": acc})
-                self.log(f"shared weights {acc:6.2f}%  {arch}")
+            drawn = shared.candidates(cfg.space, net, cfg.count, gen, pool)
+            if self.pool.uses_ray and len(drawn) >= 2 * SHARED_PER_TASK:
+                accs = self._shared_tasks(spec, [w for _, w in drawn])
+            else:
+                accs = [accuracy(w) for _, w in drawn]
+        rows = []
+        for (arch, _), acc in zip(drawn, accs):
+            rows.append({"arch": arch, "shared_acc": acc})
+            self.log(f"shared weights {acc:6.2f}%  {arch}")
         self.seconds["shared"] = time.perf_counter() - t0
         atomic_write_json(path, rows)
         return rows
 
+    def _shared_tasks(self, spec: SharedWeights, weights: list[list[Any]]) -> list[float]:
+        """Shared-weight accuracies in Ray tasks of ``SHARED_PER_TASK`` architectures or more."""
+        ex = self._executor()
+        chunks = min(len(weights) // SHARED_PER_TASK, self.pool.workers or len(weights))
+        size = -(-len(weights) // chunks)
+        spec = dataclasses.replace(
+            spec, cfg=for_workers(spec.cfg), search_cfg=for_workers(spec.search_cfg),
+            supernet_dir=os.path.abspath(spec.supernet_dir),
+        )  # fmt: skip
+        threads = default_threads(self.cfg) or ex.shares.threads
+        calls = [(spec, weights[i : i + size], threads) for i in range(0, len(weights), size)]
+        return [acc for chunk in ex.map(shared_accuracies, calls) for acc in chunk]
+
+    def _standalone_here(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+        """Each architecture's finished training, run here one after another (None: stopped early)."""
+        results = []
+        for k, row in enumerate(rows):
+            result = self._standalone(k, row["arch"])
+            if result is None:
+                return None
+            results.append(result)
+        return results
+
+    def _standalone_tasks(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Each architecture's finished training, those not yet finished run as Ray tasks; RunError
+        naming the trainings that failed, once the others have finished."""
+        jobs = []
+        for k, row in enumerate(rows):
+            out = self._standalone_dir(k)
+            if not os.path.isfile(os.path.join(out, "result.json")):
+                cfg = _train_config(self.cfg, self.search_cfg, row["arch"], out)
+                jobs.append(Job(os.path.relpath(out, self.cfg.out), run_train, cfg))
+        t0 = time.perf_counter()
+        outcomes = self._executor().run(jobs, self.cfg.progress, self.log, describe_training) if jobs else []
+        failed = [o for o in outcomes if o.error is not None]
+        self.seconds["standalone"] = self.seconds.get("standalone", 0.0) + time.perf_counter() - t0
+        if failed:
+            names = "; ".join(f"{o.job.name}: {o.error}" for o in failed)
+            raise RunError(f"{len(failed)} of {len(rows)} standalone trainings failed (the others finished): {names}")
+        return [read_json(os.path.join(self._standalone_dir(k), "result.json")) for k in range(len(rows))]
+
+    def _standalone_dir(self, k: int) -> str:
+        return os.path.join(self.cfg.out, "standalone", f"{k:02d}")
+
     def _standalone(self, k: int, arch: str) -> dict[str, Any] | None:
         """The finished training run of architecture ``k`` (run or resumed here), None if it stopped early."""
-        out = os.path.join(self.cfg.out, "standalone", f"{k:02d}")
+        out = self._standalone_dir(k)
         done = os.path.join(out, "result.json")
         if not os.path.isfile(done) and not self._part(
             run_train, _train_config(self.cfg, self.search_cfg, arch, out), "standalone"

@@ -9,6 +9,8 @@
 | :mod:`~fastnas.runs.engine` | the epoch loop: batches, steps, evaluation, history, resume |
 | :mod:`~fastnas.runs.tables` | NAS-Bench-201 accuracy tables (CSV, ``nas_201_api``, ``nats_bench``) |
 | :mod:`~fastnas.runs.plots` | the PNGs of a run |
+| :mod:`~fastnas.runs.folder` | a run's folder: its owner (a lock), its kind, the resume rules |
+| :mod:`~fastnas.runs.sweep` | many independent runs, in this process or as Ray tasks (``--workers``) |
 | :mod:`~fastnas.runs.cli` | command lines: one-line errors, shared flags, ``--resume`` from ``config.json`` |
 """
 

@@ -59,7 +59,7 @@ def settings(config_cls: type, args: argparse.Namespace) -> dict[str, Any]:
     if owner is not None:  # another process is writing it: its files are not yet what a resumption reads
         raise RunError(f"{out} is in use by {owner}")
     found = contents(out)
-    decide(out, found, config_cls.COMMAND, resume=True)
+    decide(out, found, config_cls.COMMAND, resume=True, sweep=config_cls.SWEEP)
     saved = found.config
     if saved is None:  # no config.json: the checkpoint alone says whether the flags fit
         return asked
@@ -101,10 +101,12 @@ def add_data_and_output_flags(g: argparse._ArgumentGroup, dataset_help: str, def
 
 
 def add_image_folder_flags(g: argparse._ArgumentGroup) -> None:
-    """--crop-size, --workers: how an image folder (--dataset imagenet) is read."""
+    """--crop-size, --loader-workers: how an image folder (--dataset imagenet) is read."""
     g.add_argument("--crop-size", type=int, help="imagenet: training crop and evaluation centre crop (default 224)")
     g.add_argument(
-        "--workers", type=int, help="imagenet: loader processes decoding images (default: the CPUs less one, at most 8)"
+        "--loader-workers",
+        type=int,
+        help="imagenet: loader processes decoding images (default: the CPUs less one, at most 8)",
     )
 
 
@@ -138,6 +140,28 @@ def add_running_flags(g: argparse._ArgumentGroup, d: Any) -> None:
         type=int,
         help="stop (resumably) after this many epochs of this invocation, e.g. for time-limited jobs",
     )
+
+
+def add_pool_flags(g: argparse._ArgumentGroup) -> None:
+    """--workers, --ray-address (fastnas.runs.sweep)."""
+    g.add_argument(
+        "--workers",
+        type=int,
+        help="run the independent runs on a local Ray, this many at once, each with its share of the "
+        "GPUs or CPUs (needs pip install -e '.[ray]'; default: one after another in this process)",
+    )
+    g.add_argument(
+        "--ray-address",
+        help="run them on the Ray cluster at this address (default: $RAY_ADDRESS); --out and --data-dir "
+        "must be on a file system every node sees",
+    )
+
+
+def resumed_sweep(args: argparse.Namespace, default_out: str) -> str | None:
+    """The sweep (``seeds``, ``archs``) held by the folder a ``--resume`` names; None otherwise."""
+    if not getattr(args, "resume", False):
+        return None
+    return contents(getattr(args, "out", default_out)).sweep
 
 
 def add_version_flag(p: argparse.ArgumentParser) -> None:

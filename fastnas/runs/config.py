@@ -79,7 +79,7 @@ class RunSettings:
     stop_after: int | None = None
     threads: int | None = None
     progress: bool = True
-    part: str | None = None  # set by ``fastnas rank`` for its parts: "supernet" or "standalone"
+    part: str | None = None  # set for the parts of a ranking run or sweep (fastnas.runs.folder.PARTS)
     log: Callable[[str], None] | None = dataclasses.field(default=None, repr=False, compare=False)
 
     # fields that may differ between a run and its resumption (``epochs``: a run may be extended;
@@ -91,6 +91,7 @@ class RunSettings:
     )  # fmt: skip
 
     COMMAND: ClassVar[str] = ""  # the command whose runs this configures: search, train or rank
+    SWEEP: ClassVar[str | None] = None  # for a sweep of many runs, which (fastnas.runs.folder.SWEEPS)
 
     def run_defining(self) -> dict[str, Any]:
         """The fields a checkpoint must agree with to be resumed by this config."""
@@ -141,8 +142,9 @@ def _type_words(hint: str) -> list[str]:
 
 
 def config_json(cfg: Any) -> str:
-    """``config.json`` of a run: the command that made it, then its settings."""
-    return json.dumps({"command": cfg.COMMAND, **as_dict(cfg)}, indent=1, allow_nan=False)
+    """``config.json`` of a run: the command that made it (and the sweep, for one), then its settings."""
+    kind = {"command": cfg.COMMAND, **({"sweep": cfg.SWEEP} if cfg.SWEEP else {})}
+    return json.dumps({**kind, **as_dict(cfg)}, indent=1, allow_nan=False)
 
 
 def read_config_json(out: str) -> dict[str, Any] | None:

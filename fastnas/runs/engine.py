@@ -71,6 +71,8 @@ def prepare(cfg: Any, fmt: str) -> Iterator[Setup]:
     ``cfg`` has the fields ``out``, ``resume``, ``part``, ``device``, ``amp``, ``batch_size``,
     ``accum_steps``, ``dataset``, ``data_dir`` and ``cuda_graphs``; ``fmt`` is its checkpoint format.
     """
+    if cfg.SWEEP:
+        raise RunError(f"a {cfg.SWEEP} sweep is many runs: fastnas.runs.sweep runs it, not one {cfg.COMMAND} run")
     ddp = Dist()
     ddp.check_batch(cfg.batch_size, cfg.accum_steps)
     with claim(cfg.out, cfg.COMMAND, cfg.resume, cfg.part, lock=ddp.is_main) as folder:

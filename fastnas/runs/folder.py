@@ -5,10 +5,11 @@ Every command claims its ``--out`` folder before writing anything (:func:`claim`
 * **an owner**: an exclusive OS lock on ``.fastnas.lock`` in the folder, held for the whole run and
   released by the kernel on any exit (a killed process leaves no stale lock), so two processes never
   write one folder (the second gets "runs/x is in use by pid N");
-* **a kind**: ``config.json`` names the command that made the folder (``"command": "search"``) and,
-  for the parts of a ranking run (``supernet/``, ``standalone/<k>/``), which part it is. A command
-  refuses a folder of another kind, or a part of a ranking run it was not asked to continue, and names
-  what it found;
+* **a kind**: ``config.json`` names the command that made the folder (``"command": "search"``), for a
+  sweep of many runs which sweep (``"sweep": "seeds"``: ``search --seeds``; ``"archs"``: ``train
+  --arch-file``), and for the parts of a ranking run or a sweep (``supernet/``, ``standalone/<k>/``,
+  ``seed-<s>/``, ``arch-<k>/``) which part it is. A command refuses a folder of another kind, or a part
+  it was not asked to continue (the command that owns it continues it), and names what it found;
 * **resume rules**: ``--resume`` of a folder whose run wrote its settings but no checkpoint (killed in
   its first epoch) starts that run from epoch 0 with those settings; of a finished run it does nothing
   and says so; without ``--resume`` a folder holding a run is refused;
@@ -34,14 +35,35 @@ from fastnas.runs.config import RunError, read_config_json
 LOCK_FILE = ".fastnas.lock"
 COMMANDS = ("search", "train", "rank")
 WHAT = {"search": "search run", "train": "training run", "rank": "ranking run"}
-PART_NAMES = {"supernet": "the supernet", "standalone": "a standalone training"}  # a ranking run's parts
+SWEEPS = {"seeds": "sweep of searches over seeds", "archs": "sweep of trainings of many architectures"}
+
+
+@dataclass(frozen=True)
+class Part:
+    """A part of a run of ``command`` (of its ``sweep``, if any), whose folder lies ``depth`` levels below
+    the run's: what it is (``name``) and what owns it (``owner``), for messages."""
+
+    name: str
+    owner: str
+    command: str
+    sweep: str | None
+    depth: int
+
+
+PARTS = {
+    "supernet": Part("the supernet", "a ranking run", "rank", None, 1),
+    "standalone": Part("a standalone training", "a ranking run", "rank", None, 2),
+    "seed": Part("a search", "a sweep over seeds", "search", "seeds", 1),
+    "arch": Part("a training", "a sweep of many architectures", "train", "archs", 1),
+}
 _TEMPORARY = re.compile(r".+\.tmp\.\d+$")  # checkpoint.atomic_write_bytes's temporary files
 
 
 @dataclass
 class Contents:
-    """What a folder holds: the ``command`` of its run (None: no run), which ``part`` of a ranking run
-    it is, its settings (``config``), and whether it has a checkpoint and a final result."""
+    """What a folder holds: the ``command`` of its run (None: no run), which ``sweep`` it is (None: one
+    run), which ``part`` of a ranking run or sweep it is, its settings (``config``), and whether it has
+    a checkpoint and a final result."""
 
     command: str | None = None
     part: str | None = None
@@ -49,13 +71,17 @@ class Contents:
     checkpoint: bool = False
     finished: bool = False
     files: list[str] = field(default_factory=list)
+    sweep: str | None = None
 
     def describe(self) -> str:
         """``a search run (finished)``, ``the supernet of a ranking run``, ... for messages."""
-        what = f"{PART_NAMES[self.part]} of a ranking run" if self.part else f"a {WHAT.get(self.command, 'run')}"
+        if self.part in PARTS:
+            what = f"{PARTS[self.part].name} of {PARTS[self.part].owner}"
+        else:
+            what = f"a {SWEEPS.get(self.sweep) or WHAT.get(self.command, 'run')}"
         if self.finished:
             state = "finished"
-        elif self.checkpoint or self.command == "rank":
+        elif self.checkpoint or self.command == "rank" or self.sweep:
             state = "unfinished"
         else:
             state = "begun, without a checkpoint"
@@ -104,12 +130,14 @@ def contents(out: str) -> Contents:
         found.config = config
         found.command = config.get("command") or _infer_command(config)
         found.part = config.get("part")
+        found.sweep = config.get("sweep")
     elif {"shared.json", "supernet", "standalone"} & set(files):
         found.command = "rank"
     elif found.checkpoint:
         found.command = _checkpoint_command(os.path.join(out, "checkpoint.pt"))
-    if "result.json" in files:
-        result = read_json(os.path.join(out, "result.json"))
+    final = "summary.json" if found.sweep else "result.json"
+    if final in files:
+        result = read_json(os.path.join(out, final))
         found.finished = isinstance(result, dict) and bool(result.get("finished"))
     return found
 
@@ -127,10 +155,13 @@ def check_path(out: str) -> None:
         raise RunError(f"--out {out}: {parent} is a file, not a folder")
 
 
-def rank_folder(out: str, part: str) -> str:
-    """The ranking run's folder of its part in ``out``: ``R/supernet`` or ``R/standalone/<k>``."""
-    up = os.path.dirname(os.path.normpath(out))
-    return up if part == "supernet" else os.path.dirname(up)
+def owner_folder(out: str, part: str) -> str:
+    """The folder of the run that ``out``, its ``part``, belongs to: ``R`` of ``R/supernet``,
+    ``R/standalone/<k>``, ``R/seed-<s>``, ``R/arch-<k>``."""
+    path = os.path.normpath(out)
+    for _ in range(PARTS[part].depth):
+        path = os.path.dirname(path)
+    return path
 
 
 @dataclass
@@ -143,29 +174,34 @@ class Decision:
     finished: bool = False
 
 
-def decide(out: str, found: Contents, command: str, resume: bool, part: str | None = None) -> Decision:
-    """Whether ``command`` (as ``part`` of a ranking run, or on its own) may run in ``out``, which holds
-    ``found``; RunError naming what the folder holds otherwise."""
+def decide(
+    out: str, found: Contents, command: str, resume: bool, part: str | None = None, sweep: str | None = None
+) -> Decision:
+    """Whether ``command`` (as ``part`` of a ranking run or sweep, as the ``sweep`` itself, or as one
+    run) may run in ``out``, which holds ``found``; RunError naming what the folder holds otherwise."""
     if found.command is None:
         if resume:
             raise RunError(f"nothing to resume: {out} holds no run")
         return Decision(resume=False)
+    asked = f"a {SWEEPS[sweep]}" if sweep else f"a {WHAT[command]}"
     if found.command != command:
         if found.command == "unknown":
             raise RunError(f"--out {out} holds a checkpoint.pt of no fastnas run; choose another --out")
-        raise RunError(f"--out {out} holds {found.describe()}, not a {WHAT[command]}; choose another --out")
+        raise RunError(f"--out {out} holds {found.describe()}, not {asked}; choose another --out")
     if found.part != part:
-        if found.part is not None:
-            owner = rank_folder(out, found.part)
-            raise RunError(
-                f"--out {out} is {found.describe()} in {owner}: continue it with fastnas rank --out {owner} --resume"
-            )
-        raise RunError(f"{out} holds {found.describe()}, not a part of a ranking run")
+        if found.part in PARTS:
+            owner = owner_folder(out, found.part)
+            again = f"fastnas {PARTS[found.part].command} --out {owner} --resume"
+            raise RunError(f"--out {out} is {found.describe()} in {owner}: continue it with {again}")
+        raise RunError(f"{out} holds {found.describe()}, not a part of a ranking run or sweep")
+    if found.sweep != sweep:
+        raise RunError(f"--out {out} holds {found.describe()}, not {asked}; choose another --out")
     if not resume:
         again = "pass --resume to continue it" if not found.finished else "pass --resume --epochs N to extend it"
-        if not found.checkpoint and not found.finished and command != "rank":
+        if not found.checkpoint and not found.finished and command != "rank" and not sweep:
             again = "pass --resume to start it again with its settings"
-        again = "choose another --out" if found.finished and command == "rank" else f"{again} or choose another --out"
+        whole = command == "rank" or sweep  # resumed as a whole; a finished one is not extended
+        again = "choose another --out" if found.finished and whole else f"{again} or choose another --out"
         raise RunError(f"--out {out} already holds {found.describe()}; {again}")
     return Decision(resume=True, checkpoint=found.checkpoint, finished=found.finished)
 
@@ -277,10 +313,12 @@ def _make_folder(out: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def claim(out: str, command: str, resume: bool, part: str | None = None, lock: bool = True) -> Iterator[RunFolder]:
+def claim(
+    out: str, command: str, resume: bool, part: str | None = None, lock: bool = True, sweep: str | None = None
+) -> Iterator[RunFolder]:
     """Own ``out`` for a run of ``command`` for the body (see the module docstring): check the path,
     lock the folder (``lock=False``: only look, for the ranks of a torchrun job other than 0), check
-    what it holds against ``command``, ``resume`` and ``part``, and remove temporary files left by
+    what it holds against ``command``, ``resume``, ``part`` and ``sweep``, and remove temporary files left by
     killed processes. RunError, with the folder left as it was, when the run may not go there. A fresh
     run whose body fails before any checkpoint is written leaves nothing behind."""
     check_path(out)
@@ -294,7 +332,7 @@ def claim(out: str, command: str, resume: bool, part: str | None = None, lock: b
         folder.lock()
         found = contents(out)
         folder._before = set(found.files)
-        folder.decision = decide(out, found, command, resume, part)
+        folder.decision = decide(out, found, command, resume, part, sweep)
     except BaseException:
         folder.release(failed_fresh=True)
         raise

@@ -78,11 +78,12 @@ class LoaderOptions:
     @classmethod
     def of(cls, cfg: Any) -> LoaderOptions:
         """The options in a run's settings: its fields ``crop_size``, ``color_jitter`` (``"B,C,S,H"``) and
-        ``workers`` where it has them and they are set; the defaults otherwise (``cfg`` itself when it
+        ``loader_workers`` where it has them and they are set; the defaults otherwise (``cfg`` itself when it
         is a LoaderOptions)."""
         if isinstance(cfg, LoaderOptions):
             return cfg
-        found = {f.name: getattr(cfg, f.name, None) for f in dataclasses.fields(cls)}
+        names = {"workers": "loader_workers"}  # a run's --loader-workers (its --workers are Ray's)
+        found = {f.name: getattr(cfg, names.get(f.name, f.name), None) for f in dataclasses.fields(cls)}
         found["color_jitter"] = parse_color_jitter(found["color_jitter"])
         return cls(**{k: v for k, v in found.items() if v is not None})
 

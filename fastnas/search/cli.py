@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from fastnas.runs import cli
+from fastnas.runs import cli, sweep
+from fastnas.runs.config import RunError
 from fastnas.runs.data import DATASETS
 from fastnas.runs.tables import TABLE_HELP
 from fastnas.search.algorithms import ALGORITHMS, MODES
 from fastnas.search.config import SPACES, SearchConfig
 from fastnas.search.loop import run_search
+from fastnas.search.seeds import SeedsConfig, parse_seeds, run_seeds
 
 PROG = "fastnas search"
 
@@ -19,6 +21,7 @@ EPILOG = """examples:
       --device cuda --amp bf16 --out runs/pc
   torchrun --nproc_per_node 8 -m fastnas search --device cuda --dataset cifar10 --data-dir ~/data --out runs/ddp
   fastnas search --out runs/demo --resume               # continue from the last checkpoint
+  fastnas search --seeds 0-3 --workers 2 --nb201-table nb201.csv --out runs/s   # 4 searches on Ray, mean and std
 """
 
 
@@ -62,6 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_image_folder_flags(g)
     g = p.add_argument_group("how to run")
     cli.add_running_flags(g, d)
+    g = p.add_argument_group("many searches")
+    g.add_argument(
+        "--seeds",
+        type=parse_seeds,
+        help="one search per seed, e.g. 0,1,2,3 or 0-3, each in --out/seed-<s>, and a summary.json of "
+        "their architectures and accuracies (mean and standard deviation)",
+    )
+    cli.add_pool_flags(g)
     g = p.add_argument_group("optimisation (defaults follow the papers)")
     g.add_argument("--lr", type=float, help=f"weights: SGD learning rate (default {d.lr}, cosine)")
     g.add_argument("--lr-min", type=float, help=f"end of the cosine decay (default {d.lr_min})")
@@ -93,7 +104,19 @@ def config_from_args(args: argparse.Namespace) -> SearchConfig:
     return cli.to_config(SearchConfig, cli.settings(SearchConfig, args))
 
 
+def run(args: argparse.Namespace) -> dict:
+    """One search, or one per seed (``--seeds``, or ``--resume`` of a sweep over seeds)."""
+    pool = sweep.pool_from_args(args)
+    if "seeds" in args or cli.resumed_sweep(args, SeedsConfig().out) == "seeds":
+        if "seed" in args:
+            raise RunError("give --seed or --seeds, not both")
+        return run_seeds(cli.to_config(SeedsConfig, cli.settings(SeedsConfig, args)), pool)
+    if pool.uses_ray:
+        raise RunError("--workers and --ray-address run many searches: give --seeds")
+    return run_search(config_from_args(args))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``fastnas search`` with ``argv`` (the arguments after ``search``); return the exit status:
     0 on success, 2 (with one ``fastnas search: error: ...`` line on stderr) on bad input."""
-    return cli.main(PROG, build_parser(), argv, lambda args: run_search(config_from_args(args)))
+    return cli.main(PROG, build_parser(), argv, run)

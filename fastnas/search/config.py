@@ -86,11 +86,11 @@ class SearchConfig(RunSettings):
     subset: str | None = None
     # image folders (--dataset imagenet): crop size and loader processes (default: loader's)
     crop_size: int | None = None
-    workers: int | None = None
+    loader_workers: int | None = None
     # a NAS-Bench-201 accuracy table to look the found cell up in
     nb201_table: str | None = None
 
-    _RESUME_FREE = (*RunSettings._RESUME_FREE, "nb201_table", "workers")
+    _RESUME_FREE = (*RunSettings._RESUME_FREE, "nb201_table", "loader_workers")
     COMMAND = "search"
 
 
@@ -126,7 +126,7 @@ def resolve(cfg: SearchConfig) -> tuple[SearchConfig, Algorithm]:
     cfg = dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
     require_at_least(cfg, ("epochs", "batch_size", "channels", "cells", "accum_steps"))
     require_at_least(cfg, ("limit_batches", "stop_after", "threads"))
-    require_at_least(cfg, ("arch_warmup", "rs_samples", "workers"), low=0)
+    require_at_least(cfg, ("arch_warmup", "rs_samples", "loader_workers"), low=0)
     require_at_least(cfg, ("crop_size",), low=8)
     if cfg.crop_size is not None and cfg.dataset != "imagenet":
         raise RunError("--crop-size applies to --dataset imagenet (the other data sets are held at their size)")

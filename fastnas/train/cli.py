@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from fastnas.runs import cli
+from fastnas.runs import cli, sweep
+from fastnas.runs.config import RunError
 from fastnas.runs.data import DATASETS
+from fastnas.train.archs import ArchsConfig, run_archs
 from fastnas.train.loop import run_train
 from fastnas.train.recipes import DEFAULT_DATASET, LR_SCHEDULES, RECIPES, TrainConfig
 
@@ -17,6 +19,7 @@ EPILOG = """examples:
   fastnas train --arch "$(cat runs/pc/arch.txt)" --dataset cifar10 --data-dir ~/data --device cuda --out runs/pc-train
   torchrun --nproc_per_node 8 -m fastnas train --from runs/pc --dataset cifar10 --data-dir ~/data --device cuda
   fastnas train --out runs/demo-train --resume                  # continue (or extend with --epochs)
+  fastnas train --arch-file runs/s --workers 2 --out runs/s-train   # each seed's cell of a sweep, on Ray
 
   fastnas train --arch "$(cat runs/pc/arch.txt)" --dataset imagenet --data-dir ~/imagenet --device cuda \
       --amp bf16 --out runs/pc-imagenet                       # DARTS's ImageNet recipe (darts-imagenet)
@@ -43,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--arch", help="a DARTS Genotype(...) or a NAS-Bench-201 string |op~0|+|op~0|op~1|+...")
     g.add_argument("--from", dest="from_run", help="a search run's folder: train its arch.txt on its data set")
     g.add_argument(
+        "--arch-file",
+        help="train many: a file of architectures (one a line), or a search run, sweep over seeds or "
+        "ranking run (its top-5); each in --out/arch-<k>, and a summary.json",
+    )
+    g.add_argument(
         "--recipe", help=f"{', '.join(RECIPES)} (default: the architecture's space, darts-imagenet on imagenet)"
     )
     g = p.add_argument_group("data and output")
@@ -52,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_image_folder_flags(g)
     g = p.add_argument_group("how to run")
     cli.add_running_flags(g, d)
+    cli.add_pool_flags(g)
     g = p.add_argument_group("the recipe's values (defaults: the recipe's)")
     g.add_argument("--epochs", type=int)
     g.add_argument("--batch-size", type=int, help="global batch size")
@@ -80,4 +89,14 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``fastnas train`` with ``argv``; return the exit status (2 with one error line on bad input)."""
-    return cli.main(PROG, build_parser(), argv, lambda args: run_train(config_from_args(args)))
+    return cli.main(PROG, build_parser(), argv, run)
+
+
+def run(args: argparse.Namespace) -> dict:
+    """One training, or one per architecture (``--arch-file``, or ``--resume`` of such a sweep)."""
+    pool = sweep.pool_from_args(args)
+    if "arch_file" in args or cli.resumed_sweep(args, ArchsConfig().out) == "archs":
+        return run_archs(cli.to_config(ArchsConfig, cli.settings(ArchsConfig, args)), pool)
+    if pool.uses_ray:
+        raise RunError("--workers and --ray-address train many architectures: give --arch-file")
+    return run_train(config_from_args(args))

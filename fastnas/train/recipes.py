@@ -105,9 +105,9 @@ class TrainConfig(RunSettings):
     label_smoothing: float | None = None
     color_jitter: str | None = None  # imagenet: "brightness,contrast,saturation,hue" (0: none)
     crop_size: int | None = None  # imagenet: training crop and evaluation centre crop
-    workers: int | None = None  # imagenet: loader processes (how a run executes, not what it computes)
+    loader_workers: int | None = None  # imagenet: loader processes (how a run executes, not what it computes)
 
-    _RESUME_FREE = (*RunSettings._RESUME_FREE, "workers")
+    _RESUME_FREE = (*RunSettings._RESUME_FREE, "loader_workers")
 
     COMMAND = "train"
 
@@ -207,7 +207,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     cfg = dataclasses.replace(cfg, recipe=recipe, **{k: v for k, v in values.items() if getattr(cfg, k) is None})
     require_at_least(cfg, ("epochs", "batch_size", "channels", "cells", "accum_steps"))
     require_at_least(cfg, ("limit_batches", "stop_after", "threads"))
-    require_at_least(cfg, ("cutout", "warmup_epochs", "workers"), low=0)
+    require_at_least(cfg, ("cutout", "warmup_epochs", "loader_workers"), low=0)
     require_at_least(cfg, ("crop_size",), low=8)
     require_finite(cfg, ("lr", "lr_min", "momentum", "weight_decay", "grad_clip", "drop_path", "auxiliary_weight"))
     require_finite(cfg, ("lr_decay",))
