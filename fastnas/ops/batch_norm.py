@@ -244,8 +244,11 @@ def _functional_lean_batch_norm(x, parts, running_mean, running_var, momentum, e
 
 def _fake_parts(input: Tensor, parts: int) -> tuple[Tensor, Tensor, Tensor]:
     """What ``fastnas::batch_norm_parts`` returns, for fake tensors: CPU blocks channels_last, the
-    Triton kernels' NCHW blocks with float32 statistics for 16-bit inputs on CUDA."""
+    Triton kernels' NCHW blocks with float32 statistics for 16-bit inputs on CUDA. The plane size is
+    specialised under dynamic shapes: inductor cannot order the symbolic strides of the blocks (views
+    of one buffer), which fails to compile (pytorch/pytorch#185871)."""
     B, C, H, W = input.shape
+    H, W = int(H), int(W)  # a guard on a symbolic size: the graph is traced for this plane size
     if input.device.type == "cuda":
         stats = torch.float64 if input.dtype == torch.float64 else torch.float32
         out = input.new_empty((parts, B, C // parts, H, W))
