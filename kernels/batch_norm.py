@@ -49,8 +49,8 @@ import triton.language as tl
 from fastnas.kernels.launch import Launcher, alignment
 from torch import Tensor
 
-from fastnas.ops.batch_norm import TRITON_DTYPES as SUPPORTED_DTYPES
-from fastnas.ops.reference import accumulation_dtype
+from fastnas.contract import FLOAT_DTYPES as SUPPORTED_DTYPES
+from fastnas.contract import accumulation_dtype
 
 __all__ = [
     "batch_norm_parts",
@@ -383,7 +383,7 @@ def batch_norm_parts_backward(grads: Sequence[Tensor | None], outputs: Sequence[
 
 def launch_variants() -> list[tuple]:
     """What the launchers compile, one entry per kernel variant worth proving
-    (``kernels/offline.py``): ``("forward", dtype, plane, has_running)`` and ``("backward", dtype,
+    (``tools/triton_offline.py``): ``("forward", dtype, plane, has_running)`` and ``("backward", dtype,
     plane, blocks)``; a plane of 1024 elements (16-divisible: vector accesses) for every dtype and
     bucket, one of 49 (7x7: scalar accesses) for float32."""
     variants = []
@@ -396,7 +396,7 @@ def launch_variants() -> list[tuple]:
 
 def compile_variant(variant: tuple):
     """Launch ``variant`` on CPU tensors the way :func:`batch_norm_parts` and
-    :func:`batch_norm_parts_backward` do, under an offline driver (``kernels/offline.py``), and
+    :func:`batch_norm_parts_backward` do, under an offline driver (``tools/triton_offline.py``), and
     return the compiled kernel."""
     form, dtype, plane, extra = variant
     B, c = 2, 4

@@ -21,20 +21,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastnas import backend
 from fastnas.ops._nhwc import KERNEL_DTYPES, pair, plain_autograd
-
-_kernels_built = False
-"""Set once the compiled extension has loaded (:func:`register_native_fakes`, which
-:mod:`fastnas.backend` calls then). A module flag, which a traced call reads as a constant."""
 
 
 def uses_kernels(x: Tensor, weight: Tensor) -> bool:
-    """Whether :func:`depthwise_conv2d` computes the backward of ``x``, ``weight`` with the compiled CPU kernels."""
+    """Whether :func:`depthwise_conv2d` computes the backward of ``x``, ``weight`` with the compiled CPU
+    kernels: :mod:`fastnas.backend` chose them (``depthwise_conv``: ``cpu``) and the tensors are what
+    they take."""
     return (
         x.device.type == "cpu"
         and x.dtype in KERNEL_DTYPES
         and weight.dtype == x.dtype
-        and _kernels_built
+        and backend.get_kernels("depthwise_conv", "cpu") == "cpu"
         and plain_autograd()
     )
 
@@ -86,25 +85,3 @@ def depthwise_conv2d(
     if not uses_kernels(x, weight):
         return F.conv2d(x, weight, None, stride, padding, dilation, x.shape[1])
     return _DepthwiseConv2d.apply(x, weight, stride, padding, dilation)
-
-
-def register_native_fakes() -> None:
-    """Fake kernels of the compiled ops (called once the extension is loaded)."""
-    global _kernels_built
-    _kernels_built = True
-
-    @torch.library.register_fake("fastnas::depthwise_conv2d_weight_grad")
-    def _(grad, input, kernel_size, stride, padding, dilation):
-        return grad.new_empty((input.shape[1], 1, *kernel_size))
-
-    @torch.library.register_fake("fastnas::depthwise_conv2d_input_grad")
-    def _(grad, weight, input_size, stride, padding, dilation):
-        return grad.new_empty(input_size).contiguous(memory_format=torch.channels_last)
-
-    @torch.library.register_fake("fastnas::depthwise_conv2d_backward")
-    def _(grad, input, weight, stride, padding, dilation, output_mask):
-        nhwc = input.is_contiguous(memory_format=torch.channels_last)
-        layout = torch.channels_last if nhwc else torch.contiguous_format
-        dx = grad.new_empty(input.shape).contiguous(memory_format=layout) if output_mask[0] else grad.new_empty(0)
-        dw = grad.new_empty(weight.shape) if output_mask[1] else grad.new_empty(0)
-        return dx, dw

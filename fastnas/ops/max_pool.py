@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastnas import backend
 from fastnas.ops._nhwc import pair, plain_autograd
 
 
@@ -95,6 +96,11 @@ def max_pool2d(
     kernel_size = pair(kernel_size, "kernel_size")
     stride = kernel_size if stride is None else pair(stride, "stride")
     padding = pair(padding, "padding")
-    if torch.compiler.is_compiling() and x.device.type == "cpu" and plain_autograd():
+    if (
+        torch.compiler.is_compiling()
+        and x.device.type == "cpu"
+        and backend.get_kernels("max_pool", "cpu") == "aten"
+        and plain_autograd()
+    ):
         return _max_pool2d(x, list(kernel_size), list(stride), list(padding))[0]
     return F.max_pool2d(x, kernel_size, stride, padding)

@@ -23,17 +23,18 @@ the compiled ``fastnas::_mixed_sum_forward`` / ``_mixed_sum_backward`` kernels:
 
 from __future__ import annotations
 
-from typing import Sequence, Union
+import functools
+from typing import Callable, Sequence, Union
 
 import torch
 from torch import Tensor
 from torch.autograd import forward_ad
 
 from fastnas import backend
-from fastnas.ops.reference import accumulation_dtype, mixed_sum_backward_reference
-
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
+from fastnas.contract import FLOAT_DTYPES as SUPPORTED_DTYPES
+from fastnas.contract import accumulation_dtype, is_dense, layout_key
+from fastnas.ops import reference
+from fastnas.ops.reference import mixed_sum_backward_reference
 
 # --------------------------------------------------------------------------- validation
 
@@ -128,23 +129,8 @@ def _under_autocast(t: object) -> bool:
 # --------------------------------------------------------------------------- layout
 
 
-def _layout_key(t: Tensor) -> tuple[tuple[int, int], ...]:
-    """Strides that matter (size-1 dimensions ignored), to compare layouts."""
-    return tuple((size, stride) for size, stride in zip(t.shape, t.stride()) if size != 1)
-
-
-def is_dense(t: Tensor) -> bool:
-    """Non-overlapping and dense: the elements fill ``numel`` consecutive slots in some order."""
-    expected = 1
-    for stride, size in sorted((s, n) for n, s in zip(t.shape, t.stride()) if n != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
 def _to_layout_of(t: Tensor, like: Tensor) -> Tensor:
-    if _layout_key(t) == _layout_key(like):
+    if layout_key(t) == layout_key(like):
         return t
     out = torch.empty_like(like)
     out.copy_(t)
@@ -175,6 +161,19 @@ def shared_dense_layout(tensors: Sequence[Tensor]) -> list[Tensor]:
 # Function: inputs validated, in one dense layout. Every backend handles tensors with no elements.
 
 
+@functools.cache
+def kernels_for(name: str) -> tuple[Callable, Callable]:
+    """The (forward, backward) callables of backend ``name``, all with the native ops' contract."""
+    if name in backend.COMPILED_BACKENDS:
+        backend.load_extension()
+        return torch.ops.fastnas._mixed_sum_forward, torch.ops.fastnas._mixed_sum_backward
+    if name == "triton":
+        from fastnas.kernels import mixed_sum as triton_mixed_sum
+
+        return triton_mixed_sum.VALIDATED  # the op layer checked the inputs: no second check
+    return reference.mixed_sum_forward_reference, reference.mixed_sum_backward_reference
+
+
 def _accumulation_weights(weights: Tensor, dtype: torch.dtype) -> Tensor:
     """The weights as the kernels take them: contiguous, in the accumulation dtype of ``dtype``."""
     acc = accumulation_dtype(dtype)
@@ -185,7 +184,7 @@ def _accumulation_weights(weights: Tensor, dtype: torch.dtype) -> Tensor:
 
 def _forward_impl(outputs: list[Tensor], weights: Tensor, kernels: tuple | None = None) -> Tensor:
     """``kernels``: the backend's (forward, backward) when the caller resolved it already."""
-    forward, _ = kernels or backend.kernels_for(backend.get_backend(outputs[0].device))
+    forward, _ = kernels or kernels_for(backend.get_backend(outputs[0].device))
     return forward(outputs, _accumulation_weights(weights, outputs[0].dtype))
 
 
@@ -199,7 +198,7 @@ def _backward_impl(
             grad = _to_layout_of(grad, outputs[0])
     elif not is_dense(grad):
         grad = grad.contiguous()
-    _, backward = kernels or backend.kernels_for(backend.get_backend(grad.device))
+    _, backward = kernels or kernels_for(backend.get_backend(grad.device))
     outputs_grad, weights_grad = backward(
         grad, outputs, _accumulation_weights(weights, grad.dtype), compute_outputs_grad
     )
@@ -402,19 +401,6 @@ def _register_autocast_promotion() -> torch.library.Library:
 _AUTOCAST_LIBRARY = _register_autocast_promotion()
 
 
-def register_native_fakes() -> None:
-    """Fake kernels of the compiled ops (called once the extension is loaded)."""
-
-    @torch.library.register_fake("fastnas::_mixed_sum_forward")
-    def _(outputs: list[Tensor], weights: Tensor) -> Tensor:
-        return torch.empty_like(outputs[0])
-
-    @torch.library.register_fake("fastnas::_mixed_sum_backward")
-    def _(grad: Tensor, outputs: list[Tensor], weights: Tensor, compute_outputs_grad: bool):
-        outputs_grad = [torch.empty_like(grad) for _ in range(weights.shape[0])] if compute_outputs_grad else []
-        return outputs_grad, weights.new_empty(weights.shape if len(outputs) > 0 else (0,))
-
-
 # --------------------------------------------------------------------------- public API
 
 OutputsLike = Union[Sequence[Tensor], Tensor]
@@ -473,4 +459,4 @@ def mixed_sum(outputs: OutputsLike, weights: Tensor) -> Tensor:
     outputs = _validated_in_one_layout(outputs, weights)
     if transformed:
         return _MixedSumTransformable.apply(weights, *outputs)
-    return _MixedSumFunction.apply(backend.kernels_for(name), weights, *outputs)
+    return _MixedSumFunction.apply(kernels_for(name), weights, *outputs)
