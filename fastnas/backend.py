@@ -40,7 +40,8 @@ import warnings
 
 import torch
 
-from fastnas import extension, kernels, switches
+from fastnas import extension, switches
+from fastnas import kernels as triton_kernels
 
 BACKENDS = ("auto", "cuda", "triton", "cpu", "reference")
 COMPILED_BACKENDS = ("cpu", "cuda")  # kernels of the compiled extension fastnas._C, with a C++ autograd node
@@ -76,8 +77,12 @@ def _extension() -> tuple[bool, str | None]:
 
 
 def load_extension() -> bool:
-    """Load fastnas._C (its kernels register with torch.library); False if it is missing."""
-    return bool(_extension()[0])
+    """Load fastnas._C (its kernels register with torch.library, its CPU kernels take the
+    ``FASTNAS_CPU_*`` switches); False if it is missing."""
+    loaded = bool(_extension()[0])
+    if loaded:
+        _configure_cpu_kernels()
+    return loaded
 
 
 def extension_has_cuda() -> bool:
@@ -85,8 +90,8 @@ def extension_has_cuda() -> bool:
     return bool(_extension()[0]) and extension.has_cuda_kernels()
 
 
-TRITON_MINIMUM = kernels.TRITON_MINIMUM
-triton_installed = kernels.triton_installed
+TRITON_MINIMUM = triton_kernels.TRITON_MINIMUM
+triton_installed = triton_kernels.triton_installed
 
 
 def triton_interpreter_on() -> bool:
@@ -113,7 +118,7 @@ def unavailable_reason(name: str, device_type: str | None = None) -> str | None:
             reason = "fastnas._C was built without CUDA kernels (see README: building with CUDA)"
         return reason
     if name == "triton":
-        reason = kernels.unavailable_reason()
+        reason = triton_kernels.unavailable_reason()
         if reason is None and device_type == "cpu" and not triton_interpreter_on():
             reason = "Triton runs CPU tensors only under the interpreter (TRITON_INTERPRET=1)"
         if reason is None and device_type not in (None, "cpu", "cuda"):
@@ -299,8 +304,8 @@ def _resolve(op: str, requested: str, device_type: str) -> str:
                 break
             if op == "mixed_sum" and name in COMPILED_BACKENDS and device_type == name:
                 _warn_once(f"fastnas: backend {name!r} unavailable, falling back ({reason})")
-    if op == "mixed_sum" and chosen == "cpu":
-        check_cpu_isa_env()
+    if chosen == "cpu":
+        check_cpu_switches()
     return chosen
 
 
@@ -309,12 +314,41 @@ def _resolve(op: str, requested: str, device_type: str) -> str:
 CPU_ISA_LEVELS = ("avx512", "avx2", "portable")  # instruction-set levels of the CPU kernels, best first
 
 
-def check_cpu_isa_env() -> None:
-    """Raise ValueError when FASTNAS_CPU_ISA names no level (any case is accepted): a misspelt cap
-    would otherwise be ignored without a word."""
-    value = switches.cpu_isa()
-    if value and value.lower() not in CPU_ISA_LEVELS:
-        raise ValueError(f"FASTNAS_CPU_ISA must be one of {', '.join(CPU_ISA_LEVELS)} (any case), got {value!r}")
+def _cpu_switches(strict: bool) -> tuple[str | None, int | None, int | None]:
+    """``FASTNAS_CPU_ISA`` (lower case), ``FASTNAS_CPU_STREAM_BYTES`` and ``FASTNAS_CPU_POOL_MB``, each
+    None when unset; a value the kernels cannot take raises ValueError naming it (``strict``) or is None."""
+    isa, stream, pool = switches.cpu_isa(), switches.cpu_stream_bytes(), switches.cpu_pool_megabytes()
+    if isa is not None and isa.lower() not in CPU_ISA_LEVELS:
+        if strict:
+            raise ValueError(f"{switches.CPU_ISA} must be one of {', '.join(CPU_ISA_LEVELS)} (any case), got {isa!r}")
+        isa = None
+    numbers = []
+    for name, text in ((switches.CPU_STREAM_BYTES, stream), (switches.CPU_POOL_MB, pool)):
+        if text is not None and not text.strip().isdigit():
+            if strict:
+                raise ValueError(f"{name} must be a non-negative integer, got {text!r}")
+            text = None
+        numbers.append(None if text is None else int(text))
+    return (None if isa is None else isa.lower()), numbers[0], numbers[1]
+
+
+def check_cpu_switches() -> None:
+    """Raise ValueError naming the variable when a ``FASTNAS_CPU_*`` switch holds what the CPU kernels
+    cannot take (``FASTNAS_CPU_ISA``: a level, any case; the others: non-negative integers): a misspelt
+    value would otherwise be ignored without a word. Called when CPU kernels are first chosen."""
+    _cpu_switches(strict=True)
+
+
+@functools.cache
+def _configure_cpu_kernels() -> None:
+    """Hand the CPU kernels the ``FASTNAS_CPU_*`` switches, once, when the extension loads (at
+    ``import fastnas``); a value they cannot take is left out here and raises at the first choice of
+    CPU kernels (:func:`check_cpu_switches`)."""
+    isa, stream_bytes, pool_megabytes = _cpu_switches(strict=False)
+    if isa is not None or stream_bytes is not None:
+        torch.ops.fastnas._cpu_settings(isa, stream_bytes)
+    if pool_megabytes is not None:
+        torch.ops.fastnas._cpu_pool_settings(pool_megabytes)
 
 
 def cpu_isa_levels() -> list[str]:

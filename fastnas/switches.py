@@ -16,8 +16,10 @@
 ``torch``, e.g. ``batch_norm=torch,max_pool=torch``; ``TRITON_INTERPRET`` is Triton's own, read by
 Triton when a kernel is defined), :mod:`fastnas.runs.steps` on ``FASTNAS_COMPILE_BACKEND``.
 torchrun's three are read where the processes are set up (:mod:`fastnas.runs.distributed`): they
-are torchrun's protocol, not switches of fastnas. Values are read at each use: a change to
-``os.environ`` counts from the next choice of kernels.
+are torchrun's protocol, not switches of fastnas. The ``FASTNAS_CPU_*`` switches are handed to the
+compiled extension once, when ``import fastnas`` loads it, and checked when CPU kernels are first
+chosen (a value they cannot take raises ValueError naming it); the others are read at each choice
+of kernels: a change to ``os.environ`` counts from the next one.
 
 Building the extension (read by ``setup.py``, which runs before fastnas exists): ``FASTNAS_CUDA=1`` /
 ``0`` forces / skips the CUDA kernels, ``FASTNAS_CPU_NATIVE=1`` compiles the portable CPU kernels

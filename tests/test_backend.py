@@ -48,6 +48,7 @@ def test_auto_takes_fastnas_kernels_on_cpu_and_reports_them():
     assert backend.available_kernels("max_pool", "cuda") == ["torch"]
 
 
+@pytest.mark.filterwarnings("ignore:fastnas. backend .cuda. unavailable")  # a CPU-only build
 def test_auto_on_cuda_tensors_takes_triton_batch_norm_and_torch_elsewhere():
     choices = fastnas.kernel_choices("cuda")
     triton = backend.load_extension() and backend.triton_installed()
@@ -172,3 +173,44 @@ def test_a_traced_call_takes_the_kernels_chosen_while_tracing(choice):
     assert (torch.ops.fastnas.max_pool2d.default in ops_of(forward)) == (choice == "aten")
     torch.testing.assert_close(y, F.max_pool2d(x, 3, 1, 1).relu(), rtol=0, atol=0)
     torch._dynamo.reset()
+
+
+@needs_extension
+def test_cpu_switches_reach_the_kernels_at_import():
+    """``FASTNAS_CPU_ISA``, ``FASTNAS_CPU_STREAM_BYTES`` and ``FASTNAS_CPU_POOL_MB`` are read by
+    fastnas.switches and handed to the compiled kernels when ``import fastnas`` loads them."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, fastnas; "
+        "print(*torch.ops.fastnas._cpu_settings(), torch.ops.fastnas._cpu_pool_settings(), sep=',')"
+    )
+    env = {**os.environ, "FASTNAS_CPU_ISA": "Portable", "FASTNAS_CPU_STREAM_BYTES": "12345", "FASTNAS_CPU_POOL_MB": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "portable,12345,0"
+    env = {k: v for k, v in env.items() if not k.startswith("FASTNAS_CPU_")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    isa, stream_bytes, pool_megabytes = out.stdout.strip().split(",")
+    assert isa == backend.cpu_isa_levels()[0] and int(stream_bytes) > 0 and pool_megabytes == "512"
+
+
+@needs_extension
+@pytest.mark.parametrize(
+    "name,value,match",
+    [
+        ("FASTNAS_CPU_ISA", "sse", r"FASTNAS_CPU_ISA must be one of avx512, avx2, portable \(any case\), got 'sse'"),
+        ("FASTNAS_CPU_STREAM_BYTES", "32M", r"FASTNAS_CPU_STREAM_BYTES must be a non-negative integer, got '32M'"),
+        ("FASTNAS_CPU_POOL_MB", "-1", r"FASTNAS_CPU_POOL_MB must be a non-negative integer, got '-1'"),
+    ],
+)
+def test_a_bad_cpu_switch_raises_when_cpu_kernels_are_chosen(monkeypatch, name, value, match):
+    monkeypatch.setenv(name, value)
+    backend._resolved.clear()
+    with pytest.raises(ValueError, match=match):
+        backend.get_kernels("avg_pool", "cpu")
+    assert backend.get_kernels("max_pool", "cpu") == "aten"  # no CPU kernels of fastnas there
+    monkeypatch.delenv(name)
+    backend._resolved.clear()
+    assert backend.get_kernels("avg_pool", "cpu") == "cpu"
