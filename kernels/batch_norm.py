@@ -30,10 +30,10 @@ gradients and outputs back and the BatchNorm backward kernel. Here:
   (dtypes, 16-byte alignment of every pointer, the plane size's divisibility by 16, constexprs).
 
 One program per channel leaves SMs idle when ``C`` is small, and each program streams its channel
-twice; at the supernets' sizes (``B * H * W`` = 4K-64K elements per channel) a GPU step is expected
-to be launch-bound (not yet measured), and one launch each way replaces the native path's four or
-five operators (BatchNorm, split copy, two merging stacks, BatchNorm backward, its constants). Stats
-are returned in float32 for 16-bit inputs (float64 for float64), as PyTorch's CUDA BatchNorm does.
+twice: a trade for launches, expected to bound a GPU step at the supernets' sizes (``B * H * W`` =
+4K-64K elements per channel), where one launch each way replaces the native path's four or five operators
+(BatchNorm, split copy, two merging stacks, BatchNorm backward, its constants). Stats are returned
+in float32 for 16-bit inputs (float64 for float64), as PyTorch's CUDA BatchNorm does.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ TILE_ELEMENTS = 4096
 float64): 32 per thread at :data:`NUM_WARPS` warps, so that each thread keeps 8 (float32, float64)
 or 4 (16-bit) 16-byte loads of a tensor in flight, all issued before the first is used. A program
 streams its channel alone, so these are all it has in flight: 1024-element tiles would keep 4 KB in
-flight per SM, a few GB/s at DRAM latency by Little's law (an estimate)."""
+flight per SM, a few GB/s at DRAM latency by Little's law."""
 SCALAR_TILE_ELEMENTS = 1024
 """Elements per tile on other planes (scalar accesses: larger tiles spill)."""
 NUM_WARPS = 4

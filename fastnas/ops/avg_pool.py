@@ -4,10 +4,10 @@ channels_last.
 On CPU float32 and float64 tensors laid out channels_last (the supernets' CPU layout), the forward
 and the backward are the compiled kernels ``fastnas::avg_pool2d_nhwc`` and
 ``fastnas::avg_pool2d_nhwc_backward`` (``csrc/cpu/avg_pool_cpu.cpp``), which sum each window in
-registers, vectorised along the channels: ATen's channels_last kernels accumulate through memory and
-take about 2 ns per element for the supernets' 3x3 stride-1 pools. Elsewhere (other layouts, CUDA,
-16-bit dtypes, no compiled extension, torch.func transforms, forward-mode AD) it is ``F.avg_pool2d``
-itself.
+registers, vectorised along the channels, where ATen's channels_last kernels accumulate through
+memory (their times against these: ``benchmarks/RESULTS.md``). They run where :mod:`fastnas.backend`
+chose them (``avg_pool``: ``cpu``); elsewhere (other layouts, CUDA, 16-bit dtypes, no compiled
+extension, torch.func transforms, forward-mode AD) it is ``F.avg_pool2d`` itself.
 
 The forward sums every window in PyTorch's order (same results). The backward is a gather, each input
 pixel summing its windows in a fixed order (deterministic, independent of the thread count), equal to
@@ -15,7 +15,7 @@ PyTorch's up to rounding. Pooling is linear, so the backward of the backward is 
 backward (``create_graph=True``) runs the kernels too.
 
 In eager mode the autograd is C++ (``fastnas::_avg_pool2d_autograd``, ``csrc/avg_pool_autograd.cpp``:
-a Python autograd.Function's backward cost the host about 30 µs more a call); ``torch.compile``
+a Python autograd.Function's host time is more than a small pooling's kernels); ``torch.compile``
 traces the autograd.Functions below.
 """
 

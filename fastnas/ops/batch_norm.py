@@ -10,24 +10,25 @@ outputs are kept for the backward (the mixed sums keep them alive anyway):
 Two paths compute it:
 
 * the registered ops ``fastnas::batch_norm_parts`` and ``fastnas::batch_norm_parts_backward``, which
-  write and read the blocks where they are, outside torch.func transforms and forward-mode AD
-  (:func:`uses_kernels`); in eager mode their autograd is C++ (``fastnas::_lean_batch_norm_autograd``,
-  ``csrc/batch_norm_autograd.cpp``: the Python autograd.Function cost the host about 12 µs over the
-  forward kernel on CPU), while tracing the autograd.Function below:
+  write and read the blocks where they are, where :mod:`fastnas.backend` chose them (``batch_norm``:
+  ``cpu`` or ``triton``), outside torch.func transforms and forward-mode AD (:func:`uses_kernels`);
+  in eager mode their autograd is C++ (``fastnas::_lean_batch_norm_autograd``,
+  ``csrc/batch_norm_autograd.cpp``: a Python autograd.Function's host time is more than the kernel's
+  at supernet sizes), while tracing the autograd.Function below:
 
   - CPU float32/float64 channels_last tensors, with the extension built: compiled kernels
     (``csrc/cpu/batch_norm_cpu.cpp``). Statistics are summed in fixed chunks in double
     (deterministic, independent of the thread count);
   - CUDA contiguous (NCHW) float32/float16/bfloat16/float64 tensors, with the extension built and
     Triton >= 3.3 installed: Triton kernels (``kernels/batch_norm.py``), one launch each way where
-    the native path below dispatches four or five operators. Sums per channel in a fixed order, float32 (float64 for
-    float64); the statistics are float32 for 16-bit inputs, as PyTorch's are.
+    the native path below dispatches four or five operators. Sums per channel in a fixed order,
+    float32 (float64 for float64); the statistics are float32 for 16-bit inputs, as PyTorch's are.
 
   Either way the sums are not in PyTorch's order: float32 results differ from PyTorch's by rounding;
 * elsewhere (NCHW on CPU, 16-bit on CPU, no extension): PyTorch's kernels, with a copy splitting the
   output into dense blocks and, in the backward, two merging the blocks' gradients and outputs again
-  (on CPU the native channels_last backward also costs 4–5 times its forward at the grouped shapes:
-  why the CPU kernels exist).
+  (on CPU the native channels_last backward is also several times slower than its forward at the
+  grouped shapes, ``benchmarks/RESULTS.md``: why the CPU kernels exist).
 
 Both paths return ``invstd`` as a differentiable output: the backward's formula depends on ``x``
 through it, so the double backward (``create_graph=True``) needs its gradient.

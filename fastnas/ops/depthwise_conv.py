@@ -4,11 +4,12 @@ The forward is PyTorch's own (``F.conv2d`` with ``groups = channels``). The back
 and float64 tensors, is computed by the compiled kernels ``fastnas::depthwise_conv2d_input_grad`` and
 ``fastnas::depthwise_conv2d_weight_grad`` (``csrc/cpu/depthwise_conv_cpu.cpp``) in channels_last, both
 called by one op, ``fastnas::depthwise_conv2d_backward`` (one dispatch per backward, as PyTorch's
-``convolution_backward``): oneDNN,
-which PyTorch uses there, has fast depthwise backward kernels only for some shapes, and its weight
-gradient of a 5x5 or dilated kernel runs 10-30x slower than the forward, when DARTS's separable and
-dilated convolutions are made of nothing else. Elsewhere (CUDA, 16-bit dtypes, no compiled
-extension, torch.func transforms, forward-mode AD, double backward) it is ``F.conv2d`` itself.
+``convolution_backward``): oneDNN, which PyTorch uses there, has fast depthwise backward kernels
+only for some shapes, and its weight gradient of a 5x5 or dilated kernel is an order of magnitude
+slower than the forward (``benchmarks/RESULTS.md``), when DARTS's separable and dilated convolutions
+are made of nothing else. The kernels run where :mod:`fastnas.backend` chose them
+(``depthwise_conv``: ``cpu``); elsewhere (CUDA, 16-bit dtypes, no compiled extension, torch.func
+transforms, forward-mode AD, double backward) it is ``F.conv2d`` itself.
 
 The kernels' reductions run in a fixed order (deterministic, independent of the thread count) but
 not in oneDNN's: float32 gradients differ from PyTorch's by rounding (measured in

@@ -19,6 +19,35 @@ the compiled ``fastnas::_mixed_sum_forward`` / ``_mixed_sum_backward`` kernels:
 * backward returns ``(outputs_grad, weights_grad)``: K new tensors laid out like ``grad`` (none
   when ``compute_outputs_grad`` is False) and the K inner products in the accumulation dtype
   (an empty tensor when ``outputs`` is empty).
+
+Which autograd runs when
+------------------------
+:func:`mixed_sum` records its backward in one of four ways; all compute the same values with the
+same kernels (the backend :func:`fastnas.get_backend` names):
+
+* **Traced by torch.compile, or** ``torch.ops.fastnas.mixed_sum`` **called directly**: the
+  ``torch.library`` registration. ``fastnas::mixed_sum`` is a custom op whose autograd
+  (:func:`_backward`, calling ``fastnas::mixed_sum_backward``), batching rule and autocast promotion
+  are registered with it. Why: a compiled graph keeps the op as one opaque call of the fused kernels
+  (its fake kernel gives the shapes), and a ``torch.ops`` call is differentiable, vmap-able and
+  autocast-aware like an ATen op.
+* **Eager, on the compiled backends** (``cpu``, ``cuda``): the C++ autograd node
+  ``fastnas::_mixed_sum_autograd`` (``csrc/mixed_sum_autograd.cpp``), which checks the arguments,
+  brings them to one layout and records a node whose backward never enters Python. Why: host time is
+  most of a small edge's cost. When it refuses its arguments, the Python checks say which and why.
+* **Eager, on the Python backends** (``triton``, ``reference``): :class:`_MixedSumFunction`, a
+  classic ``torch.autograd.Function`` (forward with ``ctx``) over the operators' implementation.
+  Why: these backends have no C++ node, and both the registered op's dispatch and the
+  ``setup_context`` form cost more host time (``benchmarks/RESULTS.md``).
+* **Under a torch.func transform** (vmap, grad, jacrev, jacfwd, hessian) **or forward-mode AD**, on
+  every backend: :class:`_MixedSumTransformable`, the ``setup_context`` form those require, with a
+  batching rule (batched outputs with shared weights stay one fused call) and a ``jvp`` (itself a
+  mixed sum). Why: neither the classic form nor the C++ node can be transformed.
+
+Whichever records it, the backward runs the fused kernels, except where autograd records the
+backward itself (``create_graph=True``, for second derivatives) or a transform batches it: there the
+reference formulas run in differentiable torch ops (:func:`_gradients`; the C++ node likewise), which
+autograd differentiates exactly and vmap batches.
 """
 
 from __future__ import annotations
@@ -326,11 +355,9 @@ def _function_backward(ctx, grad: Tensor, needs_input_grad: tuple | None = None,
 
 class _MixedSumFunction(torch.autograd.Function):
     """Eager autograd of the mixed sum on the Python backends (triton, reference): the same
-    implementation as the registered operators, without their dispatch overhead (tens of
-    microseconds a call, which small GPU tensors would feel). Written in the classic form (forward
-    with ctx), which costs about a quarter of the host time of the ``setup_context`` form; torch.func
-    transforms and forward-mode AD take :class:`_MixedSumTransformable`. The compiled backends have
-    theirs in C++, ``fastnas::_mixed_sum_autograd``. The inputs come in one shared dense layout."""
+    implementation as the registered operators, without their dispatch overhead (which small GPU
+    tensors would feel), in the classic form (forward with ctx), whose host time is less than the
+    ``setup_context`` form's (see the module docstring). The inputs come in one shared dense layout."""
 
     @staticmethod
     def forward(ctx, kernels: tuple, weights: Tensor, *outputs: Tensor) -> Tensor:
