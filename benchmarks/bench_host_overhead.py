@@ -2,7 +2,7 @@
 
 Run:  pytest benchmarks/bench_host_overhead.py --benchmark-only
 
-:func:`fastnas.kernels.offline.host_overhead_probe` runs the op in a fresh process whose Triton
+``host_overhead_probe`` of ``tools/triton_offline.py`` runs the op in a fresh process whose Triton
 driver compiles the kernels for sm_90 and launches nothing, on CPU tensors standing in for CUDA
 ones (see its docstring for what is and is not included). Its medians, in microseconds per call,
 go to ``extra_info`` and to the terminal summary; the benchmark's own time is the probe's
@@ -11,16 +11,20 @@ go to ``extra_info`` and to the terminal summary; the benchmark's own time is th
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 
 pytest.importorskip("triton", reason="the triton backend needs the triton package")
 
 from fastnas import backend  # noqa: E402
 
-if backend._triton_reason():
-    pytest.skip(f"the triton backend is unavailable: {backend._triton_reason()}", allow_module_level=True)
+if backend.unavailable_reason("triton"):
+    pytest.skip(f"the triton backend is unavailable: {backend.unavailable_reason('triton')}", allow_module_level=True)
 
-from fastnas.kernels.offline import host_overhead_probe  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+from triton_offline import host_overhead_probe  # noqa: E402
 
 CASES = [(8, "float32"), (8, "bfloat16"), (40, "float32")]
 

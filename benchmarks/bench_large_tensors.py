@@ -3,7 +3,7 @@
 Run (GPU only; skipped without one):  pytest benchmarks/bench_large_tensors.py --benchmark-only
 
 For each GPU backend available here (``cuda``, ``triton``), the forward and the backward kernel are
-called through ``fastnas.backend.kernels_for`` (the native contract: no autograd, no Python op) on K
+called through ``fastnas.ops.mixed_sum.kernels_for`` (the native contract: no autograd, no Python op) on K
 inputs of 64 MB or more, and in the same test a ``copy_`` of K·N elements, all timed with
 ``triton.testing.do_bench`` (CUDA events, L2 flushed, medians). Bytes moved: forward (K+1)·N,
 backward (2K+1)·N, copy 2·K·N, times the element size. ``extra_info`` holds what
@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from fastnas import backend
+from fastnas.ops.mixed_sum import kernels_for
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="measures GPU bandwidth: needs a CUDA GPU")
 
@@ -47,7 +48,7 @@ def test_kernel_bandwidth(benchmark, name, which, size, k, dtype):
     if name == "none":
         pytest.skip("no GPU backend is available (build with FASTNAS_CUDA=1 or install triton)")
     pytest.importorskip("triton", reason="timed with triton.testing.do_bench")
-    forward, backward_ = backend.kernels_for(name)
+    forward, backward_ = kernels_for(name)
     element_size = torch.empty(0, dtype=dtype).element_size()
     n = size // element_size
     gen = torch.Generator(device="cuda").manual_seed(0)

@@ -46,6 +46,7 @@ from eager_supernets import EagerDartsNetwork, EagerNB201Network  # noqa: E402
 from kernel_count import count_kernels  # noqa: E402
 from timing import interleaved_medians  # noqa: E402
 
+import fastnas  # noqa: E402
 from fastnas.spaces import darts, nb201  # noqa: E402
 
 MODES = {
@@ -133,14 +134,13 @@ def gpu_path():
     """The operators a GPU's step dispatches, counted on CPU: fastnas's CPU-only kernels (depthwise
     convolution, average pooling) switched off, so those run PyTorch's operators as on CUDA; the
     BatchNorm ops stay on (on CUDA they are the Triton kernels of ``kernels/batch_norm.py``)."""
-    from fastnas.ops import avg_pool, depthwise_conv
-
-    saved = avg_pool._kernels_built, depthwise_conv._kernels_built
-    avg_pool._kernels_built = depthwise_conv._kernels_built = False
+    for op in ("avg_pool", "depthwise_conv"):
+        fastnas.set_kernels(op, "torch")
     try:
         yield
     finally:
-        avg_pool._kernels_built, depthwise_conv._kernels_built = saved
+        for op in ("avg_pool", "depthwise_conv"):
+            fastnas.set_kernels(op, None)
 
 
 def gpu_path_rows() -> list[dict]:

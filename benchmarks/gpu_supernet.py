@@ -54,14 +54,11 @@ DRY_SIZES = {"nb201": (dict(C=4, N=1), 2, 8), "darts": (dict(C=4, layers=2), 2, 
 @contextlib.contextmanager
 def native_batch_norm():
     """fastnas's BatchNorm ops switched off: ``lean_batch_norm`` takes PyTorch's kernels."""
-    from fastnas.ops import batch_norm
-
-    saved = batch_norm._kernels_built
-    batch_norm._kernels_built = False
+    fastnas.set_kernels("batch_norm", "torch")
     try:
         yield
     finally:
-        batch_norm._kernels_built = saved
+        fastnas.set_kernels("batch_norm", None)
 
 
 def with_native_batch_norm(step: Callable[[], object]) -> Callable[[], object]:

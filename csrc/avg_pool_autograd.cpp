@@ -5,9 +5,8 @@
 //                        bool count_include_pad) -> Tensor
 //
 // runs fastnas::avg_pool2d_nhwc forward and fastnas::avg_pool2d_nhwc_backward backward, as the
-// Python autograd.Functions beside them do (which torch.compile traces instead): forward and backward
-// of a [16,16,4,4] pooling took 55.8 us here against 87.6 us through the Python Functions (CPU, one
-// thread; the forward kernel alone 6.5 us). Pooling is linear: the backward is a function of the
+// Python autograd.Functions beside them do (which torch.compile traces instead): in C++ because their
+// host time is more than a small pooling's kernels (benchmarks/RESULTS.md). Pooling is linear: the backward is a function of the
 // output gradient alone, whose own backward is the pooling again, so the two Functions below are
 // each other's backward and a double backward (create_graph=True) runs the kernels too.
 #include <torch/autograd.h>

@@ -6,9 +6,8 @@
 //
 // returns the parts' outputs, then mean (not differentiable) and invstd, as the Python autograd.Function
 // beside it does; it runs fastnas::batch_norm_parts forward and fastnas::batch_norm_parts_backward
-// backward (the CPU kernels, or the Triton ones registered for CUDA). A Python autograd.Function cost
-// the host about 12 us over the forward kernel alone (CPU, timeit), at supernet sizes more than the
-// kernel's launch.
+// backward (the CPU kernels, or the Triton ones registered for CUDA). In C++ because a Python
+// autograd.Function's host time is more than the kernel's at supernet sizes (benchmarks/RESULTS.md).
 // The backward of a backward (create_graph=True) and a gradient for invstd go to
 // fastnas::_lean_batch_norm_backward_composite, PyTorch's differentiable operators, registered from
 // Python (fastnas/ops/batch_norm.py). fastnas.ops.batch_norm.lean_batch_norm calls this op outside

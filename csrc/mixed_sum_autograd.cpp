@@ -4,7 +4,7 @@
 //
 // fastnas.mixed_sum calls this op when the cpu or cuda backend runs, outside torch.compile. It checks
 // its arguments, brings the K inputs to one dense layout and records a node whose backward runs
-// without entering Python (README, "The CPU kernel", for what that saved).
+// without entering Python (the host time that saves: benchmarks/RESULTS.md).
 #include <torch/autograd.h>
 #include <torch/library.h>
 

@@ -5,8 +5,8 @@
 // fastnas.spaces.ops.cat_parameters calls it for a group's packed convolution weights (the same op
 // of several edges, run as one convolution) once it has checked that they are contiguous, in order
 // and adjacent; the gradient is split into views, one per tensor, after one copy into their
-// contiguous layout. In C++ because a Python autograd.Function cost the host more than the
-// concatenation it replaces.
+// contiguous layout. In C++ because a Python autograd.Function costs the host more than the
+// concatenation it replaces (benchmarks/RESULTS.md).
 #include <torch/autograd.h>
 #include <torch/library.h>
 

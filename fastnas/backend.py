@@ -1,6 +1,6 @@
-"""The one place that decides which backend computes the mixed sum.
+"""The one place that decides, for every op, which kernels compute it.
 
-Backends:
+The mixed sum (:func:`fastnas.mixed_sum`) has four backends:
 
 * ``cuda``      CUDA C++ kernels of the compiled extension (``csrc/cuda``), CUDA tensors.
 * ``triton``    Triton kernels (``kernels/``), CUDA tensors; CPU tensors too under ``TRITON_INTERPRET=1``.
@@ -11,122 +11,99 @@ Backends:
 ``reference`` on CUDA tensors, ``cpu`` then ``reference`` on CPU tensors. The environment variable
 ``FASTNAS_BACKEND`` and :func:`set_backend` override it; :func:`get_backend` tells what is in use.
 A missing compiled extension falls back to the reference with one warning.
+
+The supernets' other ops have kernels of their own where PyTorch's are slow, and PyTorch's
+(``torch``) everywhere else; ``auto`` takes the first that can run:
+
+* ``batch_norm``: ``cpu`` (``csrc/cpu/batch_norm_cpu.cpp``) on CPU tensors, ``triton``
+  (``kernels/batch_norm.py``, Triton installed) on CUDA tensors, then ``torch``;
+* ``avg_pool``: ``cpu`` (``csrc/cpu/avg_pool_cpu.cpp``) on CPU tensors, then ``torch``;
+* ``depthwise_conv``: ``cpu`` (the backward of ``csrc/cpu/depthwise_conv_cpu.cpp``) on CPU tensors,
+  then ``torch``;
+* ``max_pool``: ``aten`` on CPU tensors (ATen's kernels as an op that ``torch.compile`` does not
+  decompose, ``fastnas/ops/max_pool.py``; eager calls are ``F.max_pool2d`` either way), then ``torch``.
+
+``cpu`` and ``triton`` need the compiled extension (it defines the ops). ``FASTNAS_KERNELS``
+(``op=name`` pairs, comma-separated) and :func:`set_kernels` override the choice; :func:`get_kernels`
+tells it and :func:`kernel_choices` reports every op's for a device. Where the chosen kernels are
+``cpu`` or ``triton``, each op still takes PyTorch's path for tensors outside their contract (a
+dtype or layout they do not take, torch.func transforms, forward-mode AD: see each op's module).
+A choice made while ``torch.compile`` traces is a constant of the graph.
+
+The environment is read by :mod:`fastnas.switches`.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib
-import importlib.metadata
-import os
 import warnings
-from typing import Callable
 
 import torch
 
+from fastnas import extension, switches
+from fastnas import kernels as triton_kernels
+
 BACKENDS = ("auto", "cuda", "triton", "cpu", "reference")
 COMPILED_BACKENDS = ("cpu", "cuda")  # kernels of the compiled extension fastnas._C, with a C++ autograd node
-_AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
 
-_selected: str | None = None  # set_backend's choice; None means "read FASTNAS_BACKEND"
+OPS = ("mixed_sum", "batch_norm", "avg_pool", "depthwise_conv", "max_pool")
+KERNELS = {
+    "mixed_sum": BACKENDS[1:],
+    "batch_norm": ("cpu", "triton", "torch"),
+    "avg_pool": ("cpu", "torch"),
+    "depthwise_conv": ("cpu", "torch"),
+    "max_pool": ("aten", "torch"),
+}
+"""Each op's kernels, besides ``auto``."""
+_AUTO_ORDER = {
+    "mixed_sum": {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")},
+    "batch_norm": {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")},
+    "avg_pool": {"cpu": ("cpu", "torch")},
+    "depthwise_conv": {"cpu": ("cpu", "torch")},
+    "max_pool": {"cpu": ("aten", "torch")},
+}
+_FALLBACK = {op: names[-1] for op, names in KERNELS.items()}  # runs anywhere: reference, torch
 
-
-def _check_name(name: str, where: str) -> str:
-    if not isinstance(name, str) or name.lower() not in BACKENDS:
-        raise ValueError(f"{where} must be one of {', '.join(BACKENDS)}; got {name!r}")
-    return name.lower()
-
-
-def set_backend(name: str | None) -> None:
-    """Force a backend for every later call (``None`` or ``"auto"`` restores automatic choice).
-
-    Raises ValueError for an unknown name and RuntimeError if that backend cannot run here.
-    """
-    global _selected
-    _resolved.clear()
-    if name is None:
-        _selected = None
-        return
-    name = _check_name(name, "set_backend(name)")
-    if name != "auto":
-        reason = unavailable_reason(name)
-        if reason is not None:
-            raise RuntimeError(f"fastnas backend {name!r} is not available: {reason}")
-    _selected = name
+_selected: dict[str, str] = {}  # set_backend's and set_kernels's choices; absent: read the environment
 
 
-def requested_backend() -> str:
-    """What was asked for: set_backend's choice, else FASTNAS_BACKEND, else ``auto``."""
-    if _selected is not None:
-        return _selected
-    return _check_name(os.environ.get("FASTNAS_BACKEND", "auto") or "auto", "FASTNAS_BACKEND")
+# --------------------------------------------------------------------------- the compiled extension
 
 
-@functools.cache
-def _extension():
-    """The compiled extension module, or the reason it is missing."""
-    try:
-        module = importlib.import_module("fastnas._C")
-    except ImportError as exc:  # not built, or built against another torch
-        return None, f"the compiled extension fastnas._C could not be loaded ({exc})"
-    from fastnas.ops.avg_pool import register_native_fakes as register_avg_pool_fakes
-    from fastnas.ops.batch_norm import register_native_fakes as register_batch_norm_fakes
-    from fastnas.ops.depthwise_conv import register_native_fakes as register_depthwise_fakes
-    from fastnas.ops.mixed_sum import register_native_fakes as register_mixed_sum_fakes
-
-    register_mixed_sum_fakes()
-    register_depthwise_fakes()
-    register_batch_norm_fakes()
-    register_avg_pool_fakes()
-    return module, None
+def _extension() -> tuple[bool, str | None]:
+    """Whether the compiled extension is loaded, and why not."""
+    reason = extension.missing_reason()
+    return reason is None, reason
 
 
 def load_extension() -> bool:
-    """Load fastnas._C (its kernels register with torch.library); False if it is missing."""
-    return _extension()[0] is not None
+    """Load fastnas._C (its kernels register with torch.library, its CPU kernels take the
+    ``FASTNAS_CPU_*`` switches); False if it is missing."""
+    loaded = bool(_extension()[0])
+    if loaded:
+        _configure_cpu_kernels()
+    return loaded
 
 
 def extension_has_cuda() -> bool:
-    ext, _ = _extension()
-    return ext is not None and torch.ops.fastnas._mixed_sum_forward.default.has_kernel_for_dispatch_key(
-        torch._C.DispatchKey.CUDA
-    )
+    """Whether fastnas._C is loaded with its CUDA kernels."""
+    return bool(_extension()[0]) and extension.has_cuda_kernels()
 
 
-TRITON_MINIMUM = (3, 3)
-"""Tuples of tensors as kernel arguments (``kernels/``): Triton 3.2 compiled, 3.3 interpreted."""
-
-
-def _version(text: str) -> tuple[int, ...]:
-    return tuple(int(p) for p in text.split(".")[:2] if p.isdigit())
-
-
-@functools.cache
-def _triton_reason() -> str | None:
-    try:
-        import triton
-    except ImportError as exc:
-        return f"triton is not installed ({exc})"
-    if _version(triton.__version__) < TRITON_MINIMUM:
-        return f"triton >= {'.'.join(map(str, TRITON_MINIMUM))} is needed, found {triton.__version__}"
-    return None
-
-
-def triton_installed() -> bool:
-    """Whether Triton >= :data:`TRITON_MINIMUM` is installed, read from its package metadata without
-    importing it (what start-up may ask: importing Triton and its kernels waits for their first use)."""
-    try:
-        return _version(importlib.metadata.version("triton")) >= TRITON_MINIMUM
-    except importlib.metadata.PackageNotFoundError:
-        return False
+TRITON_MINIMUM = triton_kernels.TRITON_MINIMUM
+triton_installed = triton_kernels.triton_installed
 
 
 def triton_interpreter_on() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return switches.triton_interpreter()
+
+
+# --------------------------------------------------------------------------- what can run where
 
 
 def unavailable_reason(name: str, device_type: str | None = None) -> str | None:
-    """None if backend ``name`` can run on ``device_type`` (any device when None), else why not."""
+    """None if the mixed sum's backend ``name`` can run on ``device_type`` (any device when None),
+    else why not."""
     if name == "reference":
         return None
     if name == "cpu":
@@ -141,7 +118,7 @@ def unavailable_reason(name: str, device_type: str | None = None) -> str | None:
             reason = "fastnas._C was built without CUDA kernels (see README: building with CUDA)"
         return reason
     if name == "triton":
-        reason = _triton_reason()
+        reason = triton_kernels.unavailable_reason()
         if reason is None and device_type == "cpu" and not triton_interpreter_on():
             reason = "Triton runs CPU tensors only under the interpreter (TRITON_INTERPRET=1)"
         if reason is None and device_type not in (None, "cpu", "cuda"):
@@ -150,16 +127,88 @@ def unavailable_reason(name: str, device_type: str | None = None) -> str | None:
     raise ValueError(f"unknown fastnas backend {name!r}")
 
 
-_warned: set[str] = set()
+def kernels_unavailable_reason(op: str, name: str, device_type: str | None = None) -> str | None:
+    """None if kernels ``name`` of ``op`` can run on ``device_type`` (any device when None), else why not."""
+    _check_op(op, "op")
+    if op == "mixed_sum":
+        return unavailable_reason(name, device_type)
+    if name not in KERNELS[op]:
+        raise ValueError(f"unknown {op} kernels {name!r}; known: {', '.join(KERNELS[op])}")
+    if name == "torch":
+        return None
+    on = "cuda" if name == "triton" else "cpu"
+    if device_type not in (None, on):
+        return f"they run {'CPU' if on == 'cpu' else 'CUDA'} tensors only, not {device_type} tensors"
+    if name == "aten":  # ATen's own kernels behind a Python op
+        return None
+    if name == "triton" and not triton_installed():
+        return f"triton >= {'.'.join(map(str, TRITON_MINIMUM))} is not installed"
+    return _extension()[1]
 
 
-def _warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    """Every backend of the mixed sum that can run tensors on ``device`` here."""
+    return available_kernels("mixed_sum", device)
 
 
-_resolved: dict[tuple[str, str], str] = {}  # (requested, device type) -> backend, for the hot path
+def available_kernels(op: str, device: torch.device | str = "cpu") -> list[str]:
+    """Every kernels of ``op`` that can run tensors on ``device`` here."""
+    device_type = _device_type(device)
+    return [n for n in KERNELS[_check_op(op, "op")] if kernels_unavailable_reason(op, n, device_type) is None]
+
+
+# --------------------------------------------------------------------------- choosing
+
+
+def set_backend(name: str | None) -> None:
+    """Force a backend of the mixed sum for every later call (``None`` or ``"auto"`` restores
+    automatic choice). Raises ValueError for an unknown name and RuntimeError if that backend cannot
+    run here."""
+    _select("mixed_sum", name, "set_backend(name)")
+
+
+def set_kernels(op: str, name: str | None) -> None:
+    """Force the kernels of ``op`` (one of :data:`OPS`) for every later call: ``name`` one of
+    :data:`KERNELS` ``[op]``, or ``None`` / ``"auto"`` for the automatic choice (``set_kernels(
+    "mixed_sum", name)`` is :func:`set_backend`). Raises ValueError for an unknown op or name and
+    RuntimeError if those kernels cannot run here."""
+    _select(_check_op(op, "set_kernels(op)"), name, "set_kernels(name)")
+
+
+def _select(op: str, name: str | None, where: str) -> None:
+    _resolved.clear()
+    if name is None:
+        _selected.pop(op, None)
+        return
+    name = _check_name(op, name, where)
+    if name != "auto":
+        reason = kernels_unavailable_reason(op, name)
+        if reason is not None:
+            what = f"fastnas backend {name!r}" if op == "mixed_sum" else f"fastnas {op} kernels {name!r}"
+            raise RuntimeError(f"{what} is not available: {reason}")
+    _selected[op] = name
+
+
+def requested_backend() -> str:
+    """What was asked for the mixed sum: set_backend's choice, else FASTNAS_BACKEND, else ``auto``."""
+    return _requested("mixed_sum", _raw_request("mixed_sum"))
+
+
+_resolved: dict[tuple, str] = {}  # (op, raw request, device type) -> kernels, for the hot path
+
+
+@torch.compiler.assume_constant_result  # a traced call takes the kernels chosen while tracing
+def get_kernels(op: str, device: torch.device | str = "cpu") -> str:
+    """The kernels that compute ``op`` for tensors on ``device`` (a device or its type).
+
+    ``auto`` resolves to the first available of the device's order; an explicit choice that cannot
+    run on this device raises RuntimeError naming the kernels and the reason."""
+    device_type = device if isinstance(device, str) and device in ("cpu", "cuda") else _device_type(device)
+    raw = _raw_request(op)  # the request as set: names are checked on a cache miss only
+    name = _resolved.get((op, raw, device_type))
+    if name is None:
+        name = _resolved[(op, raw, device_type)] = _resolve(_check_op(op, "op"), _requested(op, raw), device_type)
+    return name
 
 
 def get_backend(device: torch.device | str = "cpu") -> str:
@@ -168,49 +217,138 @@ def get_backend(device: torch.device | str = "cpu") -> str:
     ``auto`` resolves to the first available of the device's order; an explicit choice that
     cannot run on this device raises RuntimeError naming the backend and the reason.
     """
-    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
-    # keyed by the raw request (the variable's text as set): names are checked on a miss only
-    raw = _selected if _selected is not None else os.environ.get("FASTNAS_BACKEND", "auto")
-    name = _resolved.get((raw, device_type))
-    if name is None:
-        name = _resolved[(raw, device_type)] = _resolve(requested_backend(), device_type)
-    return name
+    return get_kernels("mixed_sum", device)
 
 
-def _resolve(requested: str, device_type: str) -> str:
+def kernel_choices(device: torch.device | str = "cpu") -> dict[str, str]:
+    """``{op: kernels}`` for every op of :data:`OPS` on ``device``: what computes each there now."""
+    return {op: get_kernels(op, device) for op in OPS}
+
+
+def _device_type(device: torch.device | str) -> str:
+    return device.type if isinstance(device, torch.device) else torch.device(device).type
+
+
+def _check_op(op: str, where: str) -> str:
+    if op not in KERNELS:
+        raise ValueError(f"{where} must be one of {', '.join(OPS)}; got {op!r}")
+    return op
+
+
+def _check_name(op: str, name: str, where: str) -> str:
+    names = ("auto", *KERNELS[op])
+    if not isinstance(name, str) or name.lower() not in names:
+        raise ValueError(f"{where} must be one of {', '.join(names)}; got {name!r}")
+    return name.lower()
+
+
+def _raw_request(op: str) -> str:
+    """The request for ``op`` as set: the override, else the environment's text (unparsed)."""
+    selected = _selected.get(op)
+    if selected is not None:
+        return selected
+    return switches.backend() if op == "mixed_sum" else switches.kernels()
+
+
+def _requested(op: str, raw: str) -> str:
+    """The kernels asked for ``op`` (``auto`` when nothing names it), from its raw request."""
+    if op in _selected:
+        return raw
+    if op == "mixed_sum":
+        return _check_name(op, raw, switches.BACKEND)
+    return _kernels_variable().get(op, "auto")
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_kernels(text: str) -> dict[str, str]:
+    """``FASTNAS_KERNELS`` (``op=name`` pairs, comma-separated) as ``{op: name}``; ValueError naming
+    the variable for anything else."""
+    choices = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        op, sep, name = (s.strip() for s in item.partition("="))
+        if op == "mixed_sum":
+            raise ValueError(f"{switches.KERNELS}: the mixed sum's backend is set by {switches.BACKEND}, got {item!r}")
+        if not sep or op not in KERNELS:
+            ops = ", ".join(OPS[1:])
+            raise ValueError(f"{switches.KERNELS} must hold op=name pairs with op one of {ops}; got {item!r}")
+        choices[op] = _check_name(op, name, f"{switches.KERNELS}: {op}")
+    return choices
+
+
+def _kernels_variable() -> dict[str, str]:
+    return _parse_kernels(switches.kernels())
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def _resolve(op: str, requested: str, device_type: str) -> str:
     if requested != "auto":
-        reason = unavailable_reason(requested, device_type)
+        reason = kernels_unavailable_reason(op, requested, device_type)
         if reason is not None:
-            raise RuntimeError(f"fastnas backend {requested!r} cannot run {device_type} tensors: {reason}")
-        if requested == "cpu":
-            check_cpu_isa_env()
-        return requested
-    for name in _AUTO_ORDER.get(device_type, ("reference",)):
-        reason = unavailable_reason(name, device_type)
-        if reason is None:
-            if name == "cpu":
-                check_cpu_isa_env()
-            return name
-        if name in COMPILED_BACKENDS and device_type == name:
-            _warn_once(f"fastnas: backend {name!r} unavailable, falling back ({reason})")
-    return "reference"
+            what = f"fastnas backend {requested!r}" if op == "mixed_sum" else f"fastnas {op} kernels {requested!r}"
+            raise RuntimeError(f"{what} cannot run {device_type} tensors: {reason}")
+        chosen = requested
+    else:
+        chosen = _FALLBACK[op]
+        for name in _AUTO_ORDER[op].get(device_type, ()):
+            reason = kernels_unavailable_reason(op, name, device_type)
+            if reason is None:
+                chosen = name
+                break
+            if op == "mixed_sum" and name in COMPILED_BACKENDS and device_type == name:
+                _warn_once(f"fastnas: backend {name!r} unavailable, falling back ({reason})")
+    if chosen == "cpu":
+        check_cpu_switches()
+    return chosen
 
 
-def available_backends(device: torch.device | str = "cpu") -> list[str]:
-    """Every backend that can run tensors on ``device`` here."""
-    device_type = torch.device(device).type
-    return [n for n in BACKENDS[1:] if unavailable_reason(n, device_type) is None]
-
+# --------------------------------------------------------------------------- CPU instruction sets
 
 CPU_ISA_LEVELS = ("avx512", "avx2", "portable")  # instruction-set levels of the CPU kernels, best first
 
 
-def check_cpu_isa_env() -> None:
-    """Raise ValueError when FASTNAS_CPU_ISA names no level (any case is accepted): a misspelt cap
-    would otherwise be ignored without a word."""
-    value = os.environ.get("FASTNAS_CPU_ISA")
-    if value and value.lower() not in CPU_ISA_LEVELS:
-        raise ValueError(f"FASTNAS_CPU_ISA must be one of {', '.join(CPU_ISA_LEVELS)} (any case), got {value!r}")
+def _cpu_switches(strict: bool) -> tuple[str | None, int | None, int | None]:
+    """``FASTNAS_CPU_ISA`` (lower case), ``FASTNAS_CPU_STREAM_BYTES`` and ``FASTNAS_CPU_POOL_MB``, each
+    None when unset; a value the kernels cannot take raises ValueError naming it (``strict``) or is None."""
+    isa, stream, pool = switches.cpu_isa(), switches.cpu_stream_bytes(), switches.cpu_pool_megabytes()
+    if isa is not None and isa.lower() not in CPU_ISA_LEVELS:
+        if strict:
+            raise ValueError(f"{switches.CPU_ISA} must be one of {', '.join(CPU_ISA_LEVELS)} (any case), got {isa!r}")
+        isa = None
+    numbers = []
+    for name, text in ((switches.CPU_STREAM_BYTES, stream), (switches.CPU_POOL_MB, pool)):
+        if text is not None and not text.strip().isdigit():
+            if strict:
+                raise ValueError(f"{name} must be a non-negative integer, got {text!r}")
+            text = None
+        numbers.append(None if text is None else int(text))
+    return (None if isa is None else isa.lower()), numbers[0], numbers[1]
+
+
+def check_cpu_switches() -> None:
+    """Raise ValueError naming the variable when a ``FASTNAS_CPU_*`` switch holds what the CPU kernels
+    cannot take (``FASTNAS_CPU_ISA``: a level, any case; the others: non-negative integers): a misspelt
+    value would otherwise be ignored without a word. Called when CPU kernels are first chosen."""
+    _cpu_switches(strict=True)
+
+
+@functools.cache
+def _configure_cpu_kernels() -> None:
+    """Hand the CPU kernels the ``FASTNAS_CPU_*`` switches, once, when the extension loads (at
+    ``import fastnas``); a value they cannot take is left out here and raises at the first choice of
+    CPU kernels (:func:`check_cpu_switches`)."""
+    isa, stream_bytes, pool_megabytes = _cpu_switches(strict=False)
+    if isa is not None or stream_bytes is not None:
+        torch.ops.fastnas._cpu_settings(isa, stream_bytes)
+    if pool_megabytes is not None:
+        torch.ops.fastnas._cpu_pool_settings(pool_megabytes)
 
 
 def cpu_isa_levels() -> list[str]:
@@ -220,18 +358,3 @@ def cpu_isa_levels() -> list[str]:
         return []
     best, _ = torch.ops.fastnas._cpu_settings()
     return list(CPU_ISA_LEVELS[CPU_ISA_LEVELS.index(best) :])
-
-
-@functools.cache
-def kernels_for(name: str) -> tuple[Callable, Callable]:
-    """The (forward, backward) callables of backend ``name``, all with the native ops' contract."""
-    if name in COMPILED_BACKENDS:
-        _extension()
-        return torch.ops.fastnas._mixed_sum_forward, torch.ops.fastnas._mixed_sum_backward
-    if name == "triton":
-        from fastnas.kernels import mixed_sum as triton_mixed_sum
-
-        return triton_mixed_sum.VALIDATED  # the op layer checked the inputs: no second check
-    from fastnas.ops import reference
-
-    return reference.mixed_sum_forward_reference, reference.mixed_sum_backward_reference

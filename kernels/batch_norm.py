@@ -30,10 +30,10 @@ gradients and outputs back and the BatchNorm backward kernel. Here:
   (dtypes, 16-byte alignment of every pointer, the plane size's divisibility by 16, constexprs).
 
 One program per channel leaves SMs idle when ``C`` is small, and each program streams its channel
-twice; at the supernets' sizes (``B * H * W`` = 4K-64K elements per channel) a GPU step is expected
-to be launch-bound (not yet measured), and one launch each way replaces the native path's four or
-five operators (BatchNorm, split copy, two merging stacks, BatchNorm backward, its constants). Stats
-are returned in float32 for 16-bit inputs (float64 for float64), as PyTorch's CUDA BatchNorm does.
+twice: a trade for launches, expected to bound a GPU step at the supernets' sizes (``B * H * W`` =
+4K-64K elements per channel), where one launch each way replaces the native path's four or five operators
+(BatchNorm, split copy, two merging stacks, BatchNorm backward, its constants). Stats are returned
+in float32 for 16-bit inputs (float64 for float64), as PyTorch's CUDA BatchNorm does.
 """
 
 from __future__ import annotations
@@ -49,8 +49,8 @@ import triton.language as tl
 from fastnas.kernels.launch import Launcher, alignment
 from torch import Tensor
 
-from fastnas.ops.batch_norm import TRITON_DTYPES as SUPPORTED_DTYPES
-from fastnas.ops.reference import accumulation_dtype
+from fastnas.contract import FLOAT_DTYPES as SUPPORTED_DTYPES
+from fastnas.contract import accumulation_dtype
 
 __all__ = [
     "batch_norm_parts",
@@ -73,7 +73,7 @@ TILE_ELEMENTS = 4096
 float64): 32 per thread at :data:`NUM_WARPS` warps, so that each thread keeps 8 (float32, float64)
 or 4 (16-bit) 16-byte loads of a tensor in flight, all issued before the first is used. A program
 streams its channel alone, so these are all it has in flight: 1024-element tiles would keep 4 KB in
-flight per SM, a few GB/s at DRAM latency by Little's law (an estimate)."""
+flight per SM, a few GB/s at DRAM latency by Little's law."""
 SCALAR_TILE_ELEMENTS = 1024
 """Elements per tile on other planes (scalar accesses: larger tiles spill)."""
 NUM_WARPS = 4
@@ -383,7 +383,7 @@ def batch_norm_parts_backward(grads: Sequence[Tensor | None], outputs: Sequence[
 
 def launch_variants() -> list[tuple]:
     """What the launchers compile, one entry per kernel variant worth proving
-    (``kernels/offline.py``): ``("forward", dtype, plane, has_running)`` and ``("backward", dtype,
+    (``tools/triton_offline.py``): ``("forward", dtype, plane, has_running)`` and ``("backward", dtype,
     plane, blocks)``; a plane of 1024 elements (16-divisible: vector accesses) for every dtype and
     bucket, one of 49 (7x7: scalar accesses) for float32."""
     variants = []
@@ -396,7 +396,7 @@ def launch_variants() -> list[tuple]:
 
 def compile_variant(variant: tuple):
     """Launch ``variant`` on CPU tensors the way :func:`batch_norm_parts` and
-    :func:`batch_norm_parts_backward` do, under an offline driver (``kernels/offline.py``), and
+    :func:`batch_norm_parts_backward` do, under an offline driver (``tools/triton_offline.py``), and
     return the compiled kernel."""
     form, dtype, plane, extra = variant
     B, c = 2, 4

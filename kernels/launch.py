@@ -13,17 +13,16 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import triton
-from torch import Tensor
-from triton.runtime.driver import driver
+from fastnas.kernels import unavailable_reason
 
-from fastnas import backend
+# every kernel module of kernels/ imports this one: Triton's version is checked here, before the first
+# Triton name is imported
+if unavailable_reason():
+    raise ImportError(f"the triton kernels of fastnas: {unavailable_reason()}")
 
-# every kernel module of kernels/ imports this one: the minimum version is checked in one place,
-# fastnas.backend (which also reports it as unavailable_reason)
-_reason = backend._triton_reason()
-if _reason:
-    raise ImportError(f"the triton kernels of fastnas: {_reason}")
+import triton  # noqa: E402
+from torch import Tensor  # noqa: E402
+from triton.runtime.driver import driver  # noqa: E402
 
 _RUNTIME_KNOBS = getattr(getattr(triton, "knobs", None), "runtime", None)
 """Triton's launch hooks live here from Triton 3.4 on; before, every launch goes through Triton."""

@@ -1,8 +1,8 @@
 """Triton backend of the mixed sum ``y = sum_k w_k * o_k`` (``torch.ops.fastnas.mixed_sum``).
 
-:mod:`fastnas.backend` routes the ``triton`` backend to :data:`VALIDATED` (the op layer has checked
-the inputs); :func:`mixed_sum_forward` and :func:`mixed_sum_backward` are the same with the checks,
-for direct calls. Both follow the native contract of ``csrc/mixed_sum.h``: K >= 1 inputs of one
+The op layer calls :data:`VALIDATED` when the ``triton`` backend runs (it has checked the inputs);
+:func:`mixed_sum_forward` and :func:`mixed_sum_backward` are the same with the checks, for direct
+calls. Both follow the native contract of ``csrc/mixed_sum.h``: K >= 1 inputs of one
 dtype (float16, bfloat16, float32, float64), shape and strides, dense, so each is a flat array of
 ``numel`` elements in memory order; weights 1-D, contiguous, in the accumulation dtype (float64 for
 float64 inputs, float32 otherwise). The autograd lives in ``fastnas/ops/mixed_sum.py``.
@@ -41,7 +41,7 @@ How the kernels work
   path and compiles), launches call the compiled kernel's launcher directly, keyed on what Triton
   specialises on (constexprs, dtypes, the 16-byte alignment of every pointer), skipping its per-call
   argument binding. The partial-sum rows and the counter live in a workspace kept per (device,
-  stream). :func:`fastnas.kernels.offline.host_overhead_probe` measures the host time of a call.
+  stream). ``host_overhead_probe`` of ``tools/triton_offline.py`` measures the host time of a call.
 """
 
 from __future__ import annotations
@@ -56,8 +56,8 @@ from fastnas.kernels.launch import Launcher, alignment
 from torch import Tensor
 from triton.runtime.driver import driver
 
-from fastnas.ops.mixed_sum import SUPPORTED_DTYPES, _layout_key, is_dense
-from fastnas.ops.reference import accumulation_dtype
+from fastnas.contract import FLOAT_DTYPES as SUPPORTED_DTYPES
+from fastnas.contract import accumulation_dtype, is_dense, layout_key
 
 __all__ = [
     "mixed_sum_forward",
@@ -533,14 +533,14 @@ def _backward_launches(grad, outputs, outputs_grad, weights, weights_grad, devic
 
 
 VALIDATED = (_forward, _backward)
-"""The (forward, backward) :mod:`fastnas.backend` hands to the op layer, which has already checked
-the inputs and brought them to one layout: :func:`mixed_sum_forward` and :func:`mixed_sum_backward`
+"""The (forward, backward) the op layer calls (``fastnas.ops.mixed_sum.kernels_for``), having already
+checked the inputs and brought them to one layout: :func:`mixed_sum_forward` and :func:`mixed_sum_backward`
 without their checks (a call's host time matters; see
-:func:`fastnas.kernels.offline.host_overhead_probe`)."""
+``host_overhead_probe`` of ``tools/triton_offline.py``)."""
 
 
 def _cpu_tensors_allowed() -> bool:
-    """CPU tensors run in the interpreter, or compile-only under an offline driver (kernels/offline.py)."""
+    """CPU tensors run in the interpreter, or compile-only under the offline driver of tools/triton_offline.py."""
     return _LAUNCHER.interpreted or type(driver.active).__name__ == "OfflineDriver"
 
 
@@ -563,7 +563,7 @@ def _check(grad: Tensor | None, outputs: Sequence[Tensor], weights: Tensor, op: 
         t = tensors[i]
         if not isinstance(t, Tensor) or t.dtype != dtype or t.device != device:
             raise TypeError(f"{op}: {name(i)} must be a {dtype} tensor on {device} like {name(0)}")
-        if t.shape != shape or (t.stride() != stride and _layout_key(t) != _layout_key(first)):
+        if t.shape != shape or (t.stride() != stride and layout_key(t) != layout_key(first)):
             raise ValueError(f"{op}: {name(i)} must have the shape and strides of {name(0)}")
     acc = accumulation_dtype(dtype)
     if not isinstance(weights, Tensor) or weights.dim() != 1 or weights.dtype != acc or not weights.is_contiguous():

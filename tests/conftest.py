@@ -24,8 +24,10 @@ from fastnas.ops import reference  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 
-# the eager reference supernets live with the benchmarks, which time against them
+# the eager reference supernets live with the benchmarks, which time against them; Triton's offline
+# driver (compiling for a GPU without one) is development tooling, in tools/
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 
 
 @contextmanager

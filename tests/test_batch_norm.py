@@ -221,3 +221,35 @@ def test_compiled_backward_runs_the_kernel(invstd_differentiable):
         assert kernel in ops_of(backward) and composite not in ops_of(backward)
     _, _, invstd = lean_batch_norm(x, 3, None, None, 0.1, 1e-5, None, invstd_differentiable)
     assert invstd.requires_grad == invstd_differentiable
+
+
+def test_compiles_with_dynamic_shapes_by_inductor():
+    """``torch.compile(..., dynamic=True)`` of a convolution, the lean BatchNorm's blocks and a mixed sum
+    (a supernet edge group's pattern) compiles with inductor, and its outputs, input gradient and
+    weight gradients equal eager's; a second plane size compiles again and equals eager too."""
+    import fastnas
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    first = nn_conv(3, 8)
+    second = nn_conv(4, 4)
+
+    def fn(x, w):
+        ys, _, _ = lean_batch_norm(first(x), 2, None, None, 0.1, 1e-5, invstd_differentiable=False)
+        return second(fastnas.mixed_sum(ys, w))
+
+    compiled = torch.compile(fn, dynamic=True)
+    for size in (6, 5):
+        x = nhwc(torch.randn(2, 3, size, size)).requires_grad_()
+        w = torch.randn(2, requires_grad=True)
+        leaves = [x, w, first.weight, second.weight]
+        y_compiled = compiled(x, w)
+        grads_compiled = torch.autograd.grad(y_compiled.square().sum(), leaves)
+        y_eager = fn(x, w)
+        grads_eager = torch.autograd.grad(y_eager.square().sum(), leaves)
+        torch.testing.assert_close(y_compiled, y_eager)
+        torch.testing.assert_close(grads_compiled, grads_eager)
+
+
+def nn_conv(c_in: int, c_out: int) -> torch.nn.Conv2d:
+    return torch.nn.Conv2d(c_in, c_out, 3, padding=1, bias=False).to(memory_format=torch.channels_last)

@@ -28,8 +28,8 @@ from fastnas import backend
 from fastnas.ops.reference import accumulation_dtype
 
 pytest.importorskip("triton", reason="the Triton BatchNorm needs the triton package")
-if backend._triton_reason():
-    pytest.skip(f"the Triton BatchNorm is unavailable: {backend._triton_reason()}", allow_module_level=True)
+if backend.unavailable_reason("triton"):
+    pytest.skip(f"the Triton BatchNorm is unavailable: {backend.unavailable_reason('triton')}", allow_module_level=True)
 if not HAS_CUDA and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("needs a CUDA GPU or TRITON_INTERPRET=1 (tests/conftest.py sets it)", allow_module_level=True)
 
@@ -207,7 +207,8 @@ def test_lean_batch_norm_takes_the_cuda_path_on_fake_cuda_tensors(monkeypatch):
 
     if not backend.load_extension():
         pytest.skip("the compiled extension is not built")
-    monkeypatch.setattr(bn_ops, "_triton_on_cuda", True)
+    monkeypatch.setattr(backend, "_selected", {"batch_norm": "triton"})
+    monkeypatch.setattr(backend, "_resolved", {})
     with FakeTensorMode():
         x = torch.empty(4, 6, 5, 5, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         rm, rv = torch.zeros(6, device="cuda"), torch.ones(6, device="cuda")
@@ -229,7 +230,7 @@ def test_lean_batch_norm_on_cuda_runs_the_triton_kernels():
 
     if not backend.load_extension():
         pytest.skip("the compiled extension is not built")
-    assert bn_ops._triton_on_cuda
+    assert backend.kernel_choices("cuda")["batch_norm"] == "triton"
     x = (torch.randn(4, 6, 5, 5, dtype=torch.float64, device="cuda") * 2 + 1).requires_grad_()
     assert bn_ops.uses_kernels(x)
     opcheck(torch.ops.fastnas.batch_norm_parts.default, (x.detach(), 3, None, None, 0.1, 1e-5))
@@ -245,7 +246,7 @@ def test_lean_batch_norm_on_cuda_runs_the_triton_kernels():
 def compiled() -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run(
-        [sys.executable, "-m", "fastnas.kernels.offline", "--batch-norm", "80", "90"],
+        [sys.executable, str(ROOT / "tools" / "triton_offline.py"), "--batch-norm", "80", "90"],
         capture_output=True,
         text=True,
         env=env,

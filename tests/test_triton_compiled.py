@@ -3,7 +3,7 @@
 Every kernel variant the launchers of ``kernels/mixed_sum.py`` can pick (each K bucket, dtype,
 forward and backward form, in the one configuration each uses) is compiled ahead of time for the
 A100 (sm_80) and the H100/H200 (sm_90) through Triton's own launch path, with a driver that
-compiles and launches nothing (``kernels/offline.py``). Then, per compiled kernel:
+compiles and launches nothing (``tools/triton_offline.py``). Then, per compiled kernel:
 
 * no spills: ``cuobjdump -res-usage`` of the cubin reports no stack frame and no local memory;
 * full tiles move 16-byte vectors: the PTX holds a 128-bit global load per vector of every input
@@ -35,11 +35,11 @@ pytest.importorskip("triton", reason="needs the triton package")
 
 from fastnas import backend  # noqa: E402
 
-if backend._triton_reason():
-    pytest.skip(f"the triton backend is unavailable: {backend._triton_reason()}", allow_module_level=True)
+if backend.unavailable_reason("triton"):
+    pytest.skip(f"the triton backend is unavailable: {backend.unavailable_reason('triton')}", allow_module_level=True)
 
 from fastnas.kernels import mixed_sum as tk  # noqa: E402  (only its tables; interpreted or not)
-from fastnas.kernels.offline import in_flight_sample, triton_tool  # noqa: E402
+from triton_offline import in_flight_sample, triton_tool  # noqa: E402
 
 try:
     triton_tool("ptxas"), triton_tool("cuobjdump")
@@ -49,6 +49,7 @@ except FileNotFoundError as exc:  # pragma: no cover - every Triton wheel with t
 CAPABILITIES = (80, 90)
 SHARDS = 2
 ROOT = Path(__file__).resolve().parents[1]
+OFFLINE = ROOT / "tools" / "triton_offline.py"  # compiles for a GPU without one
 
 
 def _name(dtype: torch.dtype | None) -> str | None:
@@ -85,7 +86,7 @@ def compiled() -> dict[tuple, dict]:
     capabilities = [str(c) for c in CAPABILITIES]
     runs = [
         subprocess.Popen(
-            [sys.executable, "-m", "fastnas.kernels.offline", "--compile", str(shard), str(SHARDS), *capabilities],
+            [sys.executable, str(OFFLINE), "--compile", str(shard), str(SHARDS), *capabilities],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

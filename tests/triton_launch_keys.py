@@ -13,14 +13,17 @@ from __future__ import annotations
 import json
 import random
 import sys
+from pathlib import Path
 
 import torch
 from fastnas.kernels import batch_norm as kb
 from fastnas.kernels import mixed_sum as tk
-from fastnas.kernels.offline import offline_gpu
 from triton.runtime.jit import compute_cache_key
 
 from fastnas.ops.reference import accumulation_dtype
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+from triton_offline import offline_gpu  # noqa: E402
 
 
 def at_offset(numel: int, dtype: torch.dtype, offset: int) -> torch.Tensor:

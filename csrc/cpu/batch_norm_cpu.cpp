@@ -7,9 +7,9 @@
 // computed by one convolution, so their BatchNorm runs over the concatenated channels. With the
 // native kernel the output then had to be split into dense per-op tensors (a copy) and, in the
 // backward, the per-op gradients and outputs concatenated again (two copies) for the native
-// backward, which on channels_last CPU tensors also runs at about 2.5 ns per element, five times its
-// forward (measured on a 2-core EPYC, [64, 48, 32, 32]). Here the forward writes the blocks directly
-// and the backward reads them directly:
+// backward, which on channels_last CPU tensors is also several times slower than its forward
+// (benchmarks/RESULTS.md). Here the forward writes the blocks directly and the backward reads them
+// directly:
 //
 //   forward:  mean_c, var_c over the B*H*W pixels;  y_c = (x_c - mean_c) * invstd_c,  invstd = 1/sqrt(var + eps)
 //   backward: dx_c = invstd_c * (g_c - sum(g_c) / N - y_c * sum(g_c * y_c) / N)
@@ -43,9 +43,8 @@ constexpr int64_t kRunChunks = 16;     // chunks of pixels the backward's second
 // the forward's shifted sums s1 = sum(x - shift), s2 = sum((x - shift)^2) (kSquares), or the
 // backward's s1 = sum(g), s2 = sum(g * y). Up to kMaxVectors vectors of channels (cpu/nhwc.h) are
 // summed at once, their sums in registers for the whole chunk (each row read once, contiguously):
-// with a runtime channel count they lived in memory, each pixel's add waiting on the previous
-// pixel's store, which made 16-channel blocks (one vector per pixel) twice as slow per byte as
-// 48-channel ones.
+// with a runtime channel count they would live in memory, each pixel's add waiting on the previous
+// pixel's store, worst for 16-channel blocks (one vector per pixel).
 template <bool kSquares, int NV, typename T>
 FASTNAS_INLINE void vector_sums(const T* __restrict a, const T* __restrict b, int64_t pixels, int64_t stride,
                                 const T* __restrict shift, T* __restrict s1, T* __restrict s2) {
@@ -177,8 +176,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_parts_cpu(const at::Te
 
   const int64_t c_part = C / parts;
   const at::Tensor layout = at::empty({parts, B, H, W, c_part}, input.options().device(at::kMeta));
-  // (not from the block pool: a step's BatchNorm outputs all live until its backward, and pooling them
-  // filled the pool, so that the mixed sums' gradients page-faulted again: their backward ran 4x slower)
+  // (not from the block pool: a step's BatchNorm outputs all live until its backward, so pooling them
+  // fills the pool and the mixed sums' gradients page-fault again)
   at::Tensor out = at::empty(layout.sizes(), input.options()).permute({0, 1, 4, 2, 3});
   at::Tensor mean = at::empty({C}, input.options());
   at::Tensor invstd = at::empty({C}, input.options());
@@ -310,7 +309,7 @@ at::Tensor batch_norm_parts_backward_cpu(const c10::List<std::optional<at::Tenso
     scalar_t* out = dx.data_ptr<scalar_t>();
     at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
       // every part of a run of pixels, then the next run: a run's dx rows stay in L2 while each part's
-      // run of g and y streams (runs of one chunk, switching tensors every 8 KB, ran 2x slower)
+      // run of g and y streams (runs of kRunChunks chunks: switching tensors every chunk is slower)
       for (int64_t run = begin; run < end; run += kRunChunks) {
         const int64_t p0 = run * kChunkPixels, p1 = std::min(N, std::min(end, run + kRunChunks) * kChunkPixels);
         for (int64_t q = 0; q < parts; ++q) {

@@ -5,7 +5,9 @@
 #include <c10/core/CPUAllocator.h>
 #include <c10/core/impl/alloc_cpu.h>
 
-#include <cstdlib>
+#include <torch/library.h>
+
+#include <atomic>
 #include <mutex>
 #include <unordered_map>
 #include <vector>
@@ -15,13 +17,14 @@ namespace {
 
 constexpr size_t kMinPooledBytes = size_t(1) << 20;  // smaller blocks are cheap for malloc anyway
 
-size_t pool_limit_bytes() {
-  static const size_t limit = [] {
-    const char* env = std::getenv("FASTNAS_CPU_POOL_MB");
-    return static_cast<size_t>(env != nullptr ? std::strtoull(env, nullptr, 10) : 512) << 20;
-  }();
+// The cache's bound: 512 MB unless fastnas::_cpu_pool_settings sets another (fastnas.backend does, from
+// FASTNAS_CPU_POOL_MB, when the extension loads).
+std::atomic<size_t>& pool_limit() {
+  static std::atomic<size_t> limit{size_t(512) << 20};
   return limit;
 }
+
+size_t pool_limit_bytes() { return pool_limit().load(std::memory_order_relaxed); }
 
 class BlockPool {
  public:
@@ -96,7 +99,21 @@ PooledCpuAllocator& pooled_allocator() {
   return *instance;
 }
 
+// Sets the cache's bound in megabytes (0 turns it off; blocks cached already stay until taken) and
+// returns the bound in force.
+int64_t pool_settings(std::optional<int64_t> limit_megabytes) {
+  if (limit_megabytes.has_value()) {
+    TORCH_CHECK_VALUE(*limit_megabytes >= 0, "fastnas::_cpu_pool_settings: limit_megabytes must be >= 0");
+    pool_limit().store(static_cast<size_t>(*limit_megabytes) << 20, std::memory_order_relaxed);
+  }
+  return static_cast<int64_t>(pool_limit_bytes() >> 20);
+}
+
 }  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fastnas, m) {
+  m.def("_cpu_pool_settings(int? limit_megabytes=None) -> int", &pool_settings);
+}
 
 at::Tensor pooled_empty_like(const at::Tensor& like) {
   return at::detail::empty_strided_generic(like.sizes(), like.strides(), &pooled_allocator(),

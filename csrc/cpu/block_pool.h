@@ -2,9 +2,10 @@
 //
 // glibc returns multi-megabyte blocks to the OS when they are freed, so every fresh tensor of that
 // size page-faults on first touch: writing the K input gradients of a supernet node into fresh
-// memory ran at about a quarter of the speed of writing into memory already mapped (measured on a
-// 2-core EPYC). Blocks of the kernels' own results are kept here when freed and handed out again
-// for the same size, up to FASTNAS_CPU_POOL_MB megabytes in all (default 512; 0 turns it off).
+// memory is several times slower than into memory already mapped (benchmarks/RESULTS.md). Blocks of
+// the kernels' own results are kept here when freed and handed out again for the same size, up to
+// 512 MB in all unless fastnas::_cpu_pool_settings sets another bound (fastnas.backend sets
+// FASTNAS_CPU_POOL_MB's; 0 turns the cache off).
 //
 // The cache sits behind a c10::Allocator, so its tensors are ordinary ones: resizable (a resize
 // allocates through the same allocator), and every block handed out or given back is reported to

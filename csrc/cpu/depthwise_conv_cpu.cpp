@@ -2,9 +2,8 @@
 // (NHWC) float32 and float64 tensors.
 //
 // Why: oneDNN's depthwise backward on x86 has fast kernels only for some shapes; for 5x5 and for
-// dilated kernels its weight gradient (and the dilated input gradient) runs 10-30x slower than the
-// forward (measured on a 2-core EPYC: 18 ms against 0.8 ms, batch 16, 64 channels, 32x32, 5x5), and
-// DARTS's sep/dil convs are all of that kind. Here both gradients are direct loops vectorised along
+// dilated kernels its weight gradient (and the dilated input gradient) is an order of magnitude slower
+// than the forward (benchmarks/RESULTS.md), and DARTS's sep/dil convs are all of that kind. Here both gradients are direct loops vectorised along
 // the channels, which are contiguous in NHWC:
 //
 //   grad_weight[c, kh, kw] = sum_{b, ho, wo} grad[b, ho, wo, c] * input[b, ho*sh - ph + kh*dh, wo*sw - pw + kw*dw, c]

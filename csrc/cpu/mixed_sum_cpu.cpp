@@ -1,8 +1,8 @@
 // CPU kernels of the mixed sum (contract: csrc/mixed_sum.h), registered for the CPU dispatch key.
 //
 // On x86 CPUs with AVX2 or AVX-512 the work of each thread goes to the register-blocked kernels of
-// csrc/cpu/mixed_sum_simd.cpp (picked at run time, capped by FASTNAS_CPU_ISA). The portable kernels
-// below serve every other CPU, and FASTNAS_CPU_ISA=portable. Both split the work the same way:
+// csrc/cpu/mixed_sum_simd.cpp (picked at run time, capped by fastnas::_cpu_settings: fastnas.backend
+// sets FASTNAS_CPU_ISA's cap). The portable kernels below serve every other CPU, and the portable level. Both split the work the same way:
 //
 // Forward, one pass: per tile of kTile elements, y = sum_k w_k * o_k is accumulated in a cache-resident
 // tile (float32, or float64 for float64 inputs) and stored once.
@@ -223,13 +223,10 @@ int64_t last_level_cache_bytes() {
   return bytes;
 }
 
-// Calls touching more bytes than this stream their results: the last-level cache size by default,
-// FASTNAS_CPU_STREAM_BYTES when set, or what the tests set through fastnas::_cpu_settings.
+// Calls touching more bytes than this stream their results: the last-level cache size unless
+// fastnas::_cpu_settings sets another (fastnas.backend does, from FASTNAS_CPU_STREAM_BYTES).
 std::atomic<int64_t>& stream_threshold() {
-  static std::atomic<int64_t> threshold{[] {
-    const char* env = std::getenv("FASTNAS_CPU_STREAM_BYTES");
-    return env != nullptr ? static_cast<int64_t>(std::strtoll(env, nullptr, 10)) : last_level_cache_bytes();
-  }()};
+  static std::atomic<int64_t> threshold{last_level_cache_bytes()};
   return threshold;
 }
 
@@ -399,9 +396,10 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> mixed_sum_backward_cpu(const at:
   return {outputs_grad, weights_grad};
 }
 
-// Settings of the CPU kernels, for tests and benchmarks: the instruction-set level ("avx512", "avx2" or
-// "portable", capped by what the CPU has) and the size above which results are streamed. Returns
-// the settings in force after the call.
+// Settings of the CPU kernels: the instruction-set level ("avx512", "avx2" or "portable", capped by what
+// the CPU has) and the size above which results are streamed; fastnas.backend sets them from
+// FASTNAS_CPU_ISA and FASTNAS_CPU_STREAM_BYTES when the extension loads, tests and benchmarks to
+// compare levels. Returns the settings in force after the call.
 std::tuple<std::string, int64_t> cpu_settings(std::optional<std::string> isa, std::optional<int64_t> stream_above_bytes) {
   if (isa.has_value()) {
     simd::Isa level;

@@ -275,7 +275,7 @@ const char* isa_name(Isa isa) {
 
 bool isa_from_name(const char* name, Isa* isa) {
   for (Isa level : {Isa::kAvx512, Isa::kAvx2, Isa::kPortable}) {
-    if (name != nullptr && strcasecmp(name, isa_name(level)) == 0) {  // FASTNAS_CPU_ISA=AVX2 is avx2
+    if (name != nullptr && strcasecmp(name, isa_name(level)) == 0) {  // any case: AVX2 is avx2
       *isa = level;
       return true;
     }
@@ -285,15 +285,10 @@ bool isa_from_name(const char* name, Isa* isa) {
 
 namespace {
 
-// The best level this CPU supports and this build compiled, capped by FASTNAS_CPU_ISA (fastnas.backend
-// refuses an unknown name with an error before the CPU backend first runs).
+// The best level this CPU supports and this build compiled (fastnas::_cpu_settings lowers the level in
+// use: fastnas.backend sets FASTNAS_CPU_ISA's cap when the extension loads).
 Isa supported_isa() {
-  static const Isa isa = [] {
-    const Isa detected = detect_isa();
-    Isa cap = Isa::kAvx512;
-    isa_from_name(getenv("FASTNAS_CPU_ISA"), &cap);
-    return static_cast<int>(cap) < static_cast<int>(detected) ? cap : detected;
-  }();
+  static const Isa isa = detect_isa();
   return isa;
 }
 

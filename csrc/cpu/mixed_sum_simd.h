@@ -21,11 +21,11 @@ enum class Dtype : int { kFloat32, kFloat64, kFloat16, kBFloat16 };
 
 // Name of an instruction-set level: "portable", "avx2" or "avx512".
 const char* isa_name(Isa isa);
-// The level named `name` (as isa_name spells it) in *isa; false for any other name.
+// The level named `name` (as isa_name spells it, in any case) in *isa; false for any other name.
 bool isa_from_name(const char* name, Isa* isa);
 
 // The level the kernels use now: the best this CPU supports and this build compiled, capped by
-// FASTNAS_CPU_ISA when it is set, and by set_isa_limit.
+// set_isa_limit (fastnas::_cpu_settings; fastnas.backend sets FASTNAS_CPU_ISA's cap).
 Isa active_isa();
 void set_isa_limit(Isa limit);
 

@@ -7,7 +7,9 @@ import torch
 from torch import Tensor
 from torch.autograd import forward_ad
 
-KERNEL_DTYPES = (torch.float32, torch.float64)
+from fastnas.contract import CPU_KERNEL_DTYPES as KERNEL_DTYPES
+
+__all__ = ["KERNEL_DTYPES", "pair", "strictly_channels_last", "plain_autograd"]
 
 
 def pair(value: int | tuple[int, int], name: str) -> tuple[int, int]:

@@ -4,10 +4,10 @@ channels_last.
 On CPU float32 and float64 tensors laid out channels_last (the supernets' CPU layout), the forward
 and the backward are the compiled kernels ``fastnas::avg_pool2d_nhwc`` and
 ``fastnas::avg_pool2d_nhwc_backward`` (``csrc/cpu/avg_pool_cpu.cpp``), which sum each window in
-registers, vectorised along the channels: ATen's channels_last kernels accumulate through memory and
-take about 2 ns per element for the supernets' 3x3 stride-1 pools. Elsewhere (other layouts, CUDA,
-16-bit dtypes, no compiled extension, torch.func transforms, forward-mode AD) it is ``F.avg_pool2d``
-itself.
+registers, vectorised along the channels, where ATen's channels_last kernels accumulate through
+memory (their times against these: ``benchmarks/RESULTS.md``). They run where :mod:`fastnas.backend`
+chose them (``avg_pool``: ``cpu``); elsewhere (other layouts, CUDA, 16-bit dtypes, no compiled
+extension, torch.func transforms, forward-mode AD) it is ``F.avg_pool2d`` itself.
 
 The forward sums every window in PyTorch's order (same results). The backward is a gather, each input
 pixel summing its windows in a fixed order (deterministic, independent of the thread count), equal to
@@ -15,7 +15,7 @@ PyTorch's up to rounding. Pooling is linear, so the backward of the backward is 
 backward (``create_graph=True``) runs the kernels too.
 
 In eager mode the autograd is C++ (``fastnas::_avg_pool2d_autograd``, ``csrc/avg_pool_autograd.cpp``:
-a Python autograd.Function's backward cost the host about 30 µs more a call); ``torch.compile``
+a Python autograd.Function's host time is more than a small pooling's kernels); ``torch.compile``
 traces the autograd.Functions below.
 """
 
@@ -25,21 +25,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastnas import backend
 from fastnas.ops._nhwc import KERNEL_DTYPES, pair, plain_autograd
 
 Geometry = tuple[tuple[int, int], tuple[int, int], tuple[int, int], bool]  # kernel, stride, padding, count_pad
 
-_kernels_built = False
-"""Set once the compiled extension has loaded (:func:`register_native_fakes`, which
-:mod:`fastnas.backend` calls then). A module flag, which a traced call reads as a constant."""
-
 
 def uses_kernels(x: Tensor) -> bool:
-    """Whether :func:`avg_pool2d` pools ``x`` (and computes its gradient) with the compiled CPU kernels."""
+    """Whether :func:`avg_pool2d` pools ``x`` (and computes its gradient) with the compiled CPU kernels:
+    :mod:`fastnas.backend` chose them (``avg_pool``: ``cpu``) and ``x`` is what they take."""
     return (
-        _kernels_built
-        and x.device.type == "cpu"
+        x.device.type == "cpu"
         and x.dtype in KERNEL_DTYPES
+        and backend.get_kernels("avg_pool", "cpu") == "cpu"
         and x.dim() == 4
         and plain_autograd()  # first: under vmap, is_contiguous(memory_format=...) raises
         and x.is_contiguous(memory_format=torch.channels_last)
@@ -103,22 +101,3 @@ def avg_pool2d(
     if not torch.compiler.is_compiling():  # the same autograd in C++ (csrc/avg_pool_autograd.cpp)
         return torch.ops.fastnas._avg_pool2d_autograd(x, kernel_size, stride, padding, bool(count_include_pad))
     return _AvgPool2d.apply(x, (kernel_size, stride, padding, bool(count_include_pad)))
-
-
-def register_native_fakes() -> None:
-    """Fake kernels of the compiled ops (called once the extension is loaded)."""
-    global _kernels_built
-    _kernels_built = True
-
-    def pooled(input, kernel_size, stride, padding, count_include_pad):
-        B, C, H, W = input.shape
-        Ho = (H + 2 * padding[0] - kernel_size[0]) // stride[0] + 1
-        Wo = (W + 2 * padding[1] - kernel_size[1]) // stride[1] + 1
-        return input.new_empty((B, C, Ho, Wo)).contiguous(memory_format=torch.channels_last)
-
-    torch.library.register_fake("fastnas::avg_pool2d_nhwc")(pooled)
-    torch.library.register_fake("fastnas::_avg_pool2d_autograd")(pooled)
-
-    @torch.library.register_fake("fastnas::avg_pool2d_nhwc_backward")
-    def _(grad, input_size, kernel_size, stride, padding, count_include_pad):
-        return grad.new_empty(input_size).contiguous(memory_format=torch.channels_last)

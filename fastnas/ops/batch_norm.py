@@ -10,24 +10,25 @@ outputs are kept for the backward (the mixed sums keep them alive anyway):
 Two paths compute it:
 
 * the registered ops ``fastnas::batch_norm_parts`` and ``fastnas::batch_norm_parts_backward``, which
-  write and read the blocks where they are, outside torch.func transforms and forward-mode AD
-  (:func:`uses_kernels`); in eager mode their autograd is C++ (``fastnas::_lean_batch_norm_autograd``,
-  ``csrc/batch_norm_autograd.cpp``: the Python autograd.Function cost the host about 12 µs over the
-  forward kernel on CPU), while tracing the autograd.Function below:
+  write and read the blocks where they are, where :mod:`fastnas.backend` chose them (``batch_norm``:
+  ``cpu`` or ``triton``), outside torch.func transforms and forward-mode AD (:func:`uses_kernels`);
+  in eager mode their autograd is C++ (``fastnas::_lean_batch_norm_autograd``,
+  ``csrc/batch_norm_autograd.cpp``: a Python autograd.Function's host time is more than the kernel's
+  at supernet sizes), while tracing the autograd.Function below:
 
   - CPU float32/float64 channels_last tensors, with the extension built: compiled kernels
     (``csrc/cpu/batch_norm_cpu.cpp``). Statistics are summed in fixed chunks in double
     (deterministic, independent of the thread count);
   - CUDA contiguous (NCHW) float32/float16/bfloat16/float64 tensors, with the extension built and
     Triton >= 3.3 installed: Triton kernels (``kernels/batch_norm.py``), one launch each way where
-    the native path below dispatches four or five operators. Sums per channel in a fixed order, float32 (float64 for
-    float64); the statistics are float32 for 16-bit inputs, as PyTorch's are.
+    the native path below dispatches four or five operators. Sums per channel in a fixed order,
+    float32 (float64 for float64); the statistics are float32 for 16-bit inputs, as PyTorch's are.
 
   Either way the sums are not in PyTorch's order: float32 results differ from PyTorch's by rounding;
 * elsewhere (NCHW on CPU, 16-bit on CPU, no extension): PyTorch's kernels, with a copy splitting the
   output into dense blocks and, in the backward, two merging the blocks' gradients and outputs again
-  (on CPU the native channels_last backward also costs 4–5 times its forward at the grouped shapes:
-  why the CPU kernels exist).
+  (on CPU the native channels_last backward is also several times slower than its forward at the
+  grouped shapes, ``benchmarks/RESULTS.md``: why the CPU kernels exist).
 
 Both paths return ``invstd`` as a differentiable output: the backward's formula depends on ``x``
 through it, so the double backward (``create_graph=True``) needs its gradient.
@@ -39,26 +40,21 @@ differentiable torch operations compute the same outputs and statistics there
 
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 import torch
 from torch import Tensor
 
+from fastnas import backend, extension
+from fastnas.contract import FLOAT_DTYPES as TRITON_DTYPES
 from fastnas.ops._nhwc import KERNEL_DTYPES, plain_autograd, strictly_channels_last
-
-_kernels_built = False
-"""Set once the compiled extension has loaded (:func:`register_native_fakes`)."""
-_triton_on_cuda = False
-"""Set once the Triton kernels are the ops' CUDA kernels (:func:`register_native_fakes`, on a machine
-with CUDA)."""
-TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def uses_kernels(x: Tensor, running_mean: Tensor | None = None, running_var: Tensor | None = None) -> bool:
     """Whether :func:`lean_batch_norm` of ``x`` (with these running statistics) runs the registered ops
-    (compiled CPU kernels, Triton on CUDA) rather than PyTorch's kernels."""
-    if not (_kernels_built and plain_autograd() and x.dim() == 4):  # plain_autograd first: under vmap,
+    (compiled CPU kernels, Triton on CUDA) rather than PyTorch's kernels: :mod:`fastnas.backend` chose
+    them (``batch_norm``: ``cpu`` or ``triton``) and the tensors are what they take."""
+    if not (plain_autograd() and x.dim() == 4):  # plain_autograd first: under vmap,
         return False  # is_contiguous(memory_format=...) raises
     stats = [t for t in (running_mean, running_var) if t is not None]
     if x.device.type == "cpu":
@@ -66,13 +62,14 @@ def uses_kernels(x: Tensor, running_mean: Tensor | None = None, running_var: Ten
             x.dtype in KERNEL_DTYPES
             and x.is_contiguous(memory_format=torch.channels_last)
             and all(t.dtype == x.dtype and t.is_contiguous() for t in stats)
+            and backend.get_kernels("batch_norm", "cpu") == "cpu"
         )
     if x.device.type == "cuda":
         return (
-            _triton_on_cuda
-            and x.dtype in TRITON_DTYPES
+            x.dtype in TRITON_DTYPES
             and x.is_contiguous()
             and all(t.is_floating_point() and t.is_contiguous() and t.device == x.device for t in stats)
+            and backend.get_kernels("batch_norm", "cuda") == "triton"
         )
     return False
 
@@ -242,59 +239,12 @@ def _functional_lean_batch_norm(x, parts, running_mean, running_var, momentum, e
     return list(y.chunk(parts, dim=1)), mean.detach(), torch.rsqrt(var + eps)
 
 
-def _fake_parts(input: Tensor, parts: int) -> tuple[Tensor, Tensor, Tensor]:
-    """What ``fastnas::batch_norm_parts`` returns, for fake tensors: CPU blocks channels_last, the
-    Triton kernels' NCHW blocks with float32 statistics for 16-bit inputs on CUDA."""
-    B, C, H, W = input.shape
-    if input.device.type == "cuda":
-        stats = torch.float64 if input.dtype == torch.float64 else torch.float32
-        out = input.new_empty((parts, B, C // parts, H, W))
-        return out, input.new_empty((C,), dtype=stats), input.new_empty((C,), dtype=stats)
-    out = input.new_empty((parts, B, H, W, C // parts)).permute(0, 1, 4, 2, 3)
-    return out, input.new_empty((C,)), input.new_empty((C,))
-
-
 def _composite_backward(grads, outputs, invstd, invstd_grad, eps):
     """``fastnas::_lean_batch_norm_backward_composite``: the backward where it must be differentiable
     (``create_graph=True``) or ``invstd`` has a gradient, by PyTorch's operators (both autograds use
     it)."""
     dx = _native_backward(grads, outputs, invstd, eps, None)
     return _add_invstd_grad(dx, invstd_grad, outputs, invstd)
-
-
-def register_native_fakes() -> None:
-    """Fake kernels of the compiled ops (called once the extension is loaded) and, on a machine with
-    CUDA and Triton, the Triton kernels as the ops' CUDA kernels (``FASTNAS_TRITON_BATCH_NORM=0``:
-    PyTorch's BatchNorm on CUDA instead)."""
-    global _kernels_built, _triton_on_cuda
-    _kernels_built = True
-
-    @torch.library.register_fake("fastnas::batch_norm_parts")
-    def _(input, parts, running_mean, running_var, momentum, eps):
-        return _fake_parts(input, parts)
-
-    @torch.library.register_fake("fastnas::_lean_batch_norm_autograd")
-    def _(input, parts, running_mean, running_var, momentum, eps):
-        out, mean, invstd = _fake_parts(input, parts)
-        return [*out.unbind(0), mean, invstd]
-
-    torch.library.impl("fastnas::_lean_batch_norm_backward_composite", "CompositeImplicitAutograd")(_composite_backward)
-
-    @torch.library.register_fake("fastnas::batch_norm_parts_backward")
-    def _(grads, outputs, invstd):
-        B, c, H, W = outputs[0].shape
-        dx = outputs[0].new_empty((B, c * len(outputs), H, W))
-        return dx if outputs[0].device.type == "cuda" else dx.contiguous(memory_format=torch.channels_last)
-
-    from fastnas import backend
-
-    if (
-        torch.cuda.is_available()
-        and os.environ.get("FASTNAS_TRITON_BATCH_NORM", "1") != "0"
-        and backend.triton_installed()
-    ):
-        register_triton_kernels()
-        _triton_on_cuda = True
 
 
 _triton_registered = False
@@ -322,3 +272,9 @@ def _triton_backward(grads, outputs, invstd):
     from fastnas.kernels.batch_norm import batch_norm_parts_backward
 
     return batch_norm_parts_backward(grads, outputs, invstd)
+
+
+if extension.load():  # the ops are the extension's; what registers them from Python is here
+    torch.library.impl("fastnas::_lean_batch_norm_backward_composite", "CompositeImplicitAutograd")(_composite_backward)
+    if backend.triton_installed():  # Triton itself is imported at the first CUDA call
+        register_triton_kernels()

@@ -4,11 +4,12 @@ The forward is PyTorch's own (``F.conv2d`` with ``groups = channels``). The back
 and float64 tensors, is computed by the compiled kernels ``fastnas::depthwise_conv2d_input_grad`` and
 ``fastnas::depthwise_conv2d_weight_grad`` (``csrc/cpu/depthwise_conv_cpu.cpp``) in channels_last, both
 called by one op, ``fastnas::depthwise_conv2d_backward`` (one dispatch per backward, as PyTorch's
-``convolution_backward``): oneDNN,
-which PyTorch uses there, has fast depthwise backward kernels only for some shapes, and its weight
-gradient of a 5x5 or dilated kernel runs 10-30x slower than the forward, when DARTS's separable and
-dilated convolutions are made of nothing else. Elsewhere (CUDA, 16-bit dtypes, no compiled
-extension, torch.func transforms, forward-mode AD, double backward) it is ``F.conv2d`` itself.
+``convolution_backward``): oneDNN, which PyTorch uses there, has fast depthwise backward kernels
+only for some shapes, and its weight gradient of a 5x5 or dilated kernel is an order of magnitude
+slower than the forward (``benchmarks/RESULTS.md``), when DARTS's separable and dilated convolutions
+are made of nothing else. The kernels run where :mod:`fastnas.backend` chose them
+(``depthwise_conv``: ``cpu``); elsewhere (CUDA, 16-bit dtypes, no compiled extension, torch.func
+transforms, forward-mode AD, double backward) it is ``F.conv2d`` itself.
 
 The kernels' reductions run in a fixed order (deterministic, independent of the thread count) but
 not in oneDNN's: float32 gradients differ from PyTorch's by rounding (measured in
@@ -21,20 +22,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastnas import backend
 from fastnas.ops._nhwc import KERNEL_DTYPES, pair, plain_autograd
-
-_kernels_built = False
-"""Set once the compiled extension has loaded (:func:`register_native_fakes`, which
-:mod:`fastnas.backend` calls then). A module flag, which a traced call reads as a constant."""
 
 
 def uses_kernels(x: Tensor, weight: Tensor) -> bool:
-    """Whether :func:`depthwise_conv2d` computes the backward of ``x``, ``weight`` with the compiled CPU kernels."""
+    """Whether :func:`depthwise_conv2d` computes the backward of ``x``, ``weight`` with the compiled CPU
+    kernels: :mod:`fastnas.backend` chose them (``depthwise_conv``: ``cpu``) and the tensors are what
+    they take."""
     return (
         x.device.type == "cpu"
         and x.dtype in KERNEL_DTYPES
         and weight.dtype == x.dtype
-        and _kernels_built
+        and backend.get_kernels("depthwise_conv", "cpu") == "cpu"
         and plain_autograd()
     )
 
@@ -86,25 +86,3 @@ def depthwise_conv2d(
     if not uses_kernels(x, weight):
         return F.conv2d(x, weight, None, stride, padding, dilation, x.shape[1])
     return _DepthwiseConv2d.apply(x, weight, stride, padding, dilation)
-
-
-def register_native_fakes() -> None:
-    """Fake kernels of the compiled ops (called once the extension is loaded)."""
-    global _kernels_built
-    _kernels_built = True
-
-    @torch.library.register_fake("fastnas::depthwise_conv2d_weight_grad")
-    def _(grad, input, kernel_size, stride, padding, dilation):
-        return grad.new_empty((input.shape[1], 1, *kernel_size))
-
-    @torch.library.register_fake("fastnas::depthwise_conv2d_input_grad")
-    def _(grad, weight, input_size, stride, padding, dilation):
-        return grad.new_empty(input_size).contiguous(memory_format=torch.channels_last)
-
-    @torch.library.register_fake("fastnas::depthwise_conv2d_backward")
-    def _(grad, input, weight, stride, padding, dilation, output_mask):
-        nhwc = input.is_contiguous(memory_format=torch.channels_last)
-        layout = torch.channels_last if nhwc else torch.contiguous_format
-        dx = grad.new_empty(input.shape).contiguous(memory_format=layout) if output_mask[0] else grad.new_empty(0)
-        dw = grad.new_empty(weight.shape) if output_mask[1] else grad.new_empty(0)
-        return dx, dw

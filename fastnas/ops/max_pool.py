@@ -4,11 +4,11 @@ Eager, it is ``F.max_pool2d``. Traced by dynamo for a CPU tensor, it is the op `
 (its gradient ``fastnas::max_pool2d_backward``), which inductor calls as it calls an extern kernel:
 ATen's own pooling, so the compiled results and gradients are eager's to the bit. Inductor would
 otherwise generate the pooling and its backward as C++ (about 400 lines for one 3x3 pool's forward),
-compiled again for every cell shape: in the DARTS supernet (C16, 8 layers: 5 compiled cell graphs)
-leaving them to ATen took the first compiled step from 120.6-128.5 s to 96.8-105.6 s, the compiled
-step's speed within noise (benchmarks/RESULTS.md, benchmarks/bench_max_pool.py).
+compiled again for every cell shape, which lengthens a supernet's first compiled step and does not
+speed up the later ones (``benchmarks/RESULTS.md``, ``benchmarks/bench_max_pool.py``).
 
-Elsewhere (CUDA, where inductor's Triton pooling fuses with its neighbours; forward-mode AD) it is
+That is :mod:`fastnas.backend`'s choice on CPU (``max_pool``: ``aten``); elsewhere (CUDA, where
+inductor's Triton pooling fuses with its neighbours; forward-mode AD; ``max_pool``: ``torch``) it is
 ``F.max_pool2d`` under ``torch.compile`` too.
 """
 
@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastnas import backend
 from fastnas.ops._nhwc import pair, plain_autograd
 
 
@@ -95,6 +96,11 @@ def max_pool2d(
     kernel_size = pair(kernel_size, "kernel_size")
     stride = kernel_size if stride is None else pair(stride, "stride")
     padding = pair(padding, "padding")
-    if torch.compiler.is_compiling() and x.device.type == "cpu" and plain_autograd():
+    if (
+        torch.compiler.is_compiling()
+        and x.device.type == "cpu"
+        and backend.get_kernels("max_pool", "cpu") == "aten"
+        and plain_autograd()
+    ):
         return _max_pool2d(x, list(kernel_size), list(stride), list(padding))[0]
     return F.max_pool2d(x, kernel_size, stride, padding)

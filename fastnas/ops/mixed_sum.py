@@ -19,21 +19,51 @@ the compiled ``fastnas::_mixed_sum_forward`` / ``_mixed_sum_backward`` kernels:
 * backward returns ``(outputs_grad, weights_grad)``: K new tensors laid out like ``grad`` (none
   when ``compute_outputs_grad`` is False) and the K inner products in the accumulation dtype
   (an empty tensor when ``outputs`` is empty).
+
+Which autograd runs when
+------------------------
+:func:`mixed_sum` records its backward in one of four ways; all compute the same values with the
+same kernels (the backend :func:`fastnas.get_backend` names):
+
+* **Traced by torch.compile, or** ``torch.ops.fastnas.mixed_sum`` **called directly**: the
+  ``torch.library`` registration. ``fastnas::mixed_sum`` is a custom op whose autograd
+  (:func:`_backward`, calling ``fastnas::mixed_sum_backward``), batching rule and autocast promotion
+  are registered with it. Why: a compiled graph keeps the op as one opaque call of the fused kernels
+  (its fake kernel gives the shapes), and a ``torch.ops`` call is differentiable, vmap-able and
+  autocast-aware like an ATen op.
+* **Eager, on the compiled backends** (``cpu``, ``cuda``): the C++ autograd node
+  ``fastnas::_mixed_sum_autograd`` (``csrc/mixed_sum_autograd.cpp``), which checks the arguments,
+  brings them to one layout and records a node whose backward never enters Python. Why: host time is
+  most of a small edge's cost. When it refuses its arguments, the Python checks say which and why.
+* **Eager, on the Python backends** (``triton``, ``reference``): :class:`_MixedSumFunction`, a
+  classic ``torch.autograd.Function`` (forward with ``ctx``) over the operators' implementation.
+  Why: these backends have no C++ node, and both the registered op's dispatch and the
+  ``setup_context`` form cost more host time (``benchmarks/RESULTS.md``).
+* **Under a torch.func transform** (vmap, grad, jacrev, jacfwd, hessian) **or forward-mode AD**, on
+  every backend: :class:`_MixedSumTransformable`, the ``setup_context`` form those require, with a
+  batching rule (batched outputs with shared weights stay one fused call) and a ``jvp`` (itself a
+  mixed sum). Why: neither the classic form nor the C++ node can be transformed.
+
+Whichever records it, the backward runs the fused kernels, except where autograd records the
+backward itself (``create_graph=True``, for second derivatives) or a transform batches it: there the
+reference formulas run in differentiable torch ops (:func:`_gradients`; the C++ node likewise), which
+autograd differentiates exactly and vmap batches.
 """
 
 from __future__ import annotations
 
-from typing import Sequence, Union
+import functools
+from typing import Callable, Sequence, Union
 
 import torch
 from torch import Tensor
 from torch.autograd import forward_ad
 
 from fastnas import backend
-from fastnas.ops.reference import accumulation_dtype, mixed_sum_backward_reference
-
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
+from fastnas.contract import FLOAT_DTYPES as SUPPORTED_DTYPES
+from fastnas.contract import accumulation_dtype, is_dense, layout_key
+from fastnas.ops import reference
+from fastnas.ops.reference import mixed_sum_backward_reference
 
 # --------------------------------------------------------------------------- validation
 
@@ -128,23 +158,8 @@ def _under_autocast(t: object) -> bool:
 # --------------------------------------------------------------------------- layout
 
 
-def _layout_key(t: Tensor) -> tuple[tuple[int, int], ...]:
-    """Strides that matter (size-1 dimensions ignored), to compare layouts."""
-    return tuple((size, stride) for size, stride in zip(t.shape, t.stride()) if size != 1)
-
-
-def is_dense(t: Tensor) -> bool:
-    """Non-overlapping and dense: the elements fill ``numel`` consecutive slots in some order."""
-    expected = 1
-    for stride, size in sorted((s, n) for n, s in zip(t.shape, t.stride()) if n != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
 def _to_layout_of(t: Tensor, like: Tensor) -> Tensor:
-    if _layout_key(t) == _layout_key(like):
+    if layout_key(t) == layout_key(like):
         return t
     out = torch.empty_like(like)
     out.copy_(t)
@@ -175,6 +190,19 @@ def shared_dense_layout(tensors: Sequence[Tensor]) -> list[Tensor]:
 # Function: inputs validated, in one dense layout. Every backend handles tensors with no elements.
 
 
+@functools.cache
+def kernels_for(name: str) -> tuple[Callable, Callable]:
+    """The (forward, backward) callables of backend ``name``, all with the native ops' contract."""
+    if name in backend.COMPILED_BACKENDS:
+        backend.load_extension()
+        return torch.ops.fastnas._mixed_sum_forward, torch.ops.fastnas._mixed_sum_backward
+    if name == "triton":
+        from fastnas.kernels import mixed_sum as triton_mixed_sum
+
+        return triton_mixed_sum.VALIDATED  # the op layer checked the inputs: no second check
+    return reference.mixed_sum_forward_reference, reference.mixed_sum_backward_reference
+
+
 def _accumulation_weights(weights: Tensor, dtype: torch.dtype) -> Tensor:
     """The weights as the kernels take them: contiguous, in the accumulation dtype of ``dtype``."""
     acc = accumulation_dtype(dtype)
@@ -185,7 +213,7 @@ def _accumulation_weights(weights: Tensor, dtype: torch.dtype) -> Tensor:
 
 def _forward_impl(outputs: list[Tensor], weights: Tensor, kernels: tuple | None = None) -> Tensor:
     """``kernels``: the backend's (forward, backward) when the caller resolved it already."""
-    forward, _ = kernels or backend.kernels_for(backend.get_backend(outputs[0].device))
+    forward, _ = kernels or kernels_for(backend.get_backend(outputs[0].device))
     return forward(outputs, _accumulation_weights(weights, outputs[0].dtype))
 
 
@@ -199,7 +227,7 @@ def _backward_impl(
             grad = _to_layout_of(grad, outputs[0])
     elif not is_dense(grad):
         grad = grad.contiguous()
-    _, backward = kernels or backend.kernels_for(backend.get_backend(grad.device))
+    _, backward = kernels or kernels_for(backend.get_backend(grad.device))
     outputs_grad, weights_grad = backward(
         grad, outputs, _accumulation_weights(weights, grad.dtype), compute_outputs_grad
     )
@@ -327,11 +355,9 @@ def _function_backward(ctx, grad: Tensor, needs_input_grad: tuple | None = None,
 
 class _MixedSumFunction(torch.autograd.Function):
     """Eager autograd of the mixed sum on the Python backends (triton, reference): the same
-    implementation as the registered operators, without their dispatch overhead (tens of
-    microseconds a call, which small GPU tensors would feel). Written in the classic form (forward
-    with ctx), which costs about a quarter of the host time of the ``setup_context`` form; torch.func
-    transforms and forward-mode AD take :class:`_MixedSumTransformable`. The compiled backends have
-    theirs in C++, ``fastnas::_mixed_sum_autograd``. The inputs come in one shared dense layout."""
+    implementation as the registered operators, without their dispatch overhead (which small GPU
+    tensors would feel), in the classic form (forward with ctx), whose host time is less than the
+    ``setup_context`` form's (see the module docstring). The inputs come in one shared dense layout."""
 
     @staticmethod
     def forward(ctx, kernels: tuple, weights: Tensor, *outputs: Tensor) -> Tensor:
@@ -402,19 +428,6 @@ def _register_autocast_promotion() -> torch.library.Library:
 _AUTOCAST_LIBRARY = _register_autocast_promotion()
 
 
-def register_native_fakes() -> None:
-    """Fake kernels of the compiled ops (called once the extension is loaded)."""
-
-    @torch.library.register_fake("fastnas::_mixed_sum_forward")
-    def _(outputs: list[Tensor], weights: Tensor) -> Tensor:
-        return torch.empty_like(outputs[0])
-
-    @torch.library.register_fake("fastnas::_mixed_sum_backward")
-    def _(grad: Tensor, outputs: list[Tensor], weights: Tensor, compute_outputs_grad: bool):
-        outputs_grad = [torch.empty_like(grad) for _ in range(weights.shape[0])] if compute_outputs_grad else []
-        return outputs_grad, weights.new_empty(weights.shape if len(outputs) > 0 else (0,))
-
-
 # --------------------------------------------------------------------------- public API
 
 OutputsLike = Union[Sequence[Tensor], Tensor]
@@ -473,4 +486,4 @@ def mixed_sum(outputs: OutputsLike, weights: Tensor) -> Tensor:
     outputs = _validated_in_one_layout(outputs, weights)
     if transformed:
         return _MixedSumTransformable.apply(weights, *outputs)
-    return _MixedSumFunction.apply(backend.kernels_for(name), weights, *outputs)
+    return _MixedSumFunction.apply(kernels_for(name), weights, *outputs)

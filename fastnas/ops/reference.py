@@ -19,10 +19,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fastnas.contract import accumulation_dtype
 
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 for float64 inputs, float32 for everything narrower."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+__all__ = ["accumulation_dtype", "mixed_sum_forward_reference", "mixed_sum_backward_reference"]
 
 
 def mixed_sum_forward_reference(outputs: list[Tensor], weights: Tensor) -> Tensor:

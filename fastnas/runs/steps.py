@@ -14,16 +14,16 @@
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from fastnas import switches
 from fastnas.runs.config import RunError
 
-COMPILE_BACKEND_ENV = "FASTNAS_COMPILE_BACKEND"
+COMPILE_BACKEND_ENV = switches.COMPILE_BACKEND
 CAPTURE_WARMUP_CALLS = 2  # eager calls of a step before its capture: optimizer state, lazy caches
 
 
@@ -38,7 +38,7 @@ def step_stats(loss: Tensor, logits: Tensor, y: Tensor) -> Tensor:
 
 def compile_options() -> dict[str, Any]:
     """Options of ``torch.compile`` for ``--compile``: the backend of ``FASTNAS_COMPILE_BACKEND`` if set."""
-    backend = os.environ.get(COMPILE_BACKEND_ENV)
+    backend = switches.compile_backend()
     return {"backend": backend} if backend else {}
 
 

@@ -1,5 +1,8 @@
 """Triton's own launch path on a machine without a GPU: compile for a chosen GPU, launch nothing.
 
+Development tooling, not part of the installed package: the tests and ``benchmarks/`` import it with
+``tools/`` on ``sys.path``, and run it as ``python tools/triton_offline.py --compile ...``.
+
 :func:`offline_gpu` makes a :class:`OfflineDriver` Triton's active driver. Through it, a
 ``@triton.jit`` kernel's usual entry points (``kernel[grid](...)``, ``kernel.warmup(...)``) bind
 and specialise their arguments exactly as on a GPU, compile for the chosen target (``GPUTarget
@@ -9,8 +12,8 @@ dtype and the alignment of ``data_ptr()`` matter to the compiler).
 
 Two uses, both without a GPU: the tests compile every kernel variant the launchers of
 :mod:`fastnas.kernels.mixed_sum` can pick and inspect its PTX and resources
-(``tests/test_triton_compiled.py``), and :func:`fastnas.kernels.mixed_sum.host_overhead_probe`
-times the host side of the op with the launch stubbed out.
+(``tests/test_triton_compiled.py``), and :func:`host_overhead_probe` times the host side of the op
+with the launch stubbed out.
 
 The kernels must have been compiled, not interpreted: import them in a process without
 ``TRITON_INTERPRET=1``.
@@ -299,7 +302,7 @@ def _compile_variant(tk, variant):
     """Call the launcher that picks ``variant``; return its CompiledKernel and the launch plan."""
     import torch
 
-    from fastnas.ops.reference import accumulation_dtype
+    from fastnas.contract import accumulation_dtype
 
     dtype, acc = variant.dtype, accumulation_dtype(variant.dtype)
     plan = tk._plan(variant.form, variant.kb, dtype)
@@ -353,7 +356,7 @@ def compile_batch_norm_variants(capabilities: Sequence[int] = (90,)) -> list[dic
 
 
 def _main() -> None:
-    """``python -m fastnas.kernels.offline --compile SHARD SHARDS CAPABILITY...`` (the mixed sum) or
+    """``python tools/triton_offline.py --compile SHARD SHARDS CAPABILITY...`` (the mixed sum) or
     ``--batch-norm CAPABILITY...``: one JSON line."""
     if sys.argv[1:2] == ["--compile"]:
         shard, shards, *capabilities = map(int, sys.argv[2:])
@@ -362,7 +365,7 @@ def _main() -> None:
         print(json.dumps(compile_batch_norm_variants([int(c) for c in sys.argv[2:]])))
     else:
         raise SystemExit(
-            "usage: python -m fastnas.kernels.offline --compile SHARD SHARDS CAPABILITY... | --batch-norm CAPABILITY..."
+            "usage: python tools/triton_offline.py --compile SHARD SHARDS CAPABILITY... | --batch-norm CAPABILITY..."
         )
 
 
@@ -392,7 +395,8 @@ def host_overhead_probe(
     PyTorch's autograd and allocator cost any Python backend) and ``fastnas_host`` =
     ``forward_backward`` - ``autograd_floor``; with the inputs."""
     arguments = ", ".join(map(repr, (k, tuple(shape), dtype, calls, rounds)))
-    code = f"from fastnas.kernels.offline import _probe; _probe({arguments})"
+    here = str(Path(__file__).resolve().parent)
+    code = f"import sys; sys.path.insert(0, {here!r}); from triton_offline import _probe; _probe({arguments})"
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     if done.returncode != 0:
