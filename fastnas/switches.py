@@ -9,12 +9,14 @@
 | ``FASTNAS_CPU_POOL_MB`` | ``512``, megabytes (``0``: off) | the CPU kernels' cache of page-resident results |
 | ``TRITON_INTERPRET`` | unset, ``1`` | Triton's interpreter; ``triton`` then runs CPU tensors |
 | ``FASTNAS_COMPILE_BACKEND`` | unset (inductor), a ``torch.compile`` backend | what ``--compile`` compiles with |
+| ``RAY_ADDRESS`` | unset (runs in process), a Ray cluster's address | where sweeps run without ``--ray-address`` |
 | ``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK`` | ``1``, ``0``, ``0`` | torchrun's processes of a run |
 
 :mod:`fastnas.backend` acts on the first six (``FASTNAS_KERNELS`` names ``batch_norm``,
 ``avg_pool``, ``depthwise_conv`` or ``max_pool`` with ``auto``, ``cpu``, ``triton``, ``aten`` or
 ``torch``, e.g. ``batch_norm=torch,max_pool=torch``; ``TRITON_INTERPRET`` is Triton's own, read by
-Triton when a kernel is defined), :mod:`fastnas.runs.steps` on ``FASTNAS_COMPILE_BACKEND``.
+Triton when a kernel is defined), :mod:`fastnas.runs.steps` on ``FASTNAS_COMPILE_BACKEND``,
+:mod:`fastnas.runs.sweep` on ``RAY_ADDRESS`` (Ray's own variable, which ``ray.init`` reads too).
 torchrun's three are read where the processes are set up (:mod:`fastnas.runs.distributed`): they
 are torchrun's protocol, not switches of fastnas. The ``FASTNAS_CPU_*`` switches are handed to the
 compiled extension once, when ``import fastnas`` loads it, and checked when CPU kernels are first
@@ -39,6 +41,7 @@ CPU_STREAM_BYTES = "FASTNAS_CPU_STREAM_BYTES"
 CPU_POOL_MB = "FASTNAS_CPU_POOL_MB"
 TRITON_INTERPRET = "TRITON_INTERPRET"
 COMPILE_BACKEND = "FASTNAS_COMPILE_BACKEND"
+RAY_ADDRESS = "RAY_ADDRESS"
 
 
 def backend() -> str:
@@ -74,3 +77,8 @@ def triton_interpreter() -> bool:
 def compile_backend() -> str | None:
     """``FASTNAS_COMPILE_BACKEND`` as set, or None (``torch.compile``'s default)."""
     return os.environ.get(COMPILE_BACKEND) or None
+
+
+def ray_address() -> str | None:
+    """``RAY_ADDRESS`` as set, or None."""
+    return os.environ.get(RAY_ADDRESS) or None

@@ -33,6 +33,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
+from fastnas import switches
 from fastnas.runs.checkpoint import atomic_write_json, atomic_write_text
 from fastnas.runs.config import RunError, config_json
 from fastnas.runs.distributed import Dist
@@ -74,7 +75,7 @@ class Pool:
 
 def pool_from_args(args: Any) -> Pool:
     """The pool of a command line: ``--workers``, ``--ray-address`` (default ``RAY_ADDRESS``)."""
-    address = getattr(args, "ray_address", None) or os.environ.get("RAY_ADDRESS") or None
+    address = getattr(args, "ray_address", None) or switches.ray_address()
     return Pool(workers=getattr(args, "workers", None), address=address)
 
 
