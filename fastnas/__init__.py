@@ -3,9 +3,10 @@
 from fastnas import backend as _backend
 from fastnas.backend import available_backends, get_backend, set_backend
 from fastnas.ops import mixed_sum
+from fastnas.patching import patch, unpatch
 
 _backend.load_extension()  # registers the compiled kernels if built; never raises
 
 __version__ = "0.1.0"
 
-__all__ = ["mixed_sum", "set_backend", "get_backend", "available_backends", "__version__"]
+__all__ = ["mixed_sum", "set_backend", "get_backend", "available_backends", "patch", "unpatch", "__version__"]
