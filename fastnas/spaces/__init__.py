@@ -8,9 +8,9 @@ Each space is a description of its cell (:class:`fastnas.spaces.engine.CellDAG`)
 the reference layout; one executor, :mod:`fastnas.spaces.engine`, runs every cell: each node is one
 :func:`fastnas.mixed_sum` over its incoming (edge, op) pairs, ``none`` never computed. Both
 ``Network`` classes share one interface (``arch_parameters()``, ``weight_parameters()``,
-``arch_weights()``, ``arch_simplex_segments(p)``, ``export()``, the ``arch`` / ``sampler`` modes,
-``tau`` and ``generator``, ``sample_architecture()`` and ``forward(x, sample=None)``,
-``compute_all_ops``, ``eval_arch`` and ``compile_cells()``; see
+``arch_weights()``, ``arch_simplex_segments(p)``, ``export()``, ``edge_labels()``, the ``arch`` /
+``sampler`` modes, ``tau`` and ``generator``, ``sample_architecture()`` and ``forward(x,
+sample=None)``, ``compute_all_ops``, ``eval_arch`` and ``compile_cells()``; see
 :class:`fastnas.spaces._arch.ArchMixin`). What the run side needs of a space is its
 :class:`~fastnas.spaces.space.SearchSpace`: :func:`get_space`.
 """

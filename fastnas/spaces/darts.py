@@ -466,6 +466,11 @@ class Network(_arch.ArchMixin, nn.Module):
         """``str(self.genotype())``; :func:`parse_genotype` reads it back."""
         return str(self.genotype())
 
+    def edge_labels(self) -> list[str]:
+        """``"i<-j"`` for every row of a cell's op weights: node by node (nodes 2.. of a cell whose
+        inputs are nodes 0 and 1), inputs in order."""
+        return [f"{i}<-{j}" for i in range(2, self._steps + 2) for j in range(i)]
+
 
 def _parse(W: list[list[float]], steps: int) -> list[tuple[str, int]]:
     gene = []
@@ -536,10 +541,6 @@ class DartsSpace(SearchSpace):
             sampler=sampler,
             partial_channels=partial_channels,
         )
-
-    def edge_labels(self, net: nn.Module) -> list[str]:
-        """The rows run node by node (nodes 2.. of a cell whose inputs are nodes 0 and 1), inputs in order."""
-        return [f"{i}<-{j}" for i in range(2, net._steps + 2) for j in range(i)]
 
     def random_weights(self, rows: int, ops: int, dtype: torch.dtype, gen: torch.Generator) -> Tensor:
         """Each intermediate node keeps two distinct input edges with one non-``none`` op each, all its

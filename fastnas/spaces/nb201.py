@@ -463,6 +463,10 @@ class Network(_arch.ArchMixin, nn.Module):
         """:meth:`arch_string`; :func:`parse_arch_string` reads it back."""
         return self.arch_string()
 
+    def edge_labels(self) -> list[str]:
+        """``"i<-j"`` for every row of ``alphas``: :attr:`edge_keys`."""
+        return list(self.edge_keys)
+
 
 def format_arch_string(nodes: Sequence[Sequence[tuple[str, int]]]) -> str:
     """``|op~j|...|`` per node, joined by ``+``."""
@@ -539,9 +543,6 @@ class NB201Space(SearchSpace):
         return Network(
             C=channels, N=cells, num_classes=num_classes, in_channels=in_channels, arch=arch, sampler=sampler
         )
-
-    def edge_labels(self, net: nn.Module) -> list[str]:
-        return list(net.edge_keys)
 
     def random_weights(self, rows: int, ops: int, dtype: torch.dtype, gen: torch.Generator) -> Tensor:
         """One op per edge, ``none`` included (the benchmark's 15,625 cells)."""

@@ -48,11 +48,8 @@ class SearchSpace:
         sampler: str | None,
         partial_channels: int = 1,
     ) -> nn.Module:
-        """The space's supernet (``arch``, ``sampler``: see :class:`fastnas.spaces._arch.ArchMixin`)."""
-        raise NotImplementedError
-
-    def edge_labels(self, net: nn.Module) -> list[str]:
-        """``"i<-j"`` for every row of a cell's op weights of ``net``."""
+        """The space's supernet (``arch``, ``sampler``: see :class:`fastnas.spaces._arch.ArchMixin`; its
+        ``edge_labels()`` name the rows of a cell's op weights)."""
         raise NotImplementedError
 
     def random_architectures(self, net: nn.Module, count: int, gen: torch.Generator) -> list[list[Tensor]]:
