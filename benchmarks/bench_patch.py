@@ -4,7 +4,7 @@
 a per-op drop-in gives), patched whole cells (``fastnas.patch``: each node one mixed sum, ops grouped
 across edges), and fastnas's own supernets of the same size.
 
-* ``times``: median seconds of one step (forward, cross-entropy, backward, SGD) of each, in
+* ``times``: median seconds of one step (forward, cross-entropy, backward) of each, in
   interleaved rounds, at the sizes of the README's supernet rows: DARTS C=16, 8 layers, batch 16;
   NAS-Bench-201 C=16, N=5, batch 64 (32x32 images, CPU, ``torch.get_num_threads()`` threads).
 * ``kernels``: non-view ATen operators of one step (``kernel_count.py``), each a launch on a GPU.
@@ -23,10 +23,10 @@ import os
 import sys
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_step_kernels import step  # noqa: E402
 from kernel_count import count_kernels  # noqa: E402
 from timing import interleaved_medians  # noqa: E402
 
@@ -91,15 +91,7 @@ def networks(space: str, size: dict) -> dict[str, tuple[nn.Module, bool]]:
 
 
 def step_of(net: nn.Module, x: torch.Tensor, y: torch.Tensor):
-    optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        out = net(x)
-        F.cross_entropy(out[1] if isinstance(out, tuple) else out, y).backward()
-        optimizer.step()
-
-    return step
+    return lambda: step(net, x, y)
 
 
 def inputs(batch: int) -> tuple[torch.Tensor, torch.Tensor]:
