@@ -23,12 +23,14 @@ Grouped ops keep their weights and running statistics side by side in memory (``
 fastnas's own cells do, again after ``.to()``): every Parameter stays the same object with the same
 values, but its ``.data`` moves, and each running-statistics buffer becomes a view of one storage per
 group; ``pack=False`` leaves every tensor where it is (the groups' weights are then concatenated at
-every step).
+every step). A deep copy of a patched model is patched; a pickled one (``torch.save(model)``) loads
+unpatched (bound methods do not pickle): patch it again.
 """
 
 from __future__ import annotations
 
 import copy
+import copyreg
 import inspect
 import random
 from dataclasses import dataclass, field
@@ -220,9 +222,10 @@ def _xautodl_forward_urs(self: nn.Module, inputs: Tensor) -> Tensor:
 
 
 def _bind(module: nn.Module, dag: engine.CellDAG, methods: dict[str, Callable], pack: bool) -> None:
+    methods = {**methods, "__reduce_ex__": _reduce_unpatched, "__deepcopy__": _deepcopy_patched}
     added = list(methods) + ["_dag", "_apply"]
     for name, fn in methods.items():
-        setattr(module, name, fn.__get__(module, type(module)))
+        module.__dict__[name] = fn.__get__(module, type(module))
     module.__dict__["_dag"] = dag
     if pack and max(len(out) for out in dag.out_of) > 1:
         module.__dict__["_apply"] = _repacking_apply.__get__(module, type(module))
@@ -249,6 +252,24 @@ def _repacking_apply(self: nn.Module, fn, recurse=True):
     engine.pack_groups(self, self._dag)  # .to() / .double() gave every tensor its own storage
     _refresh_unit(self)
     return out
+
+
+def _reduce_unpatched(self: nn.Module, protocol: int):
+    """Pickling (``torch.save(model)``): the module without what the patch added (its bound methods
+    cannot be pickled); it loads unpatched."""
+    added = set(self.__dict__[_MARK]) | {_MARK, "_plan_cache", "last_computed"}
+    state = {k: v for k, v in self.__dict__.items() if k not in added}
+    return copyreg.__newobj__, (type(self),), state
+
+
+def _deepcopy_patched(self: nn.Module, memo: dict) -> nn.Module:
+    """``copy.deepcopy``: a patched copy (the bound methods bound to the copy), as for any module."""
+    new = type(self).__new__(type(self))
+    memo[id(self)] = new
+    for k, v in self.__dict__.items():
+        if k != "_plan_cache":
+            new.__dict__[k] = copy.deepcopy(v, memo)
+    return new
 
 
 def _unbind(module: nn.Module) -> None:

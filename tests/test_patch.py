@@ -278,6 +278,25 @@ def test_xautodl_setn_modes(xautodl, mode):
     assert_same_steps(ref, fast, forward, extra=lambda m: {"arch": m.arch_parameters})
 
 
+def test_copies_stay_patched_and_pickles_load_unpatched(xautodl):
+    import io
+
+    ref, fast = xautodl_pair(xautodl.TinyNetworkDarts)
+    fastnas.patch(fast)
+    copied = copy.deepcopy(fast)
+    assert copied.cells[0].forward.__self__ is copied.cells[0]
+    buffer = io.BytesIO()
+    torch.save(fast, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert not any("_dag" in m.__dict__ or "forward" in m.__dict__ for m in loaded.modules())
+    x, y = torch.randn(2, 3, 8, 8, dtype=torch.float64), torch.tensor([3, 1])
+    for model in (copied, loaded):
+        assert_same_steps(ref, model, lambda m: logits_loss(m, x, y), steps=1)
+        ref.load_state_dict(fast.state_dict())
+    assert len(fastnas.patch(loaded).patched) == 3
+
+
 def test_xautodl_random_and_enas_dynamic_cells(xautodl):
     ref, fast = xautodl_pair(xautodl.TinyNetworkRANDOM)
     assert len(fastnas.patch(fast).patched) == 3

@@ -275,10 +275,12 @@ class Cell(engine.FusedCell, nn.Module):
         self._steps = steps
         self._multiplier = multiplier
         self._ops = nn.ModuleList()
+        self.edges: list[tuple[int, int]] = []  # (node i, state j) per edge, in DARTS's order
         for i in range(steps):
             for j in range(2 + i):
                 stride = 2 if reduction and j < 2 else 1
                 self._ops.append(MixedOp(C // partial_channels, stride))
+                self.edges.append((i, j))
         self._init_engine(describe_cell(steps, multiplier, C, reduction, partial_channels))
 
     def forward(

@@ -305,7 +305,9 @@ def _conv_plan(table, q: int, edges: Sequence[int]):
     return seqs, stages, bn_groups
 
 
-def node_pairs(cell: nn.Module, dag: CellDAG, i: int, selected) -> list[tuple[int, int]]:
+def node_pairs(
+    cell: nn.Module, dag: CellDAG, i: int, selected: Sequence[Sequence[int]] | None
+) -> list[tuple[int, int]]:
     """The ``(edge, op)`` pairs node ``i`` sums (``none`` left out), in edge then op order."""
     if selected is None:
         return cached_plan(cell, ("pairs", i), _node_pairs, dag, candidates(cell, dag), i, None)
@@ -318,7 +320,11 @@ def _node_pairs(dag: CellDAG, table, i: int, selected) -> list[tuple[int, int]]:
 
 
 def node_weights(
-    cell: nn.Module, dag: CellDAG, weights: Tensor, selected=None, picked: Tensor | None = None
+    cell: nn.Module,
+    dag: CellDAG,
+    weights: Tensor,
+    selected: Sequence[Sequence[int]] | None = None,
+    picked: Tensor | None = None,
 ) -> list[Tensor | None]:
     """Per node, its op weights as one vector in :func:`node_pairs` order (None for a zero node): what
     :func:`run_cell` multiplies the node's ops by. Cells of one kind share them within a forward
@@ -348,7 +354,7 @@ def pack_groups(cell: nn.Module, dag: CellDAG) -> None:
                     pack_parameters(group, "bias")
 
 
-def packed_weights(cell: nn.Module, dag: CellDAG, selected) -> dict[tuple, Tensor]:
+def packed_weights(cell: nn.Module, dag: CellDAG, selected: Sequence[Sequence[int]] | None) -> dict[tuple, Tensor]:
     """The weight (and bias, where the BatchNorm after it cannot leave it out) of every grouped
     convolution the nodes will run, keyed ``(op, edges, layer index[, "bias"])``: made before a
     compiled graph, they are views of the packed parameters, where inside the graph each would be a
@@ -386,7 +392,7 @@ def run_cell(
     dag: CellDAG,
     states: list[Tensor],
     weights: Tensor,
-    selected=None,
+    selected: Sequence[Sequence[int]] | None = None,
     picked: Tensor | None = None,
     unselected: Tensor | None = None,
     edge_weights: Tensor | None = None,
@@ -610,7 +616,9 @@ class FusedCell:
             self, self._dag, states, weights, selected, picked, unselected, edge_weights, nodes_w, updates, packed
         )
 
-    def node_weights(self, weights: Tensor, selected=None, picked: Tensor | None = None) -> list[Tensor | None]:
+    def node_weights(
+        self, weights: Tensor, selected: Sequence[Sequence[int]] | None = None, picked: Tensor | None = None
+    ) -> list[Tensor | None]:
         """:func:`node_weights` of this cell: pass them to every cell of its kind in one forward."""
         return node_weights(self, self._dag, weights, selected, picked)
 
