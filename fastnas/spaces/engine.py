@@ -109,6 +109,7 @@ class Candidate(NamedTuple):
     pool: tuple[str, int] | None = None
     bn: nn.BatchNorm2d | None = None
     run: Runner | None = None
+    group: int | None = None  # set by candidates(): ops of one index with equal groups run together
 
 
 class CellDAG(NamedTuple):
@@ -125,6 +126,7 @@ class CellDAG(NamedTuple):
     partial_channels: int
     into: tuple[tuple[int, ...], ...]  # per node, its incoming edges in row order
     out_of: tuple[tuple[int, ...], ...]  # per state, the edges leaving it by target node
+    into_range: tuple[tuple[int, int] | None, ...]  # per node, (first, last + 1) when its rows are a range
 
 
 def cell_dag(
@@ -157,8 +159,9 @@ def cell_dag(
         for t in range(states)
     )
     labels = tuple(range(len(edges))) if labels is None else tuple(labels)
+    ranges = tuple((r[0], r[-1] + 1) if list(r) == list(range(r[0], r[-1] + 1)) else None for r in into)
     return CellDAG(
-        inputs, edges, tuple(output), channels, tuple(op_names), labels, ops_of, partial_channels, into, out_of
+        inputs, edges, tuple(output), channels, tuple(op_names), labels, ops_of, partial_channels, into, out_of, ranges
     )
 
 
@@ -245,8 +248,16 @@ def module_candidate(module: nn.Module) -> Candidate:
 
 
 def candidates(cell: nn.Module, dag: CellDAG) -> Sequence[Sequence[Candidate]]:
-    """The cell's :class:`Candidate` per edge and op (``dag.ops_of(cell)``, cached)."""
-    return cached_plan(cell, "candidates", dag.ops_of, cell)
+    """The cell's :class:`Candidate` per edge and op (``dag.ops_of(cell)``, cached), with their groups."""
+    return cached_plan(cell, "candidates", _grouped_candidates, cell, dag)
+
+
+def _grouped_candidates(cell: nn.Module, dag: CellDAG) -> list[list[Candidate]]:
+    keys: dict = {}  # group key -> a small int, cheap to hash at every call
+    table = dag.ops_of(cell)
+    return [
+        [c._replace(group=keys.setdefault(_group_key(c, e), len(keys))) for c in row] for e, row in enumerate(table)
+    ]
 
 
 # --------------------------------------------------------------------------- the plans
@@ -280,7 +291,7 @@ def _state_items(dag: CellDAG, table, j: int, selected) -> list[tuple[int, str, 
         for q in range(len(row)) if selected is None else selected[e]:
             c = row[q]
             if c.kind != ZERO:
-                groups.setdefault((q, _group_key(c, e)), []).append(e)
+                groups.setdefault((q, c.group), []).append(e)
     items = [(q, table[edges[0]][q].kind, tuple(edges)) for (q, _), edges in groups.items()]
     return sorted(items, key=lambda item: item[0])
 
@@ -472,11 +483,11 @@ def _nodes(
             s = dag.edges[e][2]
             node = states[dag.edges[e][1]].new_zeros(B, dag.channels // k, -(-H // s), -(-W // s))
         if k > 1:
-            ew = _rows(edge_weights, dag.into[i]) if edge_weights is not None else None
+            ew = _node_rows(edge_weights, dag, i) if edge_weights is not None else None
             ones = torch.ones(len(dag.into[i]), dtype=weights.dtype, device=weights.device) if ew is None else ew
             node = channel_shuffle(torch.cat([node, fastnas.mixed_sum(passes[i], ones)], dim=1), k)
         if unselected is not None:
-            node = node + _rows(unselected, dag.into[i]).sum()
+            node = node + _node_rows(unselected, dag, i).sum()
         states.append(node)
     if not tracing:
         cell.last_computed = computed
@@ -486,11 +497,10 @@ def _nodes(
     return out[0] if len(out) == 1 else torch.cat(out, dim=1)
 
 
-def _rows(t: Tensor, rows: Sequence[int]) -> Tensor:
-    """``t[rows]``: a slice when the rows are a range (no index tensor)."""
-    if list(rows) == list(range(rows[0], rows[-1] + 1)):
-        return t[rows[0] : rows[-1] + 1]
-    return torch.stack([t[r] for r in rows])
+def _node_rows(t: Tensor, dag: CellDAG, i: int) -> Tensor:
+    """The rows of ``t`` of node ``i``'s incoming edges: a slice when they are a range (no index tensor)."""
+    span = dag.into_range[i]
+    return t[span[0] : span[1]] if span is not None else torch.stack([t[r] for r in dag.into[i]])
 
 
 def channel_shuffle(x: Tensor, groups: int) -> Tensor:
