@@ -40,17 +40,13 @@ from fastnas.search.config import SearchConfig
 from fastnas.search.config import resolve as resolve_search
 from fastnas.search.loop import CHECKPOINT_FORMAT as SEARCH_FORMAT
 from fastnas.search.loop import run_search
+from fastnas.spaces import get_space
 from fastnas.train.loop import run_train
 from fastnas.train.recipes import TrainConfig
 from fastnas.train.recipes import resolve as resolve_train
 
 RUN_FILES = ("config.json", "shared.json", "result.json", "scatter.png", "supernet", "standalone")
 TOP_K = 5
-_SOME_ARCH = {  # an architecture of each space, to check settings with
-    "nb201": "|none~0|+|none~0|none~1|+|none~0|none~1|none~2|",
-    "darts": "Genotype(normal=[('skip_connect', 0)], normal_concat=range(2, 3), "
-    "reduce=[('skip_connect', 0)], reduce_concat=range(2, 3))",
-}
 
 
 def run_rank(cfg: RankConfig) -> dict[str, Any]:
@@ -64,7 +60,7 @@ def run_rank(cfg: RankConfig) -> dict[str, Any]:
     search_cfg = _search_config(cfg)
     table = _table(cfg)
     if table is None:  # the standalone trainings' settings are checked now, not after the supernet
-        resolve_train(_train_config(cfg, search_cfg, _SOME_ARCH[cfg.space], "unused"))
+        resolve_train(_train_config(cfg, search_cfg, get_space(cfg.space).example_arch, "unused"))
     supernet_dir = cfg.from_run or os.path.join(cfg.out, "supernet")
     if cfg.from_run is not None and not os.path.isfile(os.path.join(cfg.from_run, "checkpoint.pt")):
         raise RunError(f"--from {cfg.from_run}: no checkpoint.pt there")

@@ -15,8 +15,9 @@ from fastnas.runs.config import (
     require_finite,
 )
 from fastnas.search.algorithms import MODES, Algorithm, get_algorithm
+from fastnas.spaces import get_space, space_names
 
-SPACES = ("nb201", "darts")
+SPACES = space_names()
 SearchError = RunError  # the name search users know; every run raises RunError
 
 # per-data-set defaults of the network size, the epochs, the batch size and a factor on the papers'
@@ -115,8 +116,9 @@ def resolve(cfg: SearchConfig) -> tuple[SearchConfig, Algorithm]:
         raise RunError(
             f"--arch-warmup {cfg.arch_warmup} leaves no epoch of architecture updates in --epochs {cfg.epochs}"
         )
-    if cfg.space == "darts" and cfg.cells < 3:
-        raise RunError(f"--cells (layers) of the darts space must be at least 3, got {cfg.cells}")
+    min_cells = get_space(cfg.space).min_cells
+    if cfg.cells < min_cells:
+        raise RunError(f"--cells (layers) of the {cfg.space} space must be at least {min_cells}, got {cfg.cells}")
     if cfg.nb201_table is not None and cfg.space != "nb201":
         raise RunError("--nb201-table needs --space nb201")
     return cfg, alg

@@ -36,6 +36,7 @@ from fastnas.runs.plots import plot_arch_weights
 from fastnas.runs.tables import load_nb201_table
 from fastnas.search.algorithms import Algorithm, gumbel_tau, make_arch_optimizer
 from fastnas.search.config import SearchConfig, resolve
+from fastnas.spaces import get_space
 
 CHECKPOINT_FORMAT = "fastnas-search-checkpoint/1"
 RUN_FILES = ("config.json", "checkpoint.pt", "history.json", "arch.txt", "result.json", "arch_weights.png")
@@ -46,23 +47,10 @@ def build_network(
 ) -> nn.Module:
     """The supernet of ``cfg.space`` in the parametrisation of ``alg`` (``sampler`` overrides its sampler)."""
     sampler = alg.sampler if sampler == "alg" else sampler
-    if cfg.space == "nb201":
-        from fastnas.spaces import nb201
-
-        return nb201.Network(
-            C=cfg.channels,
-            N=cfg.cells,
-            num_classes=num_classes,
-            in_channels=in_channels,
-            arch=alg.arch,
-            sampler=sampler,
-        )
-    from fastnas.spaces import darts
-
-    return darts.Network(
-        C=cfg.channels,
+    return get_space(cfg.space).build_supernet(
+        channels=cfg.channels,
+        cells=cfg.cells,
         num_classes=num_classes,
-        layers=cfg.cells,
         in_channels=in_channels,
         arch=alg.arch,
         sampler=sampler,
@@ -70,21 +58,9 @@ def build_network(
     )
 
 
-def op_names(space: str) -> list[str]:
-    if space == "nb201":
-        from fastnas.spaces.nb201 import PRIMITIVES
-    else:
-        from fastnas.spaces.darts import PRIMITIVES
-    return list(PRIMITIVES)
-
-
 def edge_labels(net: nn.Module) -> list[str]:
-    """``"i<-j"`` for every row of a cell's op weights: NAS-Bench-201's ``edge_keys``; in DARTS cells
-    the rows run node by node (nodes 2.. of a cell whose inputs are nodes 0 and 1), inputs in order."""
-    if hasattr(net, "edge_keys"):
-        return list(net.edge_keys)
-    steps = getattr(net, "_steps", 4)
-    return [f"{i}<-{j}" for i in range(2, steps + 2) for j in range(i)]
+    """``"i<-j"`` for every row of a cell's op weights (the supernet's ``edge_labels()``)."""
+    return net.edge_labels()
 
 
 def row_entropy(weights: dict[str, Tensor]) -> dict[str, float]:
@@ -366,13 +342,11 @@ class Search(EpochRun):
     def _random_search(self) -> tuple[str, float]:
         """RS-WS selection: score ``rs_samples`` uniformly random architectures with the shared
         weights on the architecture data; set the best one (one-hot weights) and return it."""
-        from fastnas.search.selection import random_architectures
-
         cfg = self.cfg
         eval_net = build_network(cfg, self.alg, self.data.num_classes, self.data.in_channels, sampler=None)
         eval_net.to(self.device).load_state_dict(self.net.state_dict())
         gen = data_mod.epoch_generator(cfg.seed, cfg.epochs, stream=3)
-        candidates = random_architectures(cfg.space, eval_net, cfg.rs_samples, gen)
+        candidates = get_space(cfg.space).random_architectures(eval_net, cfg.rs_samples, gen)
         x_sel, y_sel = self.data.x_train[self.a_idx.to(self.device)], self.data.y_train[self.a_idx.to(self.device)]
         best, best_acc = None, -1.0
         for cand in candidates:
@@ -392,9 +366,8 @@ class Search(EpochRun):
 
     def on_stop(self) -> None:
         labels = {cell: edge_labels(self.net) for cell in self.net.arch_weights()}
-        plot_arch_weights(
-            self.history, os.path.join(self.cfg.out, "arch_weights.png"), op_names(self.cfg.space), labels
-        )
+        op_names = list(get_space(self.cfg.space).op_names)
+        plot_arch_weights(self.history, os.path.join(self.cfg.out, "arch_weights.png"), op_names, labels)
 
     def finish(self) -> dict[str, Any]:
         cfg = self.cfg

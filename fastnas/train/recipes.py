@@ -28,6 +28,7 @@ from fastnas.runs.config import (
     require_choice,
     require_finite,
 )
+from fastnas.spaces import get_space, space_of
 
 DEFAULT_DATASET = "distorted-digits"
 
@@ -75,20 +76,14 @@ class TrainConfig(RunSettings):
 
     @property
     def space(self) -> str:
-        """``darts`` or ``nb201``: the space of :attr:`arch`."""
-        return space_of(self.arch or "")
-
-
-def space_of(arch: str) -> str:
-    return "darts" if arch.lstrip().startswith("Genotype(") else "nb201"
+        """The name of the space :attr:`arch` is written in (``darts`` or ``nb201``)."""
+        return space_of(self.arch or "").name
 
 
 def parse_arch(arch: str) -> Any:
     """The parsed architecture (a DARTS ``Genotype`` or NAS-Bench-201 nodes); RunError naming ``--arch``."""
-    from fastnas.spaces import darts, nb201
-
     try:
-        return darts.parse_genotype(arch) if space_of(arch) == "darts" else nb201.parse_arch_string(arch)
+        return space_of(arch).parse(arch)
     except (TypeError, ValueError, SyntaxError) as e:
         raise RunError(
             f"--arch {arch!r} is neither a DARTS Genotype(...) nor a NAS-Bench-201 string ({e})".replace("\n", " ")
@@ -139,8 +134,11 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     require_finite(cfg, ("lr", "lr_min", "momentum", "weight_decay", "grad_clip", "drop_path", "auxiliary_weight"))
     if cfg.drop_path >= 1:
         raise RunError(f"--drop-path must lie in [0, 1), got {cfg.drop_path}")
-    if cfg.space == "darts" and cfg.cells < 3:
-        raise RunError(f"--cells (layers) of a DARTS network must be at least 3, got {cfg.cells}")
-    if cfg.space == "nb201" and (cfg.drop_path > 0 or cfg.auxiliary_weight > 0):
-        raise RunError("--drop-path and --auxiliary-weight need a DARTS network (NAS-Bench-201's has neither)")
+    space = get_space(cfg.space)
+    if cfg.cells < space.min_cells:
+        raise RunError(
+            f"--cells (layers) of a {space.title} network must be at least {space.min_cells}, got {cfg.cells}"
+        )
+    if not space.drop_path and (cfg.drop_path > 0 or cfg.auxiliary_weight > 0):
+        raise RunError(f"--drop-path and --auxiliary-weight need a DARTS network ({space.title}'s has neither)")
     return cfg
