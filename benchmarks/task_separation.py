@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from fastnas.search.selection import random_nb201_archs
+from fastnas.spaces.nb201 import random_arch_strings
 from fastnas.train import TrainConfig, run_train
 
 
@@ -30,7 +30,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=None, help="default: the recipe's")
     p.add_argument("--json", default=None, help="write the numbers here")
     args = p.parse_args()
-    archs = random_nb201_archs(args.count, torch.Generator().manual_seed(args.seed))
+    archs = random_arch_strings(args.count, torch.Generator().manual_seed(args.seed))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, arch in enumerate(archs):

@@ -3,6 +3,7 @@
 from fastnas import backend as _backend
 from fastnas.backend import available_backends, get_backend, kernel_choices, set_backend, set_kernels
 from fastnas.ops import mixed_sum
+from fastnas.patching import patch, unpatch
 
 _backend.load_extension()  # registers the compiled kernels if built; never raises
 
@@ -15,5 +16,7 @@ __all__ = [
     "available_backends",
     "set_kernels",
     "kernel_choices",
+    "patch",
+    "unpatch",
     "__version__",
 ]

@@ -64,9 +64,9 @@ def test_shared_weight_evaluations_as_tasks_equal_in_process(tmp_path, capsys):
     supernet = tmp_path / "supernet"
     assert run("search", ["--algorithm", "rs-ws", "--mode", "erm", "--out", str(supernet), *SEARCH], capsys)[0] == 0
     from fastnas.runs.data import epoch_generator
-    from fastnas.search.selection import random_nb201_archs
+    from fastnas.spaces.nb201 import random_arch_strings
 
-    archs = random_nb201_archs(60, epoch_generator(0, 0, stream=9))
+    archs = random_arch_strings(60, epoch_generator(0, 0, stream=9))
     csv = tmp_path / "t.csv"
     csv.write_text("arch,acc\n" + "".join(f"{a},{i}\n" for i, a in enumerate(archs)))
     count = str(2 * SHARED_PER_TASK)

@@ -90,9 +90,9 @@ def test_cells_share_each_nodes_weights_in_a_forward(space, mode, monkeypatch):
         monkeypatch.setattr(_arch, what, lambda *a, original=original: gathers.append(1) or original(*a))
     train_step(nets[0], x, y, sample)
     shared = len(gathers)
-    monkeypatch.setattr(_arch, "sharing_picks", lambda: __import__("contextlib").nullcontext())
-    monkeypatch.setattr(darts, "sharing_picks", _arch.sharing_picks)
-    monkeypatch.setattr(nb201, "sharing_picks", _arch.sharing_picks)
+    from fastnas.spaces import engine
+
+    monkeypatch.setattr(engine.FusedCell, "node_weights", lambda *args: None)  # every cell picks its own
     gathers.clear()
     train_step(nets[1], x, y, sample)
     cells = len(nets[0]._search_cells())
@@ -100,24 +100,6 @@ def test_cells_share_each_nodes_weights_in_a_forward(space, mode, monkeypatch):
     assert shared * cells == len(gathers) * kinds, (shared, len(gathers))
     for p, q in zip(nets[0].parameters(), nets[1].parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-14)
-    assert getattr(_arch._forward, "picks", None) is None  # the cache lives for one forward only
-
-
-def test_picked_weights_follow_in_place_changes():
-    """Within one forward's cache, an in-place change of the weights gives new entries."""
-    from fastnas.spaces import _arch
-
-    W = torch.rand(3, 4, dtype=torch.float64, requires_grad=True) * 1.0
-    with _arch.sharing_picks():
-        first = _arch.pick_weights(W, [(0, 1), (0, 2)])
-        assert _arch.pick_weights(W, [(0, 1), (0, 2)]) is first
-        before = first.detach().clone()
-        with torch.no_grad():
-            W.mul_(2)
-        second = _arch.pick_weights(W, [(0, 1), (0, 2)])
-        assert second is not first and torch.equal(second.detach(), 2 * before)
-        with torch.no_grad():
-            assert _arch.pick_weights(W, [(0, 1), (0, 2)]).grad_fn is None  # no graph-less entry reused
 
 
 # --------------------------------------------------------------------------- BatchNorm statistics

@@ -2,12 +2,48 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
 
 __all__ = ["check_input", "count_parameters", "count_macs"]
+
+
+class TrainedNetworks:
+    """What ``fastnas train`` needs of the networks of one search space's architectures (one instance
+    per space, found by :func:`fastnas.networks.for_space`).
+
+    Attributes:
+        space: the name of the search space (``--space``).
+        drop_path: whether the networks have drop path and an auxiliary head.
+        imagenet: whether there is a network for full-size ImageNet.
+        unused_parameters: whether a training step leaves parameters without a gradient (DDP must
+            then look for them).
+    """
+
+    space: str
+    drop_path: bool = False
+    imagenet: bool = False
+    unused_parameters: bool = False
+
+    def build(
+        self,
+        arch: str,
+        *,
+        channels: int,
+        cells: int,
+        num_classes: int,
+        in_channels: int,
+        auxiliary: bool,
+        imagenet: bool = False,
+    ) -> nn.Module:
+        """The network of ``arch`` (the full-size ImageNet one with ``imagenet``)."""
+        raise NotImplementedError
+
+    def outputs(self, out: Any) -> tuple[Tensor, Tensor | None]:
+        """``(logits, auxiliary logits or None)`` of a network's output."""
+        raise NotImplementedError
 
 
 def check_input(x: Tensor, in_channels: int, multiple: int) -> None:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastnas.networks.common import check_input
+from fastnas.networks.common import TrainedNetworks, check_input
 from fastnas.spaces import darts as space
 from fastnas.spaces.darts import FactorizedReduce, Genotype, ReLUConvBN, SepConv, parse_genotype
 from fastnas.spaces.ops import Identity, to_preferred_layout
@@ -366,3 +366,21 @@ class NetworkImageNet(_CellStack):
         s1 = to_preferred_layout(self.stem1(s0))
         s, logits_aux = self._run_cells(s0, s1)
         return self.classifier(self.global_pooling(s).flatten(1)), logits_aux
+
+
+class DartsNetworks(TrainedNetworks):
+    """The DARTS space's trained networks: :class:`NetworkCIFAR`, and :class:`NetworkImageNet` on ImageNet."""
+
+    space = "darts"
+    drop_path = True
+    imagenet = True
+
+    def build(self, arch, *, channels, cells, num_classes, in_channels, auxiliary, imagenet=False) -> nn.Module:
+        cls = NetworkImageNet if imagenet else NetworkCIFAR
+        return cls(channels, num_classes, cells, auxiliary, parse_genotype(arch), in_channels=in_channels)
+
+    def outputs(self, out) -> tuple[Tensor, Tensor | None]:
+        return out[0], out[1]
+
+
+TRAINED = DartsNetworks()

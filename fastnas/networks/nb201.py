@@ -19,7 +19,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from fastnas.networks.common import check_input
+from fastnas.networks.common import TrainedNetworks, check_input
 from fastnas.spaces.nb201 import OPS, ResNetBasicblock, format_arch_string, parse_arch_string
 from fastnas.spaces.ops import Zero, to_preferred_layout
 
@@ -165,3 +165,21 @@ class TinyNetwork(nn.Module):
             feature = cell(feature)
         out = self.global_pooling(self.lastact(feature)).flatten(1)
         return out, self.classifier(out)
+
+
+class NB201Networks(TrainedNetworks):
+    """The NAS-Bench-201 space's trained network: :class:`TinyNetwork`."""
+
+    space = "nb201"
+    unused_parameters = True  # TinyNetwork keeps its 'none' edges' modules, never computed
+
+    def build(self, arch, *, channels, cells, num_classes, in_channels, auxiliary, imagenet=False) -> nn.Module:
+        if imagenet:
+            raise ValueError("imagenet: NAS-Bench-201 has no network for full-size ImageNet")
+        return TinyNetwork(channels, cells, arch, num_classes, in_channels=in_channels)
+
+    def outputs(self, out) -> tuple[Tensor, Tensor | None]:
+        return out[1], None  # (features, logits)
+
+
+TRAINED = NB201Networks()

@@ -49,7 +49,7 @@ from fastnas.search.config import SearchConfig
 from fastnas.search.config import resolve as resolve_search
 from fastnas.search.loop import CHECKPOINT_FORMAT as SEARCH_FORMAT
 from fastnas.search.loop import run_search
-from fastnas.search.selection import space_size
+from fastnas.spaces import get_space
 from fastnas.train.archs import describe as describe_training
 from fastnas.train.loop import run_train
 from fastnas.train.recipes import TrainConfig
@@ -57,11 +57,6 @@ from fastnas.train.recipes import resolve as resolve_train
 
 TOP_K = 5
 SHARED_PER_TASK = 10  # shared-weight evaluations of one Ray task, at least: each loads the supernet and data
-_SOME_ARCH = {  # an architecture of each space, to check settings with
-    "nb201": "|none~0|+|none~0|none~1|+|none~0|none~1|none~2|",
-    "darts": "Genotype(normal=[('skip_connect', 0)], normal_concat=range(2, 3), "
-    "reduce=[('skip_connect', 0)], reduce_concat=range(2, 3))",
-}
 
 
 def run_rank(cfg: RankConfig, pool: Pool | None = None) -> dict[str, Any]:
@@ -80,7 +75,7 @@ def run_rank(cfg: RankConfig, pool: Pool | None = None) -> dict[str, Any]:
     table = _table(cfg)
     _check_count(cfg, table)
     if table is None:  # the standalone trainings' settings are checked now, not after the supernet
-        resolve_train(_train_config(cfg, search_cfg, _SOME_ARCH[cfg.space], "unused"))
+        resolve_train(_train_config(cfg, search_cfg, get_space(cfg.space).example_arch, "unused"))
     supernet_dir = cfg.from_run or os.path.join(cfg.out, "supernet")
     log = cfg.log or (lambda s: print(s, flush=True))
     with claim(cfg.out, cfg.COMMAND, cfg.resume) as folder:
@@ -100,7 +95,7 @@ def _check_count(cfg: RankConfig, table: AccuracyTable | None) -> None:
     """``--count`` distinct architectures exist: in the table's rows (a CSV) or in the space."""
     if table is not None and table.archs is not None and len(table.archs) < cfg.count:
         raise RunError(f"--count {cfg.count} exceeds the {len(table.archs)} architectures of --nb201-table")
-    size = space_size(cfg.space)
+    size = get_space(cfg.space).size
     if size is not None and size < cfg.count:
         raise RunError(f"--count {cfg.count} exceeds the {size} architectures of the {cfg.space} space")
 

@@ -20,7 +20,7 @@ from fastnas.runs import data as data_mod
 from fastnas.search.algorithms import Algorithm
 from fastnas.search.config import SearchConfig
 from fastnas.search.loop import build_network
-from fastnas.search.selection import nb201_one_hot, random_architectures, random_nb201_archs
+from fastnas.spaces import get_space
 
 
 def restrictable_supernet(
@@ -36,20 +36,8 @@ def restrictable_supernet(
 
 def candidates(space: str, net: nn.Module, count: int, gen: torch.Generator, pool: list[str] | None = None):
     """``count`` distinct architectures as ``(string, one-hot weights per arch parameter)``: drawn from
-    ``pool`` (NAS-Bench-201 strings) when given, else uniformly from the space."""
-    if space == "nb201":
-        if pool is not None:
-            pick = torch.randperm(len(pool), generator=gen)[:count].tolist()
-            archs = [pool[i] for i in pick]
-        else:
-            archs = random_nb201_archs(count, gen)
-        return [(a, [nb201_one_hot(a, list(net.edge_keys))]) for a in archs]
-    out: dict[str, list[Tensor]] = {}
-    while len(out) < count:
-        for weights in random_architectures(space, net, count - len(out), gen):
-            set_architecture(net, weights)
-            out.setdefault(net.export(), weights)
-    return list(out.items())
+    ``pool`` (strings of the space) when given, else uniformly from the space."""
+    return get_space(space).candidates(net, count, gen, pool)
 
 
 @torch.no_grad()

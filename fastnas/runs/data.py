@@ -29,7 +29,6 @@ import json
 import math
 import os
 import pickle
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -37,50 +36,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastnas.runs.image_data import DataError, ImageData
+
 IMAGENET16 = ("imagenet16-120", "imagenet16-150", "imagenet16-200")
 DATASETS = ("distorted-digits", "digits", "cifar10", "cifar100", *IMAGENET16, "imagenet")
 EMBEDDED = ("distorted-digits", "digits")  # shipped inside an installed package: no --data-dir, no download
-
-
-class DataError(ValueError):
-    """A data set that is missing, incomplete or corrupt (the message says which file and why)."""
-
-
-@dataclass
-class ImageData:
-    """Images as uint8 ``[N, C, H, W]`` (CPU) with int64 labels ``[N]``; ``scale`` maps the stored
-    integers to [0, 1] before the per-channel ``mean``/``std`` normalisation. With ``augment``,
-    training batches get random crops of the images zero-padded by ``crop_padding`` pixels, and
-    flips. ``valid_split``: the indices of the test images a bilevel search steps its architecture
-    on (the others are its test images), or None (the architecture data come from the training set)."""
-
-    name: str
-    x_train: Tensor
-    y_train: Tensor
-    x_test: Tensor
-    y_test: Tensor
-    num_classes: int
-    scale: float
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    augment: bool
-    crop_padding: int = 4
-    valid_split: Tensor | None = None
-
-    @property
-    def in_channels(self) -> int:
-        return int(self.x_train.shape[1])
-
-    def to(self, device: torch.device) -> ImageData:
-        """The same data set with its tensors on ``device`` (uint8 images stay compact there)."""
-        moved = {k: getattr(self, k).to(device) for k in ("x_train", "y_train", "x_test", "y_test")}
-        return dataclasses.replace(self, **moved)
-
-    def normalize(self, x: Tensor) -> Tensor:
-        """uint8 images ``[B, C, H, W]`` to normalised float32."""
-        mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
-        return (x.float() / self.scale - mean) / std
 
 
 def is_embedded(name: str) -> bool:

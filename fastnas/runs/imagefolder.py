@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from fastnas.runs.config import RunError
-from fastnas.runs.data import DataError, ImageData
+from fastnas.runs.image_data import DataError, ImageData
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 MEAN = (0.485, 0.456, 0.406)

@@ -17,8 +17,9 @@ from fastnas.runs.config import (
     require_lr_range,
 )
 from fastnas.search.algorithms import MODES, Algorithm, get_algorithm
+from fastnas.spaces import get_space, space_names
 
-SPACES = ("nb201", "darts")
+SPACES = space_names()
 SearchError = RunError  # the name search users know; every run raises RunError
 
 # per-data-set defaults of the network size, the epochs, the batch size and a factor on the papers'
@@ -107,9 +108,12 @@ def resolve(cfg: SearchConfig) -> tuple[SearchConfig, Algorithm]:
     if alg.second_order and cfg.mode != "bilevel":
         raise RunError(f"algorithm {alg.name} (second order) needs --mode bilevel")
     require_choice(cfg.dataset, data_mod.DATASETS, "data set")
-    if cfg.dataset == "imagenet" and cfg.space != "darts":
+    if cfg.dataset == "imagenet" and "imagenet" not in get_space(cfg.space).stems:
+        with_stem = [name for name in space_names() if "imagenet" in get_space(name).stems]
         others = ", ".join(data_mod.IMAGENET16)
-        raise RunError(f"--dataset imagenet needs --space darts (NAS-Bench-201's ImageNet is {others})")
+        raise RunError(
+            f"--dataset imagenet needs --space {' or '.join(with_stem)} (NAS-Bench-201's ImageNet is {others})"
+        )
     require_choice(cfg.amp, AMP_MODES, "--amp")
     if alg.second_order and cfg.amp == "fp16":
         raise RunError(
@@ -148,8 +152,9 @@ def resolve(cfg: SearchConfig) -> tuple[SearchConfig, Algorithm]:
         raise RunError(
             f"--arch-warmup {cfg.arch_warmup} leaves no epoch of architecture updates in --epochs {cfg.epochs}"
         )
-    if cfg.space == "darts" and cfg.cells < 3:
-        raise RunError(f"--cells (layers) of the darts space must be at least 3, got {cfg.cells}")
+    min_cells = get_space(cfg.space).min_cells
+    if cfg.cells < min_cells:
+        raise RunError(f"--cells (layers) of the {cfg.space} space must be at least {min_cells}, got {cfg.cells}")
     if cfg.nb201_table is not None and cfg.space != "nb201":
         raise RunError("--nb201-table needs --space nb201")
     return cfg, alg

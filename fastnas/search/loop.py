@@ -36,6 +36,7 @@ from fastnas.runs.plots import plot_arch_weights
 from fastnas.runs.tables import load_nb201_table
 from fastnas.search.algorithms import Algorithm, gumbel_tau, make_arch_optimizer
 from fastnas.search.config import SearchConfig, parse_subset, resolve
+from fastnas.spaces import get_space
 
 CHECKPOINT_FORMAT = "fastnas-search-checkpoint/1"
 
@@ -45,23 +46,10 @@ def build_network(
 ) -> nn.Module:
     """The supernet of ``cfg.space`` in the parametrisation of ``alg`` (``sampler`` overrides its sampler)."""
     sampler = alg.sampler if sampler == "alg" else sampler
-    if cfg.space == "nb201":
-        from fastnas.spaces import nb201
-
-        return nb201.Network(
-            C=cfg.channels,
-            N=cfg.cells,
-            num_classes=num_classes,
-            in_channels=in_channels,
-            arch=alg.arch,
-            sampler=sampler,
-        )
-    from fastnas.spaces import darts
-
-    return darts.Network(
-        C=cfg.channels,
+    return get_space(cfg.space).build_supernet(
+        channels=cfg.channels,
+        cells=cfg.cells,
         num_classes=num_classes,
-        layers=cfg.cells,
         in_channels=in_channels,
         arch=alg.arch,
         sampler=sampler,
@@ -70,39 +58,9 @@ def build_network(
     )
 
 
-def op_names(space: str) -> list[str]:
-    if space == "nb201":
-        from fastnas.spaces.nb201 import PRIMITIVES
-    else:
-        from fastnas.spaces.darts import PRIMITIVES
-    return list(PRIMITIVES)
-
-
 def edge_labels(net: nn.Module) -> list[str]:
-    """``"i<-j"`` for every row of a cell's op weights: NAS-Bench-201's ``edge_keys``; in DARTS cells
-    the rows run node by node (nodes 2.. of a cell whose inputs are nodes 0 and 1), inputs in order."""
-    if hasattr(net, "edge_keys"):
-        return list(net.edge_keys)
-    steps = getattr(net, "_steps", 4)
-    return [f"{i}<-{j}" for i in range(2, steps + 2) for j in range(i)]
-
-
-def chosen_ops(space: str, arch: str | None) -> dict[str, dict[str, str]] | None:
-    """The op of each edge an exported architecture keeps, ``{cell: {"i<-j": op}}`` (None: no architecture)."""
-    if arch is None:
-        return None
-    if space == "nb201":
-        from fastnas.spaces.nb201 import parse_arch_string
-
-        nodes = parse_arch_string(arch)
-        return {"cell": {f"{i}<-{j}": op for i, node in enumerate(nodes, start=1) for op, j in node}}
-    from fastnas.spaces.darts import parse_genotype
-
-    genotype = parse_genotype(arch)
-    return {
-        cell: {f"{k // 2 + 2}<-{j}": op for k, (op, j) in enumerate(getattr(genotype, cell))}
-        for cell in ("normal", "reduce")
-    }
+    """``"i<-j"`` for every row of a cell's op weights (the supernet's ``edge_labels()``)."""
+    return net.edge_labels()
 
 
 def row_entropy(weights: dict[str, Tensor]) -> dict[str, float]:
@@ -399,13 +357,11 @@ class Search(EpochRun):
     def _random_search(self) -> tuple[str, float]:
         """RS-WS selection: score ``rs_samples`` uniformly random architectures with the shared
         weights on the architecture data; set the best one (one-hot weights) and return it."""
-        from fastnas.search.selection import random_architectures
-
         cfg = self.cfg
         eval_net = build_network(cfg, self.alg, self.data.num_classes, self.data.in_channels, sampler=None)
         eval_net.to(self.device).load_state_dict(self.net.state_dict())
         gen = data_mod.epoch_generator(cfg.seed, cfg.epochs, stream=3)
-        candidates = random_architectures(cfg.space, eval_net, cfg.rs_samples, gen)
+        candidates = get_space(cfg.space).random_architectures(eval_net, cfg.rs_samples, gen)
         x_sel, y_sel = self.data.x_train[self.a_idx.to(self.device)], self.data.y_train[self.a_idx.to(self.device)]
         best, best_acc = None, -1.0
         for cand in candidates:
@@ -427,12 +383,13 @@ class Search(EpochRun):
 
     def on_stop(self) -> None:
         labels = {cell: edge_labels(self.net) for cell in self.net.arch_weights()}
+        space = get_space(self.cfg.space)
         plot_arch_weights(
             self.history,
             os.path.join(self.cfg.out, "arch_weights.png"),
-            op_names(self.cfg.space),
+            list(space.op_names),
             labels,
-            chosen_ops(self.cfg.space, self.exported()),
+            None if self.exported() is None else space.chosen_ops(self.exported()),
         )
 
     def finish(self) -> dict[str, Any]:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
-import threading
-from typing import Iterator, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -204,45 +202,12 @@ class ArchMixin:
         return [p for p in self.parameters() if id(p) not in arch]
 
 
-_forward = threading.local()  # .picks: the cache of the network forward under way in this thread
-
-
-@contextlib.contextmanager
-def _sharing_picks() -> Iterator[None]:
-    previous = getattr(_forward, "picks", None)
-    _forward.picks = {}
-    try:
-        yield
-    finally:
-        _forward.picks = previous
-
-
-def sharing_picks() -> contextlib.AbstractContextManager:
-    """Around a network's cells in one forward: every cell of a kind reads the same entries of the
-    same weights, so :func:`pick_weights` gathers them once and the cells share the result (a node's
-    slicing and its backward run once per forward instead of once per cell; the cells' gradients add
-    up in the shared vector first). Nothing while traced by ``torch.compile``."""
-    return contextlib.nullcontext() if torch.compiler.is_compiling() else _sharing_picks()
-
-
 def pick_weights(W: Tensor, pairs: Sequence[tuple[int, int]], picked: Tensor | None = None) -> Tensor:
     """``W[e, k]`` for each ``(e, k)`` of ``pairs``, as one 1-D tensor in that order: a slice (no
     index tensor) when the pairs are every column of a range of columns on a range of rows, row by
     row, else a stack of the entries. ``picked``: ``W[e, k_e]`` per edge (one op per edge, see
-    :class:`EdgeWeights`), sliced the same way. Within :func:`sharing_picks`, computed once per
-    source tensor and ``pairs``."""
-    source, gather = (W, _gather) if picked is None else (picked, _gather_picked)
-    # not read while tracing: torch 2.11's dynamo guards on the thread-local attribute's presence,
-    # which the first eager forward changes (a recompilation)
-    cache = None if torch.compiler.is_compiling() else getattr(_forward, "picks", None)
-    if cache is None:
-        return gather(source, pairs)
-    # the source itself is kept with the entry, so that its id is not reused while the cache lives
-    key = (id(source), source._version, torch.is_grad_enabled(), picked is None, tuple(pairs))
-    entry = cache.get(key)
-    if entry is None:
-        entry = cache[key] = (source, gather(source, pairs))
-    return entry[1]
+    :class:`EdgeWeights`), sliced the same way."""
+    return _gather(W, pairs) if picked is None else _gather_picked(picked, pairs)
 
 
 def _gather_picked(picked: Tensor, pairs: Sequence[tuple[int, int]]) -> Tensor:

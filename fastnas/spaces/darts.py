@@ -2,7 +2,9 @@
 
 Mathematics, parameters and state_dict keys are those of DARTS's search code (``cnn/model_search.py``,
 ``cnn/operations.py`` and ``cnn/genotypes.py`` of quark0/darts), and of PC-DARTS (Xu et al., ICLR 2020)
-for partial channels. What differs is the execution:
+for partial channels. This module is the space's description (:func:`describe_cell`: 2 inputs,
+``steps`` nodes fed by every earlier state, output the last ``multiplier`` states) and its modules in
+the reference layout; :mod:`fastnas.spaces.engine` runs them:
 
 * a node is ONE :func:`fastnas.mixed_sum` over all its incoming (edge, op) pairs (two with partial
   channels: the ops' part and the bypassed channels' part, then one concatenation and one shuffle
@@ -22,9 +24,6 @@ for partial channels. What differs is the execution:
 * ``affine=False`` BatchNorms keep only their output for the backward (see :mod:`fastnas.spaces.ops`),
   and the batch counts of a cell are incremented by one foreach kernel.
 
-A training step at C=16, 8 layers dispatches 3,030 kernels (non-view ATen operators, forward and
-backward) against 13,612 for DARTS's ``model_search.Network`` (``benchmarks/bench_step_kernels.py``).
-
 Weighting modes (``Network(arch=..., sampler=...)``): softmax of logits (DARTS), weights used as given
 (GAEA, ``arch="simplex"``), GDAS hard Gumbel samples with a straight-through gradient where only the
 sampled op of each edge is computed (``sampler="gdas"``), uniformly sampled ops (``sampler="uniform"``),
@@ -38,34 +37,12 @@ from collections import namedtuple
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-import fastnas
-from fastnas.ops.batch_norm import bn_constants
-from fastnas.ops.depthwise_conv import depthwise_conv2d
-from fastnas.ops.max_pool import max_pool2d
-from fastnas.spaces import _arch
-from fastnas.spaces._arch import pick_weights, sharing_picks
-from fastnas.spaces.ops import (
-    BatchNormGroup,
-    CachedPlans,
-    Identity,
-    StatUpdates,
-    Zero,
-    avg_pool_3x3,
-    batch_norm,
-    cat_parameters,
-    lean_bn_eligible,
-    max_pool_3x3,
-    pack_parameters,
-    pack_running_stats,
-    preferred_memory_format,
-    repeat_channels,
-    run_tail,
-    shared_batch_norm,
-    to_preferred_layout,
-)
+from fastnas.spaces import _arch, engine
+from fastnas.spaces.engine import channel_shuffle
+from fastnas.spaces.ops import Identity, StatUpdates, Zero, batch_norm, run_tail, to_preferred_layout
+from fastnas.spaces.space import SearchSpace
 
 __all__ = [
     "PRIMITIVES",
@@ -80,6 +57,9 @@ __all__ = [
     "Network",
     "parse_genotype",
     "channel_shuffle",
+    "describe_cell",
+    "describe_mixed_op",
+    "SPACE",
 ]
 
 Genotype = namedtuple("Genotype", "normal normal_concat reduce reduce_concat")
@@ -186,22 +166,47 @@ OPS: dict[str, Callable[[int, int, bool], nn.Module]] = {
 }
 
 _NONE = PRIMITIVES.index("none")
-_REAL_OPS = [q for q in range(len(PRIMITIVES)) if q != _NONE]
-_POOLS = {"max_pool_3x3", "avg_pool_3x3"}
-_CONV_OPS = [PRIMITIVES.index(n) for n in ("sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5")]
-_BN_INDICES = {"sep_conv_3x3": (3, 7), "sep_conv_5x5": (3, 7), "dil_conv_3x3": (3,), "dil_conv_5x5": (3,)}
 
 
-def _pool(name: str, x: Tensor, stride: int) -> Tensor:
-    if name == "max_pool_3x3":
-        return max_pool_3x3(x, stride)
-    return avg_pool_3x3(x, stride)
+def _candidate(op: nn.Module) -> engine.Candidate:
+    """What a DARTS op module is for the engine (``skip_connect`` at stride 2, a FactorizedReduce,
+    shares its state's ReLU and the cell's BatchNorm bookkeeping)."""
+    if hasattr(op, "conv_1") and hasattr(op, "conv_2") and hasattr(op, "bn"):  # FactorizedReduce (any class)
+        return engine.Candidate(
+            engine.MODULE,
+            op,
+            run=lambda x, relu_x, unit, updates: FactorizedReduce.forward_relu(op, relu_x(), unit, updates),
+        )
+    return engine.classify(op) or engine.module_candidate(op)
+
+
+def _mixed_op_candidates(mixed: nn.Module) -> list[list[engine.Candidate]]:
+    return [[_candidate(op) for op in mixed._ops]]
+
+
+def _cell_candidates(cell: nn.Module) -> list[list[engine.Candidate]]:
+    return [[_candidate(op) for op in mixed._ops] for mixed in cell._ops]
+
+
+def describe_mixed_op(C: int, stride: int) -> engine.CellDAG:
+    """The engine's description of a :class:`MixedOp`: one edge from its input to one node."""
+    return engine.cell_dag(1, [(0, 0, stride)], [1], C, PRIMITIVES, _mixed_op_candidates)
+
+
+def describe_cell(steps: int, multiplier: int, C: int, reduction: bool, partial_channels: int = 1) -> engine.CellDAG:
+    """The engine's description of a DARTS cell: inputs 0 and 1 (the preprocessed outputs of the two
+    previous cells), ``steps`` nodes, node ``i`` fed by every earlier state (rows node by node,
+    inputs in order; stride 2 from the inputs of a reduction cell), output the last ``multiplier``
+    states concatenated."""
+    edges = [(i, j, 2 if reduction and j < 2 else 1) for i in range(steps) for j in range(2 + i)]
+    output = range(2 + steps - multiplier, 2 + steps)
+    return engine.cell_dag(2, edges, output, C, PRIMITIVES, _cell_candidates, partial_channels=partial_channels)
 
 
 # --------------------------------------------------------------------------- the mixed op
 
 
-class MixedOp(nn.Module):
+class MixedOp(engine.FusedCell, nn.Module):
     """All DARTS candidate ops of one edge; drop-in for ``MixedOp`` of DARTS's ``model_search.py``.
 
     Same constructor, same ``_ops.{k}`` state_dict keys (pools followed by an ``affine=False``
@@ -219,51 +224,30 @@ class MixedOp(nn.Module):
         self._ops = nn.ModuleList()
         for primitive in PRIMITIVES:
             op = OPS[primitive](C, stride, False)
-            if primitive in _POOLS:
+            if primitive in ("max_pool_3x3", "avg_pool_3x3"):
                 op = nn.Sequential(op, nn.BatchNorm2d(C, affine=False))
             self._ops.append(op)
+        self._init_engine(describe_mixed_op(C, stride))
 
     def forward(self, x: Tensor, weights: Tensor) -> Tensor:
         """``sum_k weights[k] * op_k(x)``: ``x`` ``[B, C, H, W]``, ``weights`` ``[len(PRIMITIVES)]``
         (differentiable); returns ``[B, C, H/stride, W/stride]``."""
         if weights.dim() != 1 or weights.shape[0] != len(self._ops):
             raise ValueError(f"weights must have shape [{len(self._ops)}], got {tuple(weights.shape)}")
-        r = torch.relu(x)
-        outs = []
-        for name, op in zip(PRIMITIVES[1:], list(self._ops)[1:]):  # every op but 'none', in order
-            if name in _POOLS:
-                outs.append(batch_norm(_pool(name, x, self.stride), op[1]))
-            elif name == "skip_connect" and self.stride == 1:
-                outs.append(x)
-            elif isinstance(op, FactorizedReduce):
-                outs.append(op.forward_relu(r))
-            else:
-                outs.append(run_tail(op.op, r, start=1))
-        return fastnas.mixed_sum(outs, weights[1:])
-
-
-def channel_shuffle(x: Tensor, groups: int) -> Tensor:
-    """PC-DARTS's channel shuffle: ``[B, g*c, H, W]`` viewed as ``[B, g, c, H, W]``, transposed to
-    ``[B, c, g, H, W]`` and flattened back."""
-    B, C, H, W = x.shape
-    return x.view(B, groups, C // groups, H, W).transpose(1, 2).reshape(B, C, H, W)
+        return engine.run_cell(self, self._dag, [x], weights[None])
 
 
 # --------------------------------------------------------------------------- the cell
 
 
-class Cell(CachedPlans, nn.Module):
+class Cell(engine.FusedCell, nn.Module):
     """A DARTS search cell: two preprocessed inputs, ``steps`` nodes, each the sum over all earlier
     states of a mixed op, output the concatenation of the last ``multiplier`` states.
 
     Parameters and state_dict keys are those of DARTS's ``Cell`` (``preprocess0``, ``preprocess1``,
     ``_ops.{e}._ops.{k}``); with ``partial_channels = k > 1`` those of PC-DARTS's cell (its mixed ops
-    work on ``C // k`` channels).
-
-    The forward runs by state: once a state is known, every op of every edge leaving it is computed
-    — each convolutional op kind (``sep_conv_3x3``, ...) over all those edges at once (see
-    :meth:`_conv_group`), the pools and their BatchNorm once — and queued for its target node; a
-    node is then one :func:`fastnas.mixed_sum` over its queue.
+    work on ``C // k`` channels). The nodes run through :mod:`fastnas.spaces.engine`
+    (:func:`describe_cell`).
     """
 
     def __init__(
@@ -297,33 +281,7 @@ class Cell(CachedPlans, nn.Module):
                 stride = 2 if reduction and j < 2 else 1
                 self._ops.append(MixedOp(C // partial_channels, stride))
                 self.edges.append((i, j))
-        self.last_computed: list[tuple[int, str]] = []  # (edge, op) pairs of the last eager forward
-        # constants of the BatchNorm backward (two kernels fewer per backward)
-        self.register_buffer("_bn_unit", bn_constants(steps * C), persistent=False)
-        self._compiled_nodes = None
-        self._pack_groups()
-
-    def _out_edges(self, j: int) -> list[int]:
-        """The edges leaving state ``j``, by target node."""
-        return [e for e, (_, src) in enumerate(self.edges) if src == j]
-
-    def _pack_groups(self) -> None:
-        """Per state and conv op kind, the layers run as one convolution or one BatchNorm keep their
-        weights, and their statistics, side by side (see :func:`fastnas.spaces.ops.pack_parameters`
-        and :func:`fastnas.spaces.ops.pack_running_stats`)."""
-        for j in range(1 + self._steps):
-            edges = self._out_edges(j)
-            for q in _CONV_OPS:
-                for index in _BN_INDICES[PRIMITIVES[q]]:
-                    pack_running_stats([self._ops[e]._ops[q].op[index] for e in edges])
-                for index, layer in enumerate(self._ops[edges[0]]._ops[q].op):
-                    if isinstance(layer, nn.Conv2d):
-                        pack_parameters([self._ops[e]._ops[q].op[index] for e in edges], "weight")
-
-    def _apply(self, fn, recurse=True):
-        module = super()._apply(fn, recurse)
-        self._pack_groups()  # .to() / .double() gave every tensor its own storage
-        return module
+        self._init_engine(describe_cell(steps, multiplier, C, reduction, partial_channels))
 
     def forward(
         self,
@@ -333,6 +291,7 @@ class Cell(CachedPlans, nn.Module):
         selected: Sequence[Sequence[int]] | None = None,
         edge_weights: Tensor | None = None,
         picked: Tensor | None = None,
+        node_weights: list | None = None,
     ) -> Tensor:
         """Args:
             s0, s1: the outputs of the two previous cells, ``[B, C_prev_prev, H0, W0]``, ``[B, C_prev, H, W]``.
@@ -342,215 +301,31 @@ class Cell(CachedPlans, nn.Module):
             edge_weights: ``[num_edges]`` PC-DARTS edge weights (normalised per node), or None (all 1).
             picked: with ``selected`` (one op per edge), the weight of each edge's op, edge weights
                 included (see :class:`fastnas.spaces._arch.EdgeWeights`): then ``weights`` is not read.
+            node_weights: :meth:`node_weights` of the op weights (edge weights multiplied in),
+                ``selected`` and ``picked``, picked once for every cell of this kind; then ``weights``
+                is not read.
 
         Returns ``[B, multiplier * C, H', W']`` (``H' = H/2`` in a reduction cell).
         """
-        if edge_weights is not None and picked is None:
+        if edge_weights is not None and picked is None and node_weights is None:
             weights = weights * edge_weights[:, None]
         updates = StatUpdates()  # BatchNorm bookkeeping, applied at the end in a few foreach kernels
-        unit = self._bn_unit if self._bn_unit.dtype == s1.dtype else None
-        s0 = self._preprocess(self.preprocess0, s0, unit, updates)
-        s1 = self._preprocess(self.preprocess1, s1, unit, updates)
-        if self._compiled_nodes is None:
-            return self.nodes(s0, s1, weights, selected, edge_weights, picked, updates)
-        deferred = StatUpdates(deferred=True, plans=self)  # the compiled graph leaves every buffer alone
-        packed = self._packed_weights(selected) if self.training else {}
-        for i in range(self._steps):  # each node's op weights, shared by the cells (see pick_weights)
-            pairs = self._node_pairs(i, selected)
-            if pairs:
-                packed["node", i] = pick_weights(weights, pairs, picked)
-        out = self._compiled_nodes(s0, s1, weights, selected, edge_weights, picked, deferred, packed)
-        updates.apply()
-        deferred.apply()
-        return out
+        unit = getattr(self, "_bn_unit", None)
+        unit = unit if unit is not None and unit.dtype == s1.dtype else None
+        s0 = _preprocess(self.preprocess0, s0, unit, updates)
+        s1 = _preprocess(self.preprocess1, s1, unit, updates)
+        dag = self._dag
+        return engine.run_cell(
+            self, dag, [s0, s1], weights, selected, picked, None, edge_weights, node_weights, updates
+        )
 
-    def compile_nodes(self, **options) -> None:
-        """Compile :meth:`nodes` with ``torch.compile(**options)``: every cell of the same kind and
-        shapes runs the same compiled code (the preprocessing, whose input shapes differ from cell to
-        cell, stays eager). The compiled code returns the batch statistics, and the running
-        statistics are updated after it (see :class:`fastnas.spaces.ops.StatUpdates`)."""
-        self._compiled_nodes = torch.compile(self.nodes, **options)
 
-    def nodes(
-        self,
-        s0: Tensor,
-        s1: Tensor,
-        weights: Tensor,
-        selected: Sequence[Sequence[int]] | None,
-        edge_weights: Tensor | None,
-        picked: Tensor | None,
-        updates: StatUpdates,
-        packed: dict | None = None,
-    ) -> Tensor:
-        """The cell after its preprocessing: ``s0``, ``s1`` ``[B, C, H, W]``, ``weights`` with the
-        edge weights multiplied in (the other arguments as in :meth:`forward`; ``updates`` as in
-        :func:`fastnas.spaces.ops.batch_norm`, applied here unless deferred; ``packed``: see
-        :meth:`_packed_weights`, with node ``i``'s op weights under ``("node", i)``, picked before
-        a compiled graph, where each node's slice of ``weights`` would be a kernel and its backward
-        another)."""
-        states = [s0, s1]
-        k = self.partial_channels
-        queues: list[list[tuple[int, int, Tensor]]] = [[] for _ in range(self._steps)]  # (edge, op, output)
-        passes: list[list[Tensor]] = [[] for _ in range(self._steps)]  # PC-DARTS: the bypassed channels
-        tracing = torch.compiler.is_compiling()
-        if not tracing:
-            self.last_computed = []
-        B, _, H, W = states[1].shape
-        stride = 2 if self.reduction else 1
-        node_shape = (B, self.C // k, -(-H // stride), -(-W // stride))
-        for i in range(self._steps):
-            for j in (0, 1) if i == 0 else (i + 1,):  # the states that became known
-                x, rest = states[j], None
-                if k > 1:  # one split, whose backward is one concatenation
-                    x, rest = x.split([x.shape[1] // k, x.shape[1] - x.shape[1] // k], dim=1)
-                    x = x.contiguous(memory_format=preferred_memory_format(x))
-                self._emit(j, x, selected, queues, updates, packed)
-                if k > 1:
-                    for e in self._out_edges(j):
-                        passes[self.edges[e][0]].append(self._bypass(rest, self._ops[e].stride))
-            queue = queues[i]
-            if not tracing:
-                self.last_computed += [(e, PRIMITIVES[q]) for e, q, _ in sorted(queue, key=lambda t: t[:2])]
-            offset = i * (i + 3) // 2  # edges of the earlier nodes: 2 + 3 + ... + (i + 1)
-            if queue:
-                queue.sort(key=lambda t: t[:2])
-                pairs = [(e, q) for e, q, _ in queue]
-                w = packed.get(("node", i)) if packed and pairs == self._node_pairs(i, selected) else None
-                if w is None:
-                    w = pick_weights(weights, pairs, picked)
-                node = fastnas.mixed_sum([o for *_, o in queue], w)
-            else:  # every sampled op is 'none': the node is zero
-                node = states[0].new_zeros(node_shape)
-            if k > 1:
-                ew = edge_weights[offset : offset + 2 + i] if edge_weights is not None else None
-                ones = torch.ones(2 + i, dtype=weights.dtype, device=weights.device) if ew is None else ew
-                bypass = fastnas.mixed_sum(passes[i], ones)
-                node = channel_shuffle(torch.cat([node, bypass], dim=1), k)
-            states.append(node)
-        if not updates.deferred:
-            updates.apply()
-        return torch.cat(states[-self._multiplier :], dim=1)
-
-    @staticmethod
-    def _preprocess(module: nn.Module, s: Tensor, unit: Tensor | None, updates: StatUpdates) -> Tensor:
-        r = torch.relu(s)
-        if isinstance(module, FactorizedReduce):
-            return module.forward_relu(r, unit, updates)
-        return run_tail(module.op, r, start=1, unit=unit, updates=updates)
-
-    def _emit(self, j: int, x: Tensor, selected, queues, updates: StatUpdates, packed: dict | None = None) -> None:
-        """Compute every needed op of every edge leaving state ``j`` (input ``x``) and queue it for
-        its target node."""
-        edges, stride = self._plan(("out", j), self._out_edges_and_stride, j)
-        needed = {e: [q for q in (_REAL_OPS if selected is None else selected[e]) if q != _NONE] for e in edges}
-        relu: dict[int, Tensor] = {}  # times -> relu(x) repeated that many times along the channels
-
-        def relu_x(times: int = 1) -> Tensor:
-            if 1 not in relu:
-                relu[1] = torch.relu(x)
-            if times not in relu:
-                relu[times] = repeat_channels(relu[1], times)
-            return relu[times]
-
-        unit = self._bn_unit if self._bn_unit.dtype == x.dtype else None
-        for q in _REAL_OPS:
-            members = tuple(e for e in edges if q in needed[e])
-            if not members:
-                continue
-            name = PRIMITIVES[q]
-            if name in _POOLS:
-                pooled = _pool(name, x, stride)
-                bns = self._plan((q, members), self._op_modules, q, members, 1)
-                if all(lean_bn_eligible(b) for b in bns):
-                    y = shared_batch_norm(pooled, bns, unit, updates)
-                    outs = [y] * len(members)
-                else:
-                    outs = [b(pooled) for b in bns]
-            elif name == "skip_connect":
-                fr = self._plan((q, members), self._op_modules, q, members)
-                outs = [x if stride == 1 else op.forward_relu(relu_x(), unit, updates) for op in fr]
-            else:
-                outs = self._conv_group(q, members, relu_x, unit, updates, packed)
-            for e, out in zip(members, outs):
-                queues[self.edges[e][0]].append((e, q, out))
-
-    def _conv_group(
-        self, q: int, edges: Sequence[int], relu_x, unit, updates: StatUpdates, packed: dict | None = None
-    ) -> list[Tensor]:
-        """Op ``q`` (a sep or dil conv) of every edge in ``edges``, given ``relu_x(times)``, their
-        shared input ``relu(x)`` repeated ``times`` along the channels: each stage of the op is ONE
-        convolution over the edges' concatenated weights — the depthwise ones over the input repeated
-        once per edge, the pointwise ones grouped by edge — and each BatchNorm one BatchNorm over the
-        edges' concatenated channels; returns one dense output per edge (``packed``: the concatenated
-        weights, when :meth:`_packed_weights` made them)."""
-        seqs, layers, bn_groups = self._plan((q, tuple(edges)), self._conv_group_plan, q, edges)
-        if not all(lean_bn_eligible(b) for group in bn_groups for b in group):
-            return [run_tail(s, relu_x(), start=1) for s in seqs]  # running statistics in use: module by module
-        m, C = len(seqs), relu_x().shape[1]
-
-        def conv(y: Tensor, index: int, groups: int) -> Tensor:
-            layer = layers[index][0]
-            weight = packed.get((q, tuple(edges), index)) if packed is not None else None
-            if weight is None:
-                weight = cat_parameters([c.weight for c in layers[index]])
-            if groups == y.shape[1]:
-                return depthwise_conv2d(y, weight, layer.stride, layer.padding, layer.dilation)
-            return F.conv2d(y, weight, None, layer.stride, layer.padding, layer.dilation, groups)
-
-        y = conv(conv(relu_x(m), 1, m * C), 2, m)
-        if PRIMITIVES[q].startswith("sep"):
-            y = torch.relu(batch_norm(y, bn_groups[0], unit, updates=updates))
-            y = conv(conv(y, 5, m * C), 6, m)
-        outs = batch_norm(y, bn_groups[-1], unit, parts=m, updates=updates)
-        return outs if m > 1 else [outs]
-
-    def _packed_weights(self, selected: Sequence[Sequence[int]] | None) -> dict[tuple, Tensor]:
-        """The weights of every convolution :meth:`_conv_group` will run, keyed ``(op, edges, layer
-        index)``, each the concatenation of its edges' weights: made before a compiled :meth:`nodes`,
-        they are views of the packed parameters (see :func:`fastnas.spaces.ops.cat_parameters`),
-        where inside the graph each would be a copy forward and a split backward."""
-        packed = {}
-        for j in range(self._steps + 1):
-            edges, _ = self._plan(("out", j), self._out_edges_and_stride, j)
-            for q in _CONV_OPS:
-                members = tuple(e for e in edges if selected is None or q in selected[e])
-                if not members:
-                    continue
-                _, layers, _ = self._plan((q, members), self._conv_group_plan, q, members)
-                for index, stage in enumerate(layers):
-                    if isinstance(stage[0], nn.Conv2d):
-                        packed[q, members, index] = cat_parameters([c.weight for c in stage])
-        return packed
-
-    def _node_pairs(self, i: int, selected: Sequence[Sequence[int]] | None) -> list[tuple[int, int]]:
-        """The ``(edge, op)`` pairs node ``i`` sums, in :meth:`nodes`' order."""
-        offset = i * (i + 3) // 2  # edges of the earlier nodes: 2 + 3 + ... + (i + 1)
-        ops = [
-            _REAL_OPS if selected is None else sorted(set(selected[e]) - {_NONE}) for e in range(offset, offset + 2 + i)
-        ]
-        return [(offset + n, q) for n, row in enumerate(ops) for q in row]
-
-    def _out_edges_and_stride(self, j: int) -> tuple[list[int], int]:
-        edges = self._out_edges(j)
-        return edges, self._ops[edges[0]].stride
-
-    def _op_modules(self, q: int, edges: Sequence[int], index: int | None = None) -> list[nn.Module]:
-        """Op ``q`` of each edge (its layer ``index`` when given)."""
-        ops = [self._ops[e]._ops[q] for e in edges]
-        return ops if index is None else [op[index] for op in ops]
-
-    def _conv_group_plan(self, q: int, edges: Sequence[int]):
-        """``(seqs, layers, bn_groups)`` of :meth:`_conv_group`: op ``q``'s Sequential on each edge, its
-        layers by index (one list per index, over the edges), a :class:`BatchNormGroup` per
-        BatchNorm index."""
-        seqs = [self._ops[e]._ops[q].op for e in edges]
-        layers = [list(stage) for stage in zip(*seqs)]
-        return seqs, layers, [BatchNormGroup(layers[i]) for i in _BN_INDICES[PRIMITIVES[q]]]
-
-    @staticmethod
-    def _bypass(rest: Tensor, stride: int) -> Tensor:
-        """PC-DARTS: the channels that skip the ops (max-pooled 2x2 at stride 2)."""
-        return rest if stride == 1 else max_pool2d(rest, 2, 2)
+def _preprocess(module: nn.Module, s: Tensor, unit: Tensor | None, updates: StatUpdates) -> Tensor:
+    """A cell input's ReLUConvBN or FactorizedReduce (any class with those attributes)."""
+    r = torch.relu(s)
+    if hasattr(module, "conv_1"):
+        return FactorizedReduce.forward_relu(module, r, unit, updates)
+    return run_tail(module.op, r, start=1, unit=unit, updates=updates)
 
 
 # --------------------------------------------------------------------------- the network
@@ -688,10 +463,13 @@ class Network(_arch.ArchMixin, nn.Module):
         normal = self._edge_weights_of("alphas_normal", sample, b_normal)  # edge weights multiplied in
         reduce = self._edge_weights_of("alphas_reduce", sample, b_reduce)
         s0, s1 = self._stem(x)
-        with sharing_picks():
-            for cell in self.cells:
-                w, b = (reduce, b_reduce) if cell.reduction else (normal, b_normal)
-                s0, s1 = s1, cell(s0, s1, w.weights, w.selected, b, w.picked)
+        shared: dict[bool, list] = {}  # each kind of cell's node weights, picked once (see node_weights)
+        for cell in self.cells:
+            w, b = (reduce, b_reduce) if cell.reduction else (normal, b_normal)
+            if cell.reduction not in shared:
+                weights = w.weights * b[:, None] if b is not None and w.picked is None else w.weights
+                shared[cell.reduction] = cell.node_weights(weights, w.selected, w.picked)
+            s0, s1 = s1, cell(s0, s1, w.weights, w.selected, b, w.picked, shared[cell.reduction])
         out = self.global_pooling(s1)
         return self.classifier(out.flatten(1))
 
@@ -722,6 +500,11 @@ class Network(_arch.ArchMixin, nn.Module):
     def export(self) -> str:
         """``str(self.genotype())``; :func:`parse_genotype` reads it back."""
         return str(self.genotype())
+
+    def edge_labels(self) -> list[str]:
+        """``"i<-j"`` for every row of a cell's op weights: node by node (nodes 2.. of a cell whose
+        inputs are nodes 0 and 1), inputs in order."""
+        return [f"{i}<-{j}" for i in range(2, self._steps + 2) for j in range(i)]
 
 
 def _parse(W: list[list[float]], steps: int) -> list[tuple[str, int]]:
@@ -781,3 +564,88 @@ def parse_genotype(text: str) -> Genotype:
         if any(isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < states for c in concat):
             raise ValueError(f"{name}_concat {concat!r} names a state outside 0..{states - 1}")
     return Genotype(**out)
+
+
+# --------------------------------------------------------------------------- the space, for the run side
+
+
+class DartsSpace(SearchSpace):
+    """The DARTS space for ``fastnas search|train|rank`` (see :class:`fastnas.spaces.space.SearchSpace`)."""
+
+    name = "darts"
+    title = "DARTS"
+    notation = "a DARTS Genotype(...)"
+    op_names = tuple(PRIMITIVES)
+    example_arch = (
+        "Genotype(normal=[('skip_connect', 0)], normal_concat=range(2, 3), "
+        "reduce=[('skip_connect', 0)], reduce_concat=range(2, 3))"
+    )
+    min_cells = 3  # reductions at 1/3 and 2/3 of the depth
+    stems = ("cifar", "imagenet")
+
+    def build_supernet(
+        self, *, channels, cells, num_classes, in_channels, arch, sampler, partial_channels=1, stem="cifar"
+    ) -> Network:
+        return Network(
+            stem=stem,
+            C=channels,
+            num_classes=num_classes,
+            layers=cells,
+            in_channels=in_channels,
+            arch=arch,
+            sampler=sampler,
+            partial_channels=partial_channels,
+        )
+
+    def random_weights(self, rows: int, ops: int, dtype: torch.dtype, gen: torch.Generator) -> Tensor:
+        """Each intermediate node keeps two distinct input edges with one non-``none`` op each, all its
+        other edges carry ``none`` (a genotype, read back unchanged by ``net.export()``)."""
+        w = torch.zeros(rows, ops, dtype=dtype)
+        real_ops = [k for k in range(ops) if k != _NONE]
+        start, n_in = 0, 2
+        while start < rows:
+            keep = torch.randperm(n_in, generator=gen)[:2] + start
+            w[start : start + n_in, _NONE] = 1.0
+            for e in keep.tolist():
+                w[e, _NONE] = 0.0
+                w[e, real_ops[int(torch.randint(0, len(real_ops), (1,), generator=gen))]] = 1.0
+            start, n_in = start + n_in, n_in + 1
+        return w
+
+    def one_hot(self, net: nn.Module, arch: str) -> list[Tensor]:
+        """Per cell kind, the genotype's (op, input) pairs of each node set to 1, its other edges ``none``."""
+        if getattr(net, "partial_channels", 1) > 1:
+            raise ValueError("net: a partial-channel supernet cannot be restricted to one architecture")
+        genotype = parse_genotype(arch)
+        for kind, gene in (("normal", genotype.normal), ("reduce", genotype.reduce)):
+            if len(gene) != 2 * net._steps:
+                raise ValueError(
+                    f"arch: {kind} has {len(gene)} (op, input) pairs, the net's cells take {2 * net._steps}"
+                )
+        weights = []
+        for gene, p in zip((genotype.normal, genotype.reduce), net.arch_parameters()):
+            w = torch.zeros(p.shape)
+            w[:, _NONE] = 1.0
+            for n, (op, j) in enumerate(gene):
+                i = n // 2  # two (op, input) pairs per node
+                e = i * (i + 3) // 2 + j  # the edges of the earlier nodes, then the input
+                w[e, _NONE] = 0.0
+                w[e, PRIMITIVES.index(op)] = 1.0
+            weights.append(w)
+        return weights
+
+    def looks_like(self, arch: str) -> bool:
+        return arch.lstrip().startswith("Genotype(")
+
+    def parse(self, arch: str) -> Genotype:
+        return parse_genotype(arch)
+
+    def chosen_ops(self, arch: str) -> dict[str, dict[str, str]]:
+        genotype = parse_genotype(arch)
+        return {
+            cell: {f"{k // 2 + 2}<-{j}": op for k, (op, j) in enumerate(getattr(genotype, cell))}
+            for cell in ("normal", "reduce")
+        }
+
+
+SPACE = DartsSpace()

@@ -20,9 +20,8 @@ Mathematics, parameters and state_dict keys are those of NAS-Bench-201's referen
   backward (see :mod:`fastnas.spaces.ops`); the batch counts of a cell are incremented by one
   foreach kernel.
 
-A training step at C=16, N=5 dispatches 1,077 kernels (non-view ATen operators, forward and backward)
-against 4,697 for xautodl's ``TinyNetworkDarts`` (1,047 against 4,517 when the BatchNorms do not track
-running statistics; ``benchmarks/bench_step_kernels.py``).
+This module is the space's description (:func:`describe_cell`) and its modules in the reference
+layout; :mod:`fastnas.spaces.engine` runs them.
 
 Architecture strings follow NAS-Bench-201: ``|op~0|+|op~0|op~1|+|op~0|op~1|op~2|``, one group per
 node, each ``op~j`` the argmax op (``none`` included) of the edge from node ``j``.
@@ -30,7 +29,6 @@ node, each ``op~j`` the argmax op (``none`` included) of the edge from node ``j`
 
 from __future__ import annotations
 
-from collections import defaultdict
 from copy import deepcopy
 from typing import Callable, Sequence
 
@@ -38,27 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import fastnas
-from fastnas.ops.batch_norm import bn_constants
-from fastnas.spaces import _arch
-from fastnas.spaces._arch import pick_weights, sharing_picks
-from fastnas.spaces.ops import (
-    BatchNormGroup,
-    CachedPlans,
-    Identity,
-    StatUpdates,
-    Zero,
-    avg_pool_3x3,
-    batch_norm,
-    can_leave_out_biases,
-    cat_parameters,
-    lean_bn_eligible,
-    max_pool_3x3,
-    pack_parameters,
-    pack_running_stats,
-    run_tail,
-    to_preferred_layout,
-)
+from fastnas.spaces import _arch, engine
+from fastnas.spaces.ops import Identity, Zero, avg_pool_3x3, batch_norm, max_pool_3x3, run_tail, to_preferred_layout
+from fastnas.spaces.space import SearchSpace
 
 __all__ = [
     "PRIMITIVES",
@@ -71,6 +51,10 @@ __all__ = [
     "Network",
     "parse_arch_string",
     "format_arch_string",
+    "random_arch_strings",
+    "one_hot",
+    "describe_cell",
+    "SPACE",
 ]
 
 PRIMITIVES: list[str] = ["none", "skip_connect", "nor_conv_1x1", "nor_conv_3x3", "avg_pool_3x3"]
@@ -212,13 +196,37 @@ class ResNetBasicblock(nn.Module):
 # --------------------------------------------------------------------------- the search cell
 
 
-class SearchCell(CachedPlans, nn.Module):
+def _candidate(op: nn.Module) -> engine.Candidate:
+    """What a NAS-Bench-201 op module is for the engine (one that is neither zero, identity, a bare
+    pool nor a ReLUConvBN is called as it is)."""
+    return engine.classify(op) or engine.module_candidate(op)
+
+
+def _cell_candidates(cell: nn.Module) -> list[list[engine.Candidate]]:
+    return [[_candidate(op) for op in cell.edges[key]] for key in cell.edge_keys]
+
+
+def describe_cell(max_nodes: int, C_out: int, stride: int, op_names: Sequence[str]) -> engine.CellDAG:
+    """The engine's description of a NAS-Bench-201 cell: one input (node 0), node ``i`` fed by every
+    earlier node (edge ``i<-j``, rows in sorted ``"i<-j"`` order; stride ``stride`` from the input),
+    output the last node."""
+    keys = sorted(f"{i}<-{j}" for i in range(1, max_nodes) for j in range(i))
+    edges = []
+    for key in keys:
+        i, j = (int(n) for n in key.split("<-"))
+        edges.append((i - 1, j, stride if j == 0 else 1))
+    return engine.cell_dag(1, edges, [max_nodes - 1], C_out, op_names, _cell_candidates, labels=keys)
+
+
+class SearchCell(engine.FusedCell, nn.Module):
     """A NAS-Bench-201 search cell; drop-in for xautodl's ``NAS201SearchCell``.
 
     Same constructor, ``edges["i<-j"]`` ModuleDict of candidate-op lists (state_dict keys
     ``edges.{i}<-{j}.{k}...``), ``edge_keys``, ``edge2index``, ``num_edges``, and ``forward(inputs,
-    weightss)`` / ``forward_gdas(inputs, hardwts, index)`` with the reference's results and gradients.
-    Node ``i`` is the sum over ``j < i`` of edge ``i<-j`` applied to node ``j``; the output is the last node.
+    weightss)``, ``forward_gdas``, ``forward_joint``, ``forward_urs``, ``forward_select`` and
+    ``forward_dynamic`` with the reference's results and gradients. Node ``i`` is the sum over
+    ``j < i`` of edge ``i<-j`` applied to node ``j``; the output is the last node. The nodes run
+    through :mod:`fastnas.spaces.engine` (:func:`describe_cell`).
 
     Args:
         C_in, C_out: channels of the input and of every node.
@@ -257,36 +265,7 @@ class SearchCell(CachedPlans, nn.Module):
         self.edge_keys = sorted(self.edges.keys())
         self.edge2index = {key: i for i, key in enumerate(self.edge_keys)}
         self.num_edges = len(self.edges)
-        self._edge_of = [[self.edge2index.get(f"{i}<-{j}") for j in range(max_nodes)] for i in range(max_nodes)]
-        self._all_ops = range(len(op_names))
-        self.last_computed: list[tuple[str, str]] = []  # (edge key, op) pairs of the last eager forward
-        # constants of the BatchNorm backward (two kernels fewer per backward)
-        self.register_buffer("_bn_unit", bn_constants((max_nodes - 1) * C_out), persistent=False)
-        self._compiled_cell = None
-        self._pack_groups()
-
-    def compile_nodes(self, **options) -> None:
-        """Compile the cell's nodes with ``torch.compile(**options)`` (regional compilation: cells of
-        the same shapes run the same compiled code). The compiled code returns the batch statistics,
-        and the running statistics are updated after it (see :class:`fastnas.spaces.ops.StatUpdates`)."""
-        self._compiled_cell = torch.compile(self._nodes, **options)
-
-    def _pack_groups(self) -> None:
-        """One conv op on every edge leaving a node runs as one convolution and one BatchNorm: the
-        convolutions' weights and biases, and the BatchNorms' statistics, are kept side by side (see
-        :func:`fastnas.spaces.ops.pack_parameters` and :func:`fastnas.spaces.ops.pack_running_stats`)."""
-        for j in range(self.max_nodes - 1):
-            for k in range(len(self.op_names)):
-                ops = [self.edges[f"{i}<-{j}"][k] for i in range(j + 1, self.max_nodes)]
-                if all(isinstance(op, ReLUConvBN) for op in ops):
-                    pack_running_stats([op.op[2] for op in ops])
-                    pack_parameters([op.op[1] for op in ops], "weight")
-                    pack_parameters([op.op[1] for op in ops], "bias")
-
-    def _apply(self, fn, recurse=True):
-        module = super()._apply(fn, recurse)
-        self._pack_groups()  # .to() / .double() gave every tensor its own storage
-        return module
+        self._init_engine(describe_cell(max_nodes, C_out, stride, self.op_names))
 
     def extra_repr(self) -> str:
         return f"info :: {self.max_nodes} nodes, inC={self.in_dim}, outC={self.out_dim}"
@@ -299,16 +278,19 @@ class SearchCell(CachedPlans, nn.Module):
         *,
         unselected: Tensor | None = None,
         picked: Tensor | None = None,
+        node_weights: list | None = None,
     ) -> Tensor:
         """Args:
             inputs: ``[B, C_in, H, W]``.
             weightss: ``[num_edges, len(op_names)]`` op weights, rows in ``edge_keys`` order (differentiable).
-            selected: per edge (``edge_keys`` order) the op indices to compute; None: all. ``none`` is never
-                computed.
+            selected: per edge (``edge_keys`` order) the op indices to compute, each once; None: all.
+                ``none`` is never computed.
             unselected: GDAS semantics: ``[num_edges, len(op_names)]`` hard weights of the ops not
                 sampled (0 where sampled), which each node adds as a scalar (see :meth:`forward_gdas`).
             picked: with ``selected`` (one op per edge), the weight of each edge's op (see
                 :class:`fastnas.spaces._arch.EdgeWeights`).
+            node_weights: :meth:`node_weights` of ``weightss``, ``selected`` and ``picked``, picked
+                once for every cell of a network; then ``weightss`` is not read.
 
         Returns the last node, ``[B, C_out, H / stride, W / stride]``.
         """
@@ -316,65 +298,7 @@ class SearchCell(CachedPlans, nn.Module):
             raise ValueError(
                 f"weightss must have shape [{self.num_edges}, {len(self.op_names)}], got {tuple(weightss.shape)}"
             )
-        if self._compiled_cell is None:
-            return self._nodes(inputs, weightss, selected, unselected, picked, StatUpdates())
-        updates = StatUpdates(deferred=True, plans=self)  # the compiled graph leaves every buffer alone
-        packed = self._packed_weights(selected) if self.training else {}
-        for node in range(1, self.max_nodes):  # each node's op weights, shared by the cells (see pick_weights)
-            pairs = self._node_pairs(node, selected)
-            if pairs:
-                packed["node", node] = pick_weights(weightss, pairs, picked)
-        out = self._compiled_cell(inputs, weightss, selected, unselected, picked, updates, packed)
-        updates.apply()
-        return out
-
-    def _nodes(
-        self,
-        inputs: Tensor,
-        weightss: Tensor,
-        selected: Sequence[Sequence[int]] | None,
-        unselected: Tensor | None,
-        picked: Tensor | None,
-        updates: StatUpdates,
-        packed: dict | None = None,
-    ) -> Tensor:
-        """:meth:`forward`'s nodes (``updates``: as in :func:`fastnas.spaces.ops.batch_norm`, applied
-        here unless deferred; ``packed``: see :meth:`_packed_weights`, with node ``i``'s op weights
-        under ``("node", i)``, picked before a compiled graph, where each node's slice of ``weightss``
-        would be a kernel and its backward another)."""
-        tracing = torch.compiler.is_compiling()
-        if not tracing:
-            self.last_computed = []
-        nodes = [inputs]
-        queues: dict[int, list[tuple[int, int, Tensor]]] = defaultdict(list)  # node -> (edge, op, output)
-        for j in range(self.max_nodes - 1):
-            self._emit(j, nodes[j], selected, queues, updates, packed)
-            queue = sorted(queues.pop(j + 1, []), key=lambda t: t[:2])
-            if not tracing:
-                self.last_computed += [(self.edge_keys[e], self.op_names[k]) for e, k, _ in queue]
-            if queue:
-                pairs = [(e, k) for e, k, _ in queue]
-                w = packed.get(("node", j + 1)) if packed and pairs == self._node_pairs(j + 1, selected) else None
-                if w is None:
-                    w = pick_weights(weightss, pairs, picked)
-                outs = [o for *_, o in queue]
-                if j + 2 == self.max_nodes:  # the last node: the biases left out get their zero gradients
-                    outs[0] = updates.through(outs[0])
-                node = fastnas.mixed_sum(outs, w)
-            else:  # every computed op of this node is 'none'
-                B, _, H, W = inputs.shape
-                s = self.stride
-                node = inputs.new_zeros(B, self.out_dim, -(-H // s), -(-W // s))
-            if unselected is not None:
-                rows = [self.edge2index[f"{j + 1}<-{i}"] for i in range(j + 1)]
-                if rows == list(range(rows[0], rows[-1] + 1)):
-                    node = node + unselected[rows[0] : rows[-1] + 1].sum()
-                else:
-                    node = node + torch.stack([unselected[e] for e in rows]).sum()
-            nodes.append(node)
-        if not updates.deferred:
-            updates.apply()
-        return nodes[-1]
+        return engine.run_cell(self, self._dag, [inputs], weightss, selected, picked, unselected, None, node_weights)
 
     def forward_gdas(self, inputs: Tensor, hardwts: Tensor, index: Tensor) -> Tensor:
         """GDAS: only op ``index[e]`` of each edge computed, weighted by ``hardwts[e, index[e]]``
@@ -392,130 +316,45 @@ class SearchCell(CachedPlans, nn.Module):
         """xautodl's ``forward_joint``: the same weighted sum as :meth:`forward`."""
         return self.forward(inputs, weightss)
 
+    def forward_urs(self, inputs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """SETN's uniform random sampling: per node, one op per incoming edge drawn uniformly at random,
+        drawn again while every one is ``none``; the node is the unweighted sum of the drawn ops.
+
+        The draws come from ``generator`` (torch's default generator when None, so ``torch.manual_seed``
+        reproduces them), not from Python's ``random`` as in xautodl."""
+        k = len(self.op_names)
+        selected: list[list[int]] = [[] for _ in range(self.num_edges)]
+        table = engine.candidates(self, self._dag)
+        for i in range(1, self.max_nodes):
+            edges = [self.edge2index[f"{i}<-{j}"] for j in range(i)]
+            while True:
+                ops = torch.randint(k, (i,), generator=generator).tolist()
+                if not all(table[e][q].kind == engine.ZERO for e, q in zip(edges, ops)):
+                    break
+            for e, q in zip(edges, ops):
+                selected[e] = [q]
+        return self._forward_selected(inputs, selected)
+
     def forward_select(self, inputs: Tensor, weightss: Tensor) -> Tensor:
         """Only the argmax op of each edge, unweighted (no gradient to ``weightss``)."""
-        ones = torch.ones(self.num_edges, len(self.op_names), dtype=inputs.dtype, device=inputs.device)
-        return self.forward(inputs, ones, [[int(k)] for k in weightss.argmax(dim=-1).tolist()])
+        return self._forward_selected(inputs, [[int(k)] for k in weightss.argmax(dim=-1).tolist()])
 
     def forward_dynamic(self, inputs: Tensor, structure) -> Tensor:
         """A fixed architecture, unweighted: ``structure.nodes`` (xautodl's ``Structure``) or the nodes
         themselves (as :func:`parse_arch_string` returns them), node ``i`` listing its ``(op, j)`` inputs;
-        edges it does not list are not computed."""
+        edges it does not list are not computed (an input listed twice counts twice)."""
         nodes = getattr(structure, "nodes", structure)
-        selected: list[list[int]] = [[] for _ in range(self.num_edges)]
+        counts = torch.zeros(self.num_edges, len(self.op_names))
         for i, node in enumerate(nodes, start=1):
             for op_name, j in node:
-                selected[self.edge2index[f"{i}<-{j}"]].append(self.op_names.index(op_name))
+                counts[self.edge2index[f"{i}<-{j}"], self.op_names.index(op_name)] += 1
+        selected = [row.nonzero().flatten().tolist() for row in counts]
+        return self.forward(inputs, counts.to(dtype=inputs.dtype, device=inputs.device), selected)
+
+    def _forward_selected(self, inputs: Tensor, selected: list[list[int]]) -> Tensor:
+        """The unweighted sum of the ``selected`` ops of each edge."""
         ones = torch.ones(self.num_edges, len(self.op_names), dtype=inputs.dtype, device=inputs.device)
         return self.forward(inputs, ones, selected)
-
-    # what an op is (see _op_kinds)
-    _ZERO, _IDENTITY, _POOL, _CONV, _OTHER = range(5)
-
-    def _op_kinds(self) -> list[list[tuple]]:
-        """Per edge (``edge_keys`` order) and op, ``(kind, module, conv, bn)`` (``conv``/``bn``: a
-        ReLUConvBN's, else None): what :meth:`_emit` caches (:meth:`_plan`)."""
-        ops = []
-        for edge in self.edge_keys:
-            row = []
-            for op in self.edges[edge]:
-                if isinstance(op, Zero):
-                    row.append((self._ZERO, op, None, None))
-                elif isinstance(op, Identity):
-                    row.append((self._IDENTITY, op, None, None))
-                elif isinstance(op, POOLING) and op.preprocess is None:
-                    row.append((self._POOL, op, None, None))
-                elif isinstance(op, ReLUConvBN):
-                    row.append((self._CONV, op, op.op[1], op.op[2]))
-                else:
-                    row.append((self._OTHER, op, None, None))
-            ops.append(row)
-        return ops
-
-    def _emit(self, j: int, x: Tensor, selected, pending, updates: StatUpdates, packed: dict | None = None) -> None:
-        """Compute every needed op of every edge leaving node ``j`` and queue it for its target node
-        (``packed``: the concatenated conv weights, when :meth:`_packed_weights` made them)."""
-        relu: list[Tensor] = []
-        pools: dict[tuple[str, int], Tensor] = {}
-        convs: dict[int, list[tuple[int, int, nn.Module, nn.Module]]] = {}  # op -> (i, e, conv, bn)
-        ops = self._plan("ops", self._op_kinds)
-
-        def relu_x() -> Tensor:
-            if not relu:
-                relu.append(torch.relu(x))
-            return relu[0]
-
-        for i in range(j + 1, self.max_nodes):
-            e = self._edge_of[i][j]
-            row = ops[e]
-            for k in self._all_ops if selected is None else selected[e]:
-                kind, op, conv, bn = row[k]
-                if kind == self._ZERO:
-                    continue
-                if kind == self._IDENTITY:
-                    out = x
-                elif kind == self._POOL:
-                    pk = (op.mode, op.stride)
-                    if pk not in pools:
-                        pools[pk] = op.pool(x)
-                    out = pools[pk]
-                elif kind == self._CONV and lean_bn_eligible(bn):
-                    convs.setdefault(k, []).append((i, e, conv, bn))
-                    continue
-                elif kind == self._CONV:
-                    out = run_tail(op.op, relu_x(), start=1)
-                else:
-                    out = op(x)
-                pending[i].append((e, k, out))
-        unit = self._bn_unit if self._bn_unit.dtype == x.dtype else None
-        for k, group in convs.items():
-            conv = group[0][2]
-            members = tuple((e, k) for _, e, _, _ in group)
-            bns = self._plan(members, BatchNormGroup, [bn for *_, bn in group])
-            weight = packed.get(members) if packed is not None else None
-            if weight is None:
-                weight = cat_parameters([c.weight for _, _, c, _ in group])
-            bias = biases = None
-            if conv.bias is not None and can_leave_out_biases(bns):  # (affine=False: xautodl's convs
-                biases = [c.bias for _, _, c, _ in group]  # have biases, which the BatchNorm removes)
-            elif conv.bias is not None:
-                bias = packed.get((members, "bias")) if packed is not None else None
-                if bias is None:
-                    bias = cat_parameters([c.bias for _, _, c, _ in group])
-            y = F.conv2d(relu_x(), weight, bias, conv.stride, conv.padding, conv.dilation)
-            outs = batch_norm(y, bns, unit, parts=len(group), updates=updates, biases=biases)
-            for (i, e, _, _), out in zip(group, outs if len(group) > 1 else [outs]):
-                pending[i].append((e, k, out))
-
-    def _node_pairs(self, node: int, selected: Sequence[Sequence[int]] | None) -> list[tuple[int, int]]:
-        """The ``(edge, op)`` pairs ``node`` sums (``none`` left out), in :meth:`_nodes`' order."""
-        ops = self._plan("ops", self._op_kinds)
-        edges = sorted(self._edge_of[node][i] for i in range(node))
-        rows = [(e, self._all_ops if selected is None else sorted(set(selected[e]))) for e in edges]
-        return [(e, k) for e, row in rows for k in row if ops[e][k][0] != self._ZERO]
-
-    def _packed_weights(self, selected: Sequence[Sequence[int]] | None) -> dict[tuple, Tensor]:
-        """The weight of every convolution :meth:`_emit` will run, keyed by its ``(edge, op)`` pairs
-        (and its bias, keyed ``(pairs, "bias")``, where the BatchNorms cannot leave it out), each the
-        concatenation of its edges' tensors: made before a compiled :meth:`_nodes`, they are views of
-        the packed parameters (see :func:`fastnas.spaces.ops.cat_parameters`), where inside the graph
-        each would be a copy forward and a split backward."""
-        ops = self._plan("ops", self._op_kinds)
-        packed = {}
-        for j in range(self.max_nodes - 1):
-            groups: dict[int, list[tuple[int, nn.Module, nn.Module]]] = {}
-            for i in range(j + 1, self.max_nodes):
-                e = self._edge_of[i][j]
-                for k in self._all_ops if selected is None else selected[e]:
-                    kind, _, conv, bn = ops[e][k]
-                    if kind == self._CONV and lean_bn_eligible(bn):
-                        groups.setdefault(k, []).append((e, conv, bn))
-            for k, group in groups.items():
-                members = tuple((e, k) for e, _, _ in group)
-                packed[members] = cat_parameters([c.weight for _, c, _ in group])
-                if group[0][1].bias is not None and not can_leave_out_biases([bn for *_, bn in group]):
-                    packed[members, "bias"] = cat_parameters([c.bias for _, c, _ in group])
-        return packed
 
 
 # --------------------------------------------------------------------------- the network
@@ -524,8 +363,9 @@ class SearchCell(CachedPlans, nn.Module):
 class Network(_arch.ArchMixin, nn.Module):
     """The NAS-Bench-201 search network: stem, three stages of ``N`` search cells at ``C``, ``2C``,
     ``4C`` channels separated by residual reduction blocks, BatchNorm + ReLU, global average pooling
-    and a linear classifier. All search cells share the architecture parameters ``alphas``
-    ``[num_edges, 5]`` (rows in ``edge_keys`` order: ``1<-0, 2<-0, 2<-1, 3<-0, 3<-1, 3<-2``).
+    and a linear classifier; ``forward(x)`` maps ``[B, in_channels, H, W]`` to logits ``[B,
+    num_classes]``. All search cells share the architecture parameters ``alphas`` ``[num_edges, 5]``
+    (rows in ``edge_keys`` order: ``1<-0, 2<-0, 2<-1, 3<-0, 3<-1, 3<-2``).
 
     Args:
         C, N, num_classes, max_nodes: as in xautodl's ``TinyNetworkDarts``.
@@ -533,8 +373,6 @@ class Network(_arch.ArchMixin, nn.Module):
         arch, sampler: weighting mode, see :class:`fastnas.spaces._arch.ArchMixin` (``"logits"`` /
             ``"simplex"``; None / ``"gdas"`` / ``"uniform"``).
         affine, track_running_stats: of the search cells' BatchNorms (``NAS201SearchCell``'s defaults).
-
-    ``forward(x)`` maps ``[B, in_channels, H, W]`` to logits ``[B, num_classes]``.
     """
 
     def __init__(
@@ -591,12 +429,14 @@ class Network(_arch.ArchMixin, nn.Module):
         :meth:`sample_architecture` to use (samplers only; None: one is drawn now)."""
         weights, selected, unselected, picked = self._edge_weights_of("alphas", sample)
         feature = to_preferred_layout(self.stem(to_preferred_layout(x)))
-        with sharing_picks():
-            for cell in self.cells:
-                if isinstance(cell, SearchCell):
-                    feature = cell(feature, weights, selected, unselected=unselected, picked=picked)
-                else:
-                    feature = cell(feature)
+        shared = None  # the cells' node weights, picked once (see SearchCell.node_weights)
+        for cell in self.cells:
+            if isinstance(cell, SearchCell):
+                if shared is None:
+                    shared = cell.node_weights(weights, selected, picked)
+                feature = cell(feature, weights, selected, unselected=unselected, picked=picked, node_weights=shared)
+            else:
+                feature = cell(feature)
         out = self.global_pooling(self.lastact(feature))
         return self.classifier(out.flatten(1))
 
@@ -622,6 +462,10 @@ class Network(_arch.ArchMixin, nn.Module):
     def export(self) -> str:
         """:meth:`arch_string`; :func:`parse_arch_string` reads it back."""
         return self.arch_string()
+
+    def edge_labels(self) -> list[str]:
+        """``"i<-j"`` for every row of ``alphas``: :attr:`edge_keys`."""
+        return list(self.edge_keys)
 
 
 def format_arch_string(nodes: Sequence[Sequence[tuple[str, int]]]) -> str:
@@ -665,3 +509,83 @@ def parse_arch_string(text: str) -> tuple[tuple[tuple[str, int], ...], ...]:
             pairs.append((op, int(j)))
         nodes.append(tuple(pairs))
     return tuple(nodes)
+
+
+def random_arch_strings(count: int, gen: torch.Generator) -> list[str]:
+    """``count`` distinct uniformly random NAS-Bench-201 cells (one op per edge, ``none`` included),
+    as architecture strings, drawn from ``gen``."""
+    if not 1 <= count <= len(PRIMITIVES) ** 6:
+        raise ValueError(f"count must lie in [1, {len(PRIMITIVES) ** 6}], got {count}")
+    seen: dict[str, None] = {}
+    while len(seen) < count:
+        ops = torch.randint(0, len(PRIMITIVES), (6,), generator=gen).tolist()
+        nodes = [[(PRIMITIVES[ops[i * (i - 1) // 2 + j]], j) for j in range(i)] for i in range(1, 4)]
+        seen.setdefault(format_arch_string(nodes), None)
+    return list(seen)
+
+
+def one_hot(arch: str, edge_keys: Sequence[str]) -> Tensor:
+    """The one-hot op weights ``[len(edge_keys), 5]`` (rows in ``edge_keys`` order, ``"i<-j"``) of a
+    NAS-Bench-201 string: fixes a supernet's ``alphas`` (simplex mode) to that cell."""
+    w = torch.zeros(len(edge_keys), len(PRIMITIVES))
+    keys = list(edge_keys)
+    for i, node in enumerate(parse_arch_string(arch), start=1):
+        for op, j in node:
+            w[keys.index(f"{i}<-{j}"), PRIMITIVES.index(op)] = 1.0
+    return w
+
+
+# --------------------------------------------------------------------------- the space, for the run side
+
+
+class NB201Space(SearchSpace):
+    """The NAS-Bench-201 space for ``fastnas search|train|rank`` (see
+    :class:`fastnas.spaces.space.SearchSpace`)."""
+
+    name = "nb201"
+    title = "NAS-Bench-201"
+    notation = "a NAS-Bench-201 string"
+    op_names = tuple(PRIMITIVES)
+    example_arch = "|none~0|+|none~0|none~1|+|none~0|none~1|none~2|"
+    size = len(PRIMITIVES) ** 6
+
+    def build_supernet(
+        self, *, channels, cells, num_classes, in_channels, arch, sampler, partial_channels=1, stem="cifar"
+    ) -> Network:
+        if partial_channels != 1:
+            raise ValueError(f"partial_channels: the nb201 space has none, got {partial_channels}")
+        if stem != "cifar":
+            raise ValueError(f"stem: the nb201 space has the CIFAR stem only, got {stem!r}")
+        return Network(
+            C=channels, N=cells, num_classes=num_classes, in_channels=in_channels, arch=arch, sampler=sampler
+        )
+
+    def random_weights(self, rows: int, ops: int, dtype: torch.dtype, gen: torch.Generator) -> Tensor:
+        """One op per edge, ``none`` included (the benchmark's 15,625 cells)."""
+        w = torch.zeros(rows, ops, dtype=dtype)
+        w[torch.arange(rows), torch.randint(0, ops, (rows,), generator=gen)] = 1.0
+        return w
+
+    def random_candidates(self, net: nn.Module, count: int, gen: torch.Generator) -> list[tuple[str, list[Tensor]]]:
+        return [(a, self.one_hot(net, a)) for a in random_arch_strings(count, gen)]
+
+    def one_hot(self, net: nn.Module, arch: str) -> list[Tensor]:
+        return [one_hot(arch, net.edge_keys)]
+
+    def looks_like(self, arch: str) -> bool:
+        return arch.lstrip().startswith("|")
+
+    def parse(self, arch: str) -> tuple[tuple[tuple[str, int], ...], ...]:
+        """The nodes of one of the benchmark's 15,625 cells (a string outside them: ValueError)."""
+        nodes = parse_arch_string(arch)
+        reason = benchmark_cell_error(nodes)
+        if reason is not None:
+            raise ValueError(f"not a NAS-Bench-201 cell: {reason}")
+        return nodes
+
+    def chosen_ops(self, arch: str) -> dict[str, dict[str, str]]:
+        nodes = parse_arch_string(arch)
+        return {"cell": {f"{i}<-{j}": op for i, node in enumerate(nodes, start=1) for op, j in node}}
+
+
+SPACE = NB201Space()

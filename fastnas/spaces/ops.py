@@ -21,7 +21,7 @@ Two kinds of things live here:
     them; :class:`BatchNormGroup` keeps the views over them found (host time);
   - :func:`pack_parameters` / :func:`cat_parameters` — the same for a group of convolutions'
     weights, whose concatenation is then a view, not a kernel;
-  - :class:`CachedPlans` and :func:`structure_version` — the cells' cached plans (which module is
+  - :func:`cached_plan` and :func:`structure_version` — the cells' cached plans (which module is
     what) and what they are keyed on;
   - :func:`run_tail` — applies a reference ``nn.Sequential`` from a given index on, with every
     ``affine=False`` BatchNorm replaced by :func:`batch_norm` and every depthwise convolution by
@@ -221,32 +221,23 @@ def structure_version() -> int:
     return _structure_version
 
 
-class CachedPlans:
-    """What the supernets' cells share to keep their host time low: :meth:`_plan` caches what the
-    forward needs to know about the cell's modules (which op is what, a :class:`BatchNormGroup` per
-    group), which found through ``nn.Module`` attribute lookups cost the host more than the cell's
-    kernels. The cache is dropped when any module registration anywhere changed the structure
-    (:func:`structure_version`); a copy or a pickle of the cell builds its own; nothing is cached, and
-    no global read, while tracing."""
-
-    def _plan(self, key, build: Callable, *args):
-        """``build(*args)``, cached under ``key``."""
-        if torch.compiler.is_compiling():
-            return build(*args)
-        version = (id(self), structure_version())
-        cached = self.__dict__.get("_plan_cache")
-        if cached is None or cached[0] != version:
-            cached = (version, {})
-            self.__dict__["_plan_cache"] = cached
-        entry = cached[1].get(key)
-        if entry is None:
-            entry = cached[1][key] = build(*args)
-        return entry
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state.pop("_plan_cache", None)  # it refers to modules and views of their tensors
-        return state
+def cached_plan(owner: nn.Module, key, build: Callable, *args):
+    """``build(*args)``, cached in ``owner`` under ``key``: what a cell's forward needs to know about its
+    modules (which op is what, a :class:`BatchNormGroup` per group), which found through ``nn.Module``
+    attribute lookups cost the host more than the cell's kernels. The cache is dropped when any module
+    registration anywhere changed the structure (:func:`structure_version`); a copy of the cell builds
+    its own; nothing is cached, and no global read, while tracing."""
+    if torch.compiler.is_compiling():
+        return build(*args)
+    version = (id(owner), structure_version())
+    cached = owner.__dict__.get("_plan_cache")
+    if cached is None or cached[0] != version:
+        cached = (version, {})
+        owner.__dict__["_plan_cache"] = cached
+    entry = cached[1].get(key)
+    if entry is None:
+        entry = cached[1][key] = build(*args)
+    return entry
 
 
 class StatUpdates:
@@ -257,13 +248,12 @@ class StatUpdates:
 
     ``deferred=True``: every running statistic is updated by :meth:`apply`, none by a BatchNorm
     kernel. For a compiled region that returns its batch statistics and leaves the buffers alone:
-    ``apply`` runs after it, eagerly, on the groups' packed buffers (a few foreach kernels), where
-    mutating each module's buffers inside the graph made the compiler write, and compile, a copy back
-    for every one of them (one DARTS cell compiled alone: its first step 68.6 s before, 54.9 s after,
-    `benchmarks/RESULTS.md`). ``plans``: the cell, whose
-    :class:`CachedPlans` keep a :class:`BatchNormGroup` per group (its packed views found once)."""
+    ``apply`` runs after it, eagerly, on the groups' packed buffers (a few foreach kernels): mutating
+    each module's buffers inside the graph makes the compiler write, and compile, a copy back for
+    every one of them. ``plans``: the cell, whose :func:`cached_plan` keeps a :class:`BatchNormGroup`
+    per group (its packed views found once)."""
 
-    def __init__(self, deferred: bool = False, plans: CachedPlans | None = None) -> None:
+    def __init__(self, deferred: bool = False, plans: nn.Module | None = None) -> None:
         self.deferred = deferred
         self.plans = plans
         # deferred: (modules of one kernel, batch mean, batch invstd, values per channel, momentum, biases)
@@ -306,7 +296,11 @@ class StatUpdates:
         counters = list(self.counters)
         for bns, mean, invstd, n, f, biases in self.groups:
             mean = mean + torch.cat([b.reshape(-1) for b in biases]) if biases else mean
-            group = self.plans._plan(("bn", bns), BatchNormGroup, bns) if self.plans else BatchNormGroup(bns)
+            group = (
+                cached_plan(self.plans, ("bn", bns), BatchNormGroup, bns)
+                if self.plans is not None
+                else BatchNormGroup(bns)
+            )
             packed = group.packed()
             if packed is None:  # module by module
                 blocks = zip(bns, mean.chunk(len(bns)), invstd.chunk(len(bns)))
@@ -370,7 +364,7 @@ class BatchNormGroup:
     (:func:`_adjacent`, a storage comparison per buffer) cost the host more than the kernel's launch.
     Each call compares the modules' current buffers with the ones the views were made from, by
     identity, so a replaced buffer (``.to()``, an assignment) is seen. A supernet's cell keeps one per
-    group (:class:`CachedPlans`); :func:`batch_norm` takes it where it takes a list of modules (and
+    group (:func:`cached_plan`); :func:`batch_norm` takes it where it takes a list of modules (and
     makes one for a list)."""
 
     __slots__ = ("bns", "_buffers", "_packed")

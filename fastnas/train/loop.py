@@ -23,13 +23,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastnas.networks import for_space
 from fastnas.runs import data as data_mod
 from fastnas.runs.checkpoint import atomic_write_json, atomic_write_text, seed_everything
 from fastnas.runs.config import RunError
 from fastnas.runs.distributed import process_group
 from fastnas.runs.engine import EpochRun, Setup, prepare, run_threads
 from fastnas.runs.plots import plot_curves
-from fastnas.train.recipes import TrainConfig, epoch_lr, parse_arch, resolve
+from fastnas.train.recipes import TrainConfig, epoch_lr, resolve
 
 CHECKPOINT_FORMAT = "fastnas-train-checkpoint/1"
 
@@ -37,16 +38,15 @@ CHECKPOINT_FORMAT = "fastnas-train-checkpoint/1"
 def build_network(cfg: TrainConfig, num_classes: int, in_channels: int) -> nn.Module:
     """The network of ``cfg.arch`` (resolved config). Its ``forward`` returns ``(logits, aux_logits)``
     (DARTS; ``aux_logits`` None in eval mode or without the head) or ``(features, logits)`` (NAS-Bench-201)."""
-    from fastnas import networks
-
-    genotype = parse_arch(cfg.arch)
-    if cfg.space == "darts":
-        cls = networks.darts.NetworkImageNet if cfg.dataset == "imagenet" else networks.darts.NetworkCIFAR
-        args = (cfg.channels, num_classes, cfg.cells, cfg.auxiliary_weight > 0, genotype)
-    else:
-        cls = networks.nb201.TinyNetwork
-        args = (cfg.channels, cfg.cells, cfg.arch, num_classes)
-    return cls(*args, in_channels=in_channels)
+    return for_space(cfg.space).build(
+        cfg.arch,
+        channels=cfg.channels,
+        cells=cfg.cells,
+        num_classes=num_classes,
+        in_channels=in_channels,
+        auxiliary=cfg.auxiliary_weight > 0,
+        imagenet=cfg.dataset == "imagenet",
+    )
 
 
 def network_size(net: nn.Module, input_size: tuple[int, ...]) -> dict[str, int]:
@@ -85,7 +85,8 @@ class Train(EpochRun):
         self.size = network_size(self.net, tuple(self.data.x_train.shape[1:]))  # counted before compiling
         self.prepare_network()
         self.weight_params = [p for p in self.net.parameters() if p.requires_grad]
-        self.model = self.wrap_ddp(frozen=[], find_unused=cfg.space == "nb201")
+        self.networks = for_space(cfg.space)
+        self.model = self.wrap_ddp(frozen=[], find_unused=self.networks.unused_parameters)
         self.init_weight_optimizer(nesterov=cfg.nesterov)
         self._step = self.step_runner(lambda batches: self.weight_step(batches, self._loss))
         if setup.ckpt is not None:
@@ -95,9 +96,7 @@ class Train(EpochRun):
 
     def _outputs(self, out: Any) -> tuple[Tensor, Tensor | None]:
         """(logits, auxiliary logits or None) of the network's output."""
-        if self.cfg.space == "darts":
-            return out[0], out[1]
-        return out[1], None
+        return self.networks.outputs(out)
 
     def _loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         logits, aux = self._outputs(self.model(x))
@@ -131,7 +130,7 @@ class Train(EpochRun):
     def epoch(self, epoch: int) -> dict[str, Any]:
         cfg = self.cfg
         lr = self.set_epoch_lr(epoch)
-        if cfg.space == "darts":
+        if self.networks.drop_path:
             self.net.drop_path_prob = cfg.drop_path * epoch / cfg.epochs
         order = data_mod.epoch_order(torch.arange(len(self.data.y_train)), cfg.seed, epoch, stream=0)
         gen = data_mod.epoch_generator(cfg.seed, epoch, stream=2) if self.augments() else None

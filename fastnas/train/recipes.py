@@ -24,6 +24,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from fastnas.networks import for_space
 from fastnas.runs import data as data_mod
 from fastnas.runs.config import (
     AMP_MODES,
@@ -38,6 +39,7 @@ from fastnas.runs.config import (
     require_lr_range,
 )
 from fastnas.runs.imagefolder import parse_color_jitter
+from fastnas.spaces import get_space, space_names, space_of
 
 DEFAULT_DATASET = "distorted-digits"
 
@@ -113,34 +115,23 @@ class TrainConfig(RunSettings):
 
     @property
     def space(self) -> str:
-        """``darts`` or ``nb201``: the space of :attr:`arch`."""
-        return space_of(self.arch or "")
-
-
-def space_of(arch: str) -> str:
-    return "darts" if arch.lstrip().startswith("Genotype(") else "nb201"
+        """The name of the space :attr:`arch` is written in (``darts`` or ``nb201``)."""
+        return space_of(self.arch or "").name
 
 
 def parse_arch(arch: str) -> Any:
     """The parsed architecture (a DARTS ``Genotype`` or NAS-Bench-201 nodes); RunError naming ``--arch``."""
-    from fastnas.spaces import darts, nb201
-
     space = space_of(arch)
     try:
-        if space == "darts":
-            return darts.parse_genotype(arch)
-        nodes = nb201.parse_arch_string(arch)
+        return space.parse(arch)
     except (TypeError, ValueError, SyntaxError) as e:
-        what = (
-            "not a valid DARTS genotype"
-            if space == "darts"
-            else "neither a DARTS Genotype(...) nor a NAS-Bench-201 string"
-        )
+        if str(e).startswith("not a "):  # a well-formed string outside the space: the reason says it all
+            raise RunError(f"--arch {arch!r} is {e}") from None
+        if space.looks_like(arch):
+            what = f"not {space.notation}"
+        else:
+            what = "neither " + " nor ".join(get_space(name).notation for name in space_names())
         raise RunError(f"--arch {arch!r} is {what} ({e})".replace("\n", " ")) from None
-    reason = nb201.benchmark_cell_error(nodes)
-    if reason is not None:
-        raise RunError(f"--arch {arch!r} is not a NAS-Bench-201 cell: {reason}")
-    return nodes
 
 
 def _from_search_run(folder: str, warn: Any = None) -> dict[str, Any]:
@@ -189,7 +180,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         cfg = dataclasses.replace(cfg, dataset=DEFAULT_DATASET)
     require_choice(cfg.dataset, data_mod.DATASETS, "data set")
     image_folder = cfg.dataset == "imagenet"
-    if image_folder and cfg.space != "darts":
+    if image_folder and not for_space(cfg.space).imagenet:
         raise RunError("--dataset imagenet trains DARTS's NetworkImageNet: give a DARTS Genotype(...)")
     recipe = cfg.recipe or (f"{cfg.space}-imagenet" if image_folder else cfg.space)
     require_choice(recipe, tuple(RECIPES), "recipe")
@@ -228,10 +219,13 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         raise RunError("--nesterov needs --momentum above 0 (Nesterov momentum without momentum is plain SGD)")
     if cfg.drop_path >= 1:
         raise RunError(f"--drop-path must lie in [0, 1), got {cfg.drop_path}")
-    if cfg.space == "darts" and cfg.cells < 3:
-        raise RunError(f"--cells (layers) of a DARTS network must be at least 3, got {cfg.cells}")
-    if cfg.space == "nb201" and (cfg.drop_path > 0 or cfg.auxiliary_weight > 0):
-        raise RunError("--drop-path and --auxiliary-weight need a DARTS network (NAS-Bench-201's has neither)")
+    space = get_space(cfg.space)
+    if cfg.cells < space.min_cells:
+        raise RunError(
+            f"--cells (layers) of a {space.title} network must be at least {space.min_cells}, got {cfg.cells}"
+        )
+    if not for_space(cfg.space).drop_path and (cfg.drop_path > 0 or cfg.auxiliary_weight > 0):
+        raise RunError(f"--drop-path and --auxiliary-weight need a DARTS network ({space.title}'s has neither)")
     return cfg
 
 
