@@ -119,7 +119,7 @@ def test_bf16_autocast(tmp_path, capsys):
 
 def test_bad_input(tmp_path, capsys):
     out = str(tmp_path / "run")
-    _expect_error(["--out", out], capsys, "give the architecture with --arch, or a search run with --from")
+    _expect_error(["--out", out], capsys, "or many with --arch-file")
     _expect_error(["--arch", "|conv~0|", "--out", out], capsys, "is not a NAS-Bench-201 string")
     _expect_error(["--arch", "Genotype(normal=", "--out", out], capsys, "--arch")
     _expect_error(["--arch", NB201_ARCH, "--recipe", "enas", "--out", out], capsys, "unknown recipe 'enas'")

@@ -167,7 +167,7 @@ def _stderr(line: str) -> None:
 def resolve(cfg: TrainConfig) -> TrainConfig:
     """Check every field and fill in the recipe; RunError with one line otherwise."""
     if cfg.arch is None and cfg.from_run is None:
-        raise RunError("give the architecture with --arch, or a search run with --from")
+        raise RunError("give the architecture with --arch, a search run with --from, or many with --arch-file")
     if cfg.from_run is not None:
         found = _from_search_run(cfg.from_run)
         if cfg.arch is not None and cfg.arch != found["arch"]:
